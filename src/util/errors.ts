@@ -1,0 +1,99 @@
+/**
+ * Error classes of cloudlet-overlay. Each has a stable `code` (equal to its class name) and
+ * maps to one exit code; the CLI turns them into one line on stderr or a JSON object.
+ */
+import { ExitCode } from './exit-codes.js';
+
+export interface ErrorDetails {
+  [key: string]: string | number | boolean | null | undefined | string[];
+}
+
+export class CloudletError extends Error {
+  readonly code: string = 'CloudletError';
+  readonly exitCode: number = ExitCode.internal;
+  readonly details: ErrorDetails;
+
+  constructor(message: string, details: ErrorDetails = {}, options?: { cause?: unknown }) {
+    super(message, options);
+    this.details = details;
+    this.name = new.target.name;
+  }
+
+  toJSON(): Record<string, unknown> {
+    return {
+      message_type: 'error',
+      code: this.code,
+      exit_code: this.exitCode,
+      message: this.message,
+      ...this.details,
+    };
+  }
+}
+
+export class UsageError extends CloudletError {
+  override readonly code = 'UsageError';
+  override readonly exitCode = ExitCode.usage;
+}
+
+export class NotFoundError extends CloudletError {
+  override readonly code = 'NotFoundError';
+  override readonly exitCode = ExitCode.notFound;
+}
+
+/** A file is not what it claims: truncated, bit-flipped, inconsistent. */
+export class CorruptInputError extends CloudletError {
+  override readonly code = 'CorruptInputError';
+  override readonly exitCode = ExitCode.corrupt;
+}
+
+export class BaseMismatchError extends CloudletError {
+  override readonly code = 'BaseMismatchError';
+  override readonly exitCode = ExitCode.baseMismatch;
+}
+
+/** A reconstructed target's checksum differs from the one the overlay recorded. */
+export class HashMismatchError extends CloudletError {
+  override readonly code = 'HashMismatchError';
+  override readonly exitCode = ExitCode.verifyFailed;
+}
+
+export class UnsupportedError extends CloudletError {
+  override readonly code = 'UnsupportedError';
+  override readonly exitCode = ExitCode.unsupported;
+}
+
+/** QEMU (or qemu-img) failed; details carry its exit status and the end of its stderr. */
+export class QemuError extends CloudletError {
+  override readonly code = 'QemuError';
+  override readonly exitCode = ExitCode.qemu;
+}
+
+export class TimeoutError extends CloudletError {
+  override readonly code = 'TimeoutError';
+  override readonly exitCode = ExitCode.timeout;
+}
+
+export class BusyError extends CloudletError {
+  override readonly code = 'BusyError';
+  override readonly exitCode = ExitCode.busy;
+}
+
+export class MissingToolError extends CloudletError {
+  override readonly code = 'MissingToolError';
+  override readonly exitCode = ExitCode.missingTool;
+}
+
+export class NetworkError extends CloudletError {
+  override readonly code = 'NetworkError';
+  override readonly exitCode = ExitCode.network;
+}
+
+export class InterruptedError extends CloudletError {
+  override readonly code = 'InterruptedError';
+  override readonly exitCode = ExitCode.interrupted;
+}
+
+/** Throws CorruptInputError unless `cond` holds; used by parsers before trusting a field. */
+export function check(cond: boolean, message: string, details: ErrorDetails = {}): asserts cond {
+  if (!cond) throw new CorruptInputError(message, details);
+}
