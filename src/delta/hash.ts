@@ -1,0 +1,55 @@
+/**
+ * Chunk hashes and target digests. A target's digest covers its size and the sha256 of every
+ * non-zero chunk with its index, in order; zero chunks are implied by their absence. So a
+ * digest can be computed from a base's chunk map plus the changed chunks alone: proving a
+ * synthesized target costs time in proportion to its data, not its (sparse) virtual size.
+ */
+import { createHash, hash as oneShotHash, type Hash } from 'node:crypto';
+
+export const HASH_SIZE = 32;
+
+export function chunkHash(data: Uint8Array): Buffer {
+  return oneShotHash('sha256', data, 'buffer');
+}
+
+export function sha256Hex(data: Uint8Array): string {
+  return oneShotHash('sha256', data, 'hex');
+}
+
+const DIGEST_DOMAIN = Buffer.from('cloudlet-overlay target digest v1\0', 'latin1');
+const ENTRY = 8 + HASH_SIZE;
+const BATCH = 4096;
+
+/** Streaming target digest: add the non-zero chunks in ascending index order, then finish(). */
+export class TargetDigest {
+  private readonly h: Hash = createHash('sha256');
+  private readonly batch = Buffer.alloc(ENTRY * BATCH);
+  private fill = 0;
+  private last = -1;
+
+  constructor(readonly size: number) {
+    const head = Buffer.alloc(8);
+    head.writeBigUInt64LE(BigInt(size));
+    this.h.update(DIGEST_DOMAIN);
+    this.h.update(head);
+  }
+
+  add(index: number, hash: Uint8Array): void {
+    if (index <= this.last) throw new Error(`TargetDigest: chunk ${index} after ${this.last}`);
+    this.last = index;
+    const at = this.fill * ENTRY;
+    this.batch.writeBigUInt64LE(BigInt(index), at);
+    this.batch.set(hash, at + 8);
+    if (++this.fill === BATCH) this.flush();
+  }
+
+  finish(): string {
+    this.flush();
+    return this.h.digest('hex');
+  }
+
+  private flush(): void {
+    if (this.fill > 0) this.h.update(this.batch.subarray(0, this.fill * ENTRY));
+    this.fill = 0;
+  }
+}

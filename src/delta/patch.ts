@@ -1,0 +1,316 @@
+/**
+ * The patcher: rebuilds targets from base + records, hands each rebuilt chunk to an output and
+ * proves every target against the digest the overlay recorded. It checks every record against
+ * what it may refer to (target, chunk ranges, lengths, order) before using it, so a corrupt
+ * overlay fails with CorruptInputError rather than writing garbage or allocating wildly.
+ * References to chunks rebuilt earlier (SELF_REF) are resolved by decoding their record again
+ * from its segment: no output has to support reading back.
+ */
+import { CHUNK_SIZE, chunkCount, chunkLength, isZero } from './chunk.js';
+import { TargetDigest, chunkHash, sha256Hex } from './hash.js';
+import { decodeDelta } from './literal.js';
+import { Encoding, readRecord, recordCount, type ChunkRecord } from './record.js';
+import { ByteReader } from './varint.js';
+import { decompressWithDict } from './zstd.js';
+import { eligible, findSamePlace, type BaseTarget, type TargetInfo } from './target.js';
+import { CorruptInputError, HashMismatchError } from '../util/errors.js';
+
+/** Receives the chunks of one rebuilt target in ascending order. */
+export interface TargetOutput {
+  /** True: put() is called for every chunk, unchanged ones too; false: only for changed ones. */
+  readonly wantsAll: boolean;
+  /** `data` null means the chunk is all zero. */
+  put(index: number, data: Buffer | null): Promise<void>;
+  finish(): Promise<void>;
+}
+
+/** Decompressed segments by number, for resolving references to earlier records. */
+export interface SegmentStore {
+  get(segment: number): Promise<Buffer>;
+}
+
+export interface PositionedRecord {
+  record: ChunkRecord;
+  segment: number;
+  /** Byte offset of the record in its decompressed segment. */
+  offset: number;
+}
+
+export interface PatchResult {
+  /** Blob targets by name. */
+  blobs: Map<string, Buffer>;
+  /** Chunks rebuilt from records, per target name. */
+  changedChunks: { [name: string]: number };
+}
+
+const MAX_BLOB = 256 * 1024 * 1024;
+
+interface State {
+  info: TargetInfo;
+  same: BaseTarget | undefined;
+  n: number;
+  digest: TargetDigest | undefined;
+  /** Next chunk not yet handled. */
+  next: number;
+  mapPos: number;
+  output: TargetOutput | undefined;
+  litChunks: Float64Array;
+  litLocs: Float64Array;
+  litCount: number;
+  changed: number;
+  done: boolean;
+}
+
+export class Patcher {
+  private readonly states: State[];
+  private current = 0;
+  private readonly blobs = new Map<string, Buffer>();
+
+  constructor(
+    private readonly base: readonly BaseTarget[],
+    targets: readonly TargetInfo[],
+    outputs: ReadonlyArray<TargetOutput | undefined>,
+    private readonly segments: SegmentStore,
+  ) {
+    this.states = targets.map((info, i) => {
+      const bi = findSamePlace(base, info);
+      return {
+        info,
+        same: bi >= 0 ? base[bi] : undefined,
+        n: info.kind === 'blob' ? 1 : chunkCount(info.size),
+        digest: info.kind === 'blob' ? undefined : new TargetDigest(info.size),
+        next: 0,
+        mapPos: 0,
+        output: outputs[i],
+        litChunks: new Float64Array(64),
+        litLocs: new Float64Array(64),
+        litCount: 0,
+        changed: 0,
+        done: false,
+      };
+    });
+  }
+
+  async add(at: PositionedRecord): Promise<void> {
+    const r = at.record;
+    const where = `segment ${at.segment} offset ${at.offset}`;
+    const st = this.states[r.target];
+    if (!st) throw new CorruptInputError(`${where}: record for unknown target ${r.target}`);
+    if (r.target < this.current) throw new CorruptInputError(`${where}: records out of target order`);
+    while (this.current < r.target) await this.finishTarget(this.states[this.current++]!);
+    const count = recordCount(r);
+    if (count < 1 || r.chunk < st.next || r.chunk + count > st.n) {
+      throw new CorruptInputError(`${where}: ${st.info.name} chunk ${r.chunk}+${count} out of order or range`);
+    }
+
+    if (st.info.kind === 'blob') {
+      this.blobs.set(st.info.name, this.decodeBlob(st, r, where));
+      st.next = 1;
+      st.changed++;
+      return;
+    }
+    if (r.enc === Encoding.blob || r.enc === Encoding.blobZstdDict) {
+      throw new CorruptInputError(`${where}: blob record for chunked target ${st.info.name}`);
+    }
+    await this.advance(st, r.chunk);
+    for (let k = 0; k < count; k++) {
+      const c = r.chunk + k;
+      const data = await this.decodeChunk(st, r, k, where);
+      if (data && 'payload' in r) this.remember(st, c, at);
+      st.changed++;
+      if (data) st.digest!.add(c, chunkHash(data));
+      if (st.output) await st.output.put(c, data);
+      st.next = c + 1;
+    }
+    this.skipMap(st, st.next);
+  }
+
+  /** Finishes every target and proves each against its recorded digest. */
+  async finish(): Promise<PatchResult> {
+    while (this.current < this.states.length) await this.finishTarget(this.states[this.current++]!);
+    const changedChunks: { [name: string]: number } = {};
+    for (const st of this.states) changedChunks[st.info.name] = st.changed;
+    return { blobs: this.blobs, changedChunks };
+  }
+
+  private async finishTarget(st: State): Promise<void> {
+    if (st.done) return;
+    st.done = true;
+    if (st.info.kind === 'blob') {
+      const blob = this.blobs.get(st.info.name);
+      if (!blob) throw new CorruptInputError(`overlay has no record for ${st.info.name}`);
+      if (sha256Hex(blob) !== st.info.digest) {
+        throw new HashMismatchError(`${st.info.name}: rebuilt bytes do not match the overlay's checksum`, {
+          target: st.info.name,
+        });
+      }
+    } else {
+      await this.advance(st, st.n);
+      const got = st.digest!.finish();
+      if (got !== st.info.digest) {
+        throw new HashMismatchError(
+          `${st.info.name}: rebuilt ${st.info.kind} does not match the overlay's checksum (wrong or damaged base?)`,
+          { target: st.info.name, expected: st.info.digest, actual: got },
+        );
+      }
+    }
+    if (st.output) await st.output.finish();
+  }
+
+  /** Handles chunks [st.next, end) that have no record: unchanged where eligible, else zero. */
+  private async advance(st: State, end: number): Promise<void> {
+    const map = st.same?.map;
+    if (st.output?.wantsAll) {
+      await this.emitUnchanged(st, end);
+    } else if (map) {
+      while (st.mapPos < map.count && map.indexes[st.mapPos]! < end) {
+        const i = map.indexes[st.mapPos]!;
+        if (i >= st.next && eligible(st.same, st.info.size, i)) st.digest!.add(i, map.hashAt(st.mapPos));
+        st.mapPos++;
+      }
+    }
+    st.next = Math.max(st.next, end);
+  }
+
+  /** For outputs that want every chunk: reads unchanged base chunks in 1 MiB batches. */
+  private async emitUnchanged(st: State, end: number): Promise<void> {
+    const map = st.same?.map;
+    const buf = Buffer.alloc(256 * CHUNK_SIZE);
+    let c = st.next;
+    while (c < end) {
+      // Zero run up to the next non-zero eligible base chunk.
+      while (map && st.mapPos < map.count && map.indexes[st.mapPos]! < c) st.mapPos++;
+      const nextData = map && st.mapPos < map.count ? map.indexes[st.mapPos]! : Infinity;
+      if (nextData > c || !eligible(st.same, st.info.size, c)) {
+        await st.output!.put(c, null);
+        c++;
+        continue;
+      }
+      // A run of consecutive non-zero base chunks.
+      let runEnd = c;
+      let p = st.mapPos;
+      while (runEnd < end && runEnd - c < 256 && p < map!.count && map!.indexes[p] === runEnd && eligible(st.same, st.info.size, runEnd)) {
+        runEnd++;
+        p++;
+      }
+      const len = Math.min((runEnd - c) * CHUNK_SIZE, st.info.size - c * CHUNK_SIZE);
+      await st.same!.source!.read(c * CHUNK_SIZE, len, buf);
+      for (let i = c; i < runEnd; i++, st.mapPos++) {
+        const data = Buffer.from(buf.subarray((i - c) * CHUNK_SIZE, (i - c) * CHUNK_SIZE + chunkLength(st.info.size, i)));
+        st.digest!.add(i, map!.hashAt(st.mapPos));
+        await st.output!.put(i, data);
+      }
+      c = runEnd;
+    }
+  }
+
+  private skipMap(st: State, upTo: number): void {
+    const map = st.same?.map;
+    if (!map) return;
+    while (st.mapPos < map.count && map.indexes[st.mapPos]! < upTo) st.mapPos++;
+  }
+
+  private async decodeChunk(st: State, r: ChunkRecord, k: number, where: string): Promise<Buffer | null> {
+    const c = r.chunk + k;
+    const len = chunkLength(st.info.size, c);
+    switch (r.enc) {
+      case Encoding.zero:
+        return null;
+      case Encoding.baseRef: {
+        const b = this.base[r.srcTarget];
+        if (!b || !b.source) throw new CorruptInputError(`${where}: reference to unknown base target ${r.srcTarget}`);
+        const sc = r.srcChunk + k;
+        if (chunkLength(b.size, sc) !== len) {
+          throw new CorruptInputError(`${where}: base reference ${b.name}#${sc} has the wrong length`);
+        }
+        return readChunk(b, sc, len);
+      }
+      case Encoding.selfRef: {
+        const src = this.states[r.srcTarget];
+        const sc = r.srcChunk + k;
+        if (!src || src.info.kind === 'blob' || chunkLength(src.info.size, sc) !== len) {
+          throw new CorruptInputError(`${where}: reference to an invalid earlier chunk`);
+        }
+        const loc = this.findLiteral(src, sc);
+        if (loc < 0) throw new CorruptInputError(`${where}: reference to a chunk not rebuilt before it`);
+        const segment = Math.floor(loc / 2 ** 32);
+        const offset = loc % 2 ** 32;
+        const seg = await this.segments.get(segment);
+        const rd = new ByteReader(seg, `segment ${segment}`);
+        rd.pos = offset;
+        const earlier = readRecord(rd);
+        return this.decodeLiteral(src, earlier, sc, `segment ${segment} offset ${offset}`);
+      }
+      default:
+        return this.decodeLiteral(st, r, c, where);
+    }
+  }
+
+  private async decodeLiteral(st: State, r: ChunkRecord, c: number, where: string): Promise<Buffer | null> {
+    const len = chunkLength(st.info.size, c);
+    if (!('payload' in r) || r.chunk !== c) throw new CorruptInputError(`${where}: not a literal record for chunk ${c}`);
+    let data: Buffer;
+    if (r.enc === Encoding.raw) {
+      if (r.payload.length !== len) throw new CorruptInputError(`${where}: raw chunk of ${r.payload.length} bytes, expected ${len}`);
+      data = Buffer.from(r.payload);
+    } else if (r.enc === Encoding.xor || r.enc === Encoding.xdelta3 || r.enc === Encoding.zstdDict) {
+      const same = st.same;
+      const baseLen = same ? chunkLength(same.size, c) : 0;
+      if (!same || !same.source || baseLen === 0) {
+        throw new CorruptInputError(`${where}: delta record for ${st.info.name}#${c} has no base chunk`);
+      }
+      data = decodeDelta(r.enc, r.payload, await readChunk(same, c, baseLen), len, where);
+    } else {
+      throw new CorruptInputError(`${where}: blob record for a chunked target`);
+    }
+    return isZero(data) ? null : data;
+  }
+
+  private decodeBlob(st: State, r: ChunkRecord, where: string): Buffer {
+    if (r.chunk !== 0 || !('payload' in r)) throw new CorruptInputError(`${where}: bad record for blob ${st.info.name}`);
+    if (st.info.size > MAX_BLOB) throw new CorruptInputError(`${where}: blob ${st.info.name} too large`);
+    if (r.enc === Encoding.blob) {
+      if (r.payload.length !== st.info.size) throw new CorruptInputError(`${where}: blob ${st.info.name} has the wrong size`);
+      return Buffer.from(r.payload);
+    }
+    if (r.enc === Encoding.blobZstdDict) {
+      const baseBlob = st.same?.blob;
+      if (!baseBlob) throw new CorruptInputError(`${where}: blob delta for ${st.info.name} without a base blob`);
+      return decompressWithDict(r.payload, baseBlob, st.info.size, where);
+    }
+    throw new CorruptInputError(`${where}: chunk record for blob ${st.info.name}`);
+  }
+
+  private remember(st: State, chunk: number, at: PositionedRecord): void {
+    if (st.litCount === st.litChunks.length) {
+      const c = new Float64Array(st.litCount * 2);
+      c.set(st.litChunks);
+      st.litChunks = c;
+      const l = new Float64Array(st.litCount * 2);
+      l.set(st.litLocs);
+      st.litLocs = l;
+    }
+    st.litChunks[st.litCount] = chunk;
+    st.litLocs[st.litCount] = at.segment * 2 ** 32 + at.offset;
+    st.litCount++;
+  }
+
+  private findLiteral(st: State, chunk: number): number {
+    let lo = 0;
+    let hi = st.litCount - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const v = st.litChunks[mid]!;
+      if (v === chunk) return st.litLocs[mid]!;
+      if (v < chunk) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return -1;
+  }
+}
+
+async function readChunk(b: BaseTarget, index: number, len: number): Promise<Buffer> {
+  const buf = Buffer.alloc(len);
+  await b.source!.read(index * CHUNK_SIZE, len, buf);
+  return buf;
+}

@@ -1,0 +1,47 @@
+/**
+ * Targets: what an overlay rebuilds. A `disk` or `ram` target is chunked; a `blob` (the
+ * migration stream's header, RAM-setup section and device-state tail) is opaque bytes kept
+ * whole. A target has a "same place" in the base when the base has a target of the same kind
+ * and name; there, a chunk with no record and the same length as the base's is unchanged.
+ */
+import type { ChunkMap } from './chunk-map.js';
+import type { ChunkSource } from './source.js';
+import { chunkLength } from './chunk.js';
+
+export type TargetKind = 'disk' | 'ram' | 'blob';
+
+export interface TargetInfo {
+  name: string;
+  kind: TargetKind;
+  size: number;
+  /** Target digest (hash.ts) for chunked targets, plain sha256 for blobs; hex. */
+  digest: string;
+}
+
+/** One target of the base VM as the library sees it. */
+export interface BaseTarget {
+  name: string;
+  kind: TargetKind;
+  size: number;
+  /** Chunked targets: random-access bytes and the chunk map. */
+  source?: ChunkSource;
+  map?: ChunkMap;
+  /** Blob targets: the bytes. */
+  blob?: Buffer;
+}
+
+export function sameKey(a: { name: string; kind: TargetKind }, b: { name: string; kind: TargetKind }): boolean {
+  return a.name === b.name && a.kind === b.kind;
+}
+
+/** Index of the base target at the same place, or -1. */
+export function findSamePlace(base: readonly BaseTarget[], t: { name: string; kind: TargetKind }): number {
+  return base.findIndex((b) => sameKey(b, t));
+}
+
+/** A chunk with no record keeps the base's bytes only when both have it at the same length. */
+export function eligible(base: BaseTarget | undefined, size: number, index: number): boolean {
+  if (!base) return false;
+  const len = chunkLength(size, index);
+  return len > 0 && chunkLength(base.size, index) === len;
+}

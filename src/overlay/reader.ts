@@ -1,0 +1,196 @@
+/**
+ * Reads overlay files: validates header, footer and index on open (before anything else
+ * happens), then yields records segment by segment, checking each segment's sha256 before
+ * decompressing it. Every length is checked against the file and the format's limits before
+ * it is trusted. Random access to any segment (with a small cache) serves SELF_REF lookups.
+ */
+import { open, stat, type FileHandle } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { CorruptInputError, NotFoundError, UnsupportedError, check } from '../util/errors.js';
+import { decompress } from '../delta/zstd.js';
+import { readRecord } from '../delta/record.js';
+import { ByteReader } from '../delta/varint.js';
+import type { PositionedRecord, SegmentStore } from '../delta/patch.js';
+import {
+  FOOTER_MAGIC,
+  FOOTER_SIZE,
+  FRAME_HEADER,
+  HASH_LEN,
+  HEADER_FIXED,
+  INDEX_MAGIC,
+  MAGIC,
+  MAX_HEADER_JSON,
+  MAX_INDEX_RAW,
+  MAX_SEGMENT_RAW,
+  SEGMENT_MAGIC,
+  VERSION_MAJOR,
+  decodeFrameHeader,
+  type OverlayHeader,
+  type OverlayIndex,
+  type SegmentEntry,
+} from './format.js';
+import { parseHeader, parseIndex } from './validate.js';
+
+export class OverlayReader implements SegmentStore {
+  private cache = new Map<number, Buffer>();
+  private static readonly CACHE_SEGMENTS = 32;
+
+  private constructor(
+    readonly path: string,
+    private readonly fh: FileHandle,
+    readonly fileSize: number,
+    readonly header: OverlayHeader,
+    readonly headerLength: number,
+    readonly index: OverlayIndex,
+    readonly indexOffset: number,
+  ) {}
+
+  static async open(path: string): Promise<OverlayReader> {
+    let fh: FileHandle;
+    try {
+      fh = await open(path, 'r');
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      if (e.code === 'ENOENT') throw new NotFoundError(`overlay not found: ${path}`, { path });
+      throw new NotFoundError(`cannot read overlay ${path}: ${e.message}`, { path });
+    }
+    try {
+      const size = (await stat(path)).size;
+      const { header, length: headerLength, hash } = await readHeader(fh, size);
+      const { index, offset } = await readTrailer(fh, size, headerLength, hash);
+      return new OverlayReader(path, fh, size, header, headerLength, index, offset);
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
+  }
+
+  async close(): Promise<void> {
+    this.cache.clear();
+    await this.fh.close();
+  }
+
+  /** Reads, checks and decompresses segment `n`. */
+  async get(n: number): Promise<Buffer> {
+    const hit = this.cache.get(n);
+    if (hit) {
+      this.cache.delete(n);
+      this.cache.set(n, hit);
+      return hit;
+    }
+    const seg = this.index.segments[n];
+    if (!seg) throw new CorruptInputError(`reference to segment ${n}, which does not exist`);
+    const raw = await this.readSegment(n, seg);
+    this.cache.set(n, raw);
+    if (this.cache.size > OverlayReader.CACHE_SEGMENTS) {
+      const oldest = this.cache.keys().next().value;
+      if (oldest !== undefined) this.cache.delete(oldest);
+    }
+    return raw;
+  }
+
+  /** All records in file order, with where they sit. */
+  async *records(): AsyncGenerator<PositionedRecord> {
+    for (let n = 0; n < this.index.segments.length; n++) {
+      const raw = await this.get(n);
+      const seg = this.index.segments[n]!;
+      const rd = new ByteReader(raw, `segment ${n}`);
+      let count = 0;
+      while (rd.remaining > 0) {
+        const offset = rd.pos;
+        const record = readRecord(rd);
+        count++;
+        yield { record, segment: n, offset };
+      }
+      check(count === seg.records, `segment ${n}: holds ${count} records, its header says ${seg.records}`, { segment: n });
+    }
+  }
+
+  private async readSegment(n: number, seg: SegmentEntry): Promise<Buffer> {
+    const where = `segment ${n}`;
+    const head = await readExact(this.fh, seg.offset, FRAME_HEADER, this.fileSize, where);
+    const fh = decodeFrameHeader(head);
+    check(fh.magic.equals(SEGMENT_MAGIC), `${where}: no segment at offset ${seg.offset}`, { segment: n, offset: seg.offset });
+    check(
+      fh.compLength === seg.length && fh.rawLength === seg.rawLength && fh.records === seg.records,
+      `${where}: header disagrees with the index`,
+      { segment: n },
+    );
+    const frame = await readExact(this.fh, seg.offset + FRAME_HEADER, seg.length, this.fileSize, where);
+    const sha = createHash('sha256').update(frame).digest();
+    check(sha.equals(fh.sha256) && sha.toString('hex') === seg.sha256, `${where}: checksum mismatch (damaged overlay)`, {
+      segment: n,
+      offset: seg.offset,
+    });
+    return decompress(frame, seg.rawLength, where);
+  }
+}
+
+async function readExact(fh: FileHandle, offset: number, length: number, fileSize: number, where: string): Promise<Buffer> {
+  check(offset >= 0 && length >= 0 && offset + length <= fileSize, `${where}: runs past the end of the file (truncated?)`, {
+    offset,
+  });
+  const buf = Buffer.alloc(length);
+  const { bytesRead } = await fh.read(buf, 0, length, offset);
+  check(bytesRead === length, `${where}: short read (file truncated?)`, { offset });
+  return buf;
+}
+
+async function readHeader(fh: FileHandle, size: number): Promise<{ header: OverlayHeader; length: number; hash: Buffer }> {
+  check(size >= HEADER_FIXED, 'not an overlay: file too short');
+  const fixed = await readExact(fh, 0, HEADER_FIXED, size, 'header');
+  check(fixed.subarray(0, 8).equals(MAGIC), 'not a cloudlet-overlay file (bad magic)');
+  const major = fixed.readUInt16LE(8);
+  const minor = fixed.readUInt16LE(10);
+  if (major !== VERSION_MAJOR) {
+    throw new UnsupportedError(`overlay format version ${major}.${minor} is not supported (this tool reads ${VERSION_MAJOR}.x)`, {
+      version: `${major}.${minor}`,
+    });
+  }
+  const jsonLen = fixed.readUInt32LE(12);
+  check(jsonLen <= MAX_HEADER_JSON, 'header: implausible length', { length: jsonLen });
+  const rest = await readExact(fh, HEADER_FIXED, jsonLen + HASH_LEN, size, 'header');
+  const whole = Buffer.concat([fixed, rest]);
+  const hash = createHash('sha256').update(whole.subarray(0, HEADER_FIXED + jsonLen)).digest();
+  check(hash.equals(whole.subarray(HEADER_FIXED + jsonLen)), 'header: checksum mismatch (damaged overlay)');
+  const header = parseHeader(whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen));
+  return { header, length: whole.length, hash: createHash('sha256').update(whole).digest() };
+}
+
+async function readTrailer(
+  fh: FileHandle,
+  size: number,
+  headerLength: number,
+  headerHash: Buffer,
+): Promise<{ index: OverlayIndex; offset: number }> {
+  check(size >= headerLength + FOOTER_SIZE, 'overlay is truncated: no footer');
+  const footer = await readExact(fh, size - FOOTER_SIZE, FOOTER_SIZE, size, 'footer');
+  check(footer.subarray(0, 8).equals(FOOTER_MAGIC), 'overlay is truncated or damaged: no footer at the end');
+  check(footer.subarray(32, 64).equals(headerHash), 'footer does not belong to this header (damaged or spliced file)');
+  const offset = Number(footer.readBigUInt64LE(8));
+  const length = Number(footer.readBigUInt64LE(16));
+  const segments = footer.readUInt32LE(24);
+  check(
+    offset >= headerLength && length >= FRAME_HEADER && offset + length === size - FOOTER_SIZE,
+    'footer: index position is inconsistent',
+    { offset },
+  );
+  const head = decodeFrameHeader(await readExact(fh, offset, FRAME_HEADER, size, 'index'));
+  check(head.magic.equals(INDEX_MAGIC), 'index: bad magic', { offset });
+  check(head.compLength === length - FRAME_HEADER, 'index: length disagrees with the footer', { offset });
+  check(head.rawLength <= MAX_INDEX_RAW, 'index: implausible size', { offset });
+  const frame = await readExact(fh, offset + FRAME_HEADER, head.compLength, size, 'index');
+  check(createHash('sha256').update(frame).digest().equals(head.sha256), 'index: checksum mismatch (damaged overlay)', {
+    offset,
+  });
+  const index = parseIndex(decompress(frame, head.rawLength, 'index'));
+  check(index.segments.length === segments, 'index: segment count disagrees with the footer');
+  let expect = headerLength;
+  for (const [i, s] of index.segments.entries()) {
+    check(s.offset === expect, `index: segment ${i} is not where the previous one ends`, { segment: i });
+    check(s.rawLength <= MAX_SEGMENT_RAW, `index: segment ${i} is implausibly large`, { segment: i });
+    expect = s.offset + FRAME_HEADER + s.length;
+  }
+  check(expect === offset, 'index: segments do not end where the index starts');
+  return { index, offset };
+}

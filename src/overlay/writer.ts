@@ -1,0 +1,180 @@
+/**
+ * Writes an overlay file front to back: the header first (with placeholder digests of the
+ * same length, patched in place at the end), then segments of ~1 MiB of records, each its own
+ * zstd frame, then the index and the footer. The file appears atomically on finish().
+ */
+import { createHash } from 'node:crypto';
+import { AtomicFile } from '../util/atomic.js';
+import { compress } from '../delta/zstd.js';
+import { encodedLength, recordCount, writeRecord, type ChunkRecord } from '../delta/record.js';
+import type { RecordSink } from '../delta/diff.js';
+import type { DiffStats } from '../delta/stats.js';
+import type { TargetInfo } from '../delta/target.js';
+import {
+  FOOTER_MAGIC,
+  FOOTER_SIZE,
+  HEADER_FIXED,
+  INDEX_MAGIC,
+  MAGIC,
+  SEGMENT_MAGIC,
+  SEGMENT_TARGET,
+  VERSION_MAJOR,
+  VERSION_MINOR,
+  encodeFrameHeader,
+  type OverlayHeader,
+  type OverlayIndex,
+  type SegmentEntry,
+} from './format.js';
+
+const PLACEHOLDER = '0'.repeat(64);
+
+export class OverlayWriter implements RecordSink {
+  private buf = Buffer.alloc(SEGMENT_TARGET + 64 * 1024);
+  private fill = 0;
+  private records = 0;
+  private covers: Array<[number, number, number]> = [];
+  private pos: number;
+  private readonly segments: SegmentEntry[] = [];
+  private failed = false;
+
+  private constructor(
+    private readonly file: AtomicFile,
+    private readonly header: OverlayHeader,
+    private readonly headerLength: number,
+    private readonly level: number,
+  ) {
+    this.pos = headerLength;
+  }
+
+  /** Creates the file (under a temp name) and writes the header with placeholder digests. */
+  static async create(path: string, header: OverlayHeader): Promise<OverlayWriter> {
+    const file = await AtomicFile.create(path);
+    try {
+      const draft: OverlayHeader = { ...header, targets: header.targets.map((t) => ({ ...t, digest: PLACEHOLDER })) };
+      const bytes = headerBytes(draft);
+      await file.handle.write(bytes, 0, bytes.length, 0);
+      return new OverlayWriter(file, draft, bytes.length, header.compression.level);
+    } catch (err) {
+      await file.abort();
+      throw err;
+    }
+  }
+
+  async push(r: ChunkRecord): Promise<void> {
+    this.guard();
+    const n = encodedLength(r);
+    if (this.fill + n > this.buf.length) {
+      if (this.fill > 0) await this.flushSegment();
+      if (n > this.buf.length) this.buf = Buffer.alloc(n);
+    }
+    writeRecord(this.buf, this.fill, r);
+    this.fill += n;
+    this.records++;
+    const last = this.covers[this.covers.length - 1];
+    const end = r.chunk + recordCount(r);
+    if (last && last[0] === r.target && last[2] <= r.chunk) last[2] = end;
+    else this.covers.push([r.target, r.chunk, end]);
+    if (this.fill >= SEGMENT_TARGET) await this.flushSegment();
+  }
+
+  /** Bytes written so far (header + segments). */
+  get bytesWritten(): number {
+    return this.pos + this.fill;
+  }
+
+  /** Writes the last segment, the index and footer, patches the digests in; commits the file. */
+  async finish(targets: readonly TargetInfo[], stats: DiffStats): Promise<{ size: number; header: OverlayHeader }> {
+    this.guard();
+    try {
+      if (this.fill > 0) await this.flushSegment();
+      const finalHeader: OverlayHeader = {
+        ...this.header,
+        targets: this.header.targets.map((t, i) => {
+          const info = targets[i];
+          if (!info || info.name !== t.name || info.kind !== t.kind || info.size !== t.size) {
+            throw new Error(`overlay writer: diff result does not match header target ${t.name}`);
+          }
+          return { ...t, digest: info.digest };
+        }),
+      };
+      const hb = headerBytes(finalHeader);
+      if (hb.length !== this.headerLength) throw new Error('overlay writer: header changed length');
+      await this.file.handle.write(hb, 0, hb.length, 0);
+
+      const index: OverlayIndex = { segments: this.segments, stats };
+      const raw = Buffer.from(JSON.stringify(index), 'utf8');
+      const frame = compress(raw, 19);
+      const sha = createHash('sha256').update(frame).digest();
+      const indexOffset = this.pos;
+      await this.append(encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha));
+      await this.append(frame);
+
+      const footer = Buffer.alloc(FOOTER_SIZE);
+      FOOTER_MAGIC.copy(footer, 0);
+      footer.writeBigUInt64LE(BigInt(indexOffset), 8);
+      footer.writeBigUInt64LE(BigInt(this.pos - indexOffset), 16);
+      footer.writeUInt32LE(this.segments.length, 24);
+      footer.writeUInt16LE(VERSION_MAJOR, 28);
+      footer.writeUInt16LE(VERSION_MINOR, 30);
+      createHash('sha256').update(hb).digest().copy(footer, 32);
+      await this.append(footer);
+      await this.file.commit();
+      return { size: this.pos, header: finalHeader };
+    } catch (err) {
+      this.failed = true;
+      await this.file.abort();
+      throw err;
+    }
+  }
+
+  async abort(): Promise<void> {
+    this.failed = true;
+    await this.file.abort();
+  }
+
+  private guard(): void {
+    // After a write error the file is in an unknown state: refuse to go on (restic does too).
+    if (this.failed) throw new Error('overlay writer: used after a failure');
+  }
+
+  private async flushSegment(): Promise<void> {
+    const raw = this.buf.subarray(0, this.fill);
+    const frame = compress(raw, this.level);
+    const sha = createHash('sha256').update(frame).digest();
+    this.segments.push({
+      offset: this.pos,
+      length: frame.length,
+      rawLength: raw.length,
+      records: this.records,
+      sha256: sha.toString('hex'),
+      covers: this.covers,
+    });
+    try {
+      await this.append(encodeFrameHeader(SEGMENT_MAGIC, frame, raw.length, this.records, sha));
+      await this.append(frame);
+    } catch (err) {
+      this.failed = true;
+      throw err;
+    }
+    this.fill = 0;
+    this.records = 0;
+    this.covers = [];
+  }
+
+  private async append(b: Buffer): Promise<void> {
+    await this.file.handle.write(b, 0, b.length, this.pos);
+    this.pos += b.length;
+  }
+}
+
+export function headerBytes(header: OverlayHeader): Buffer {
+  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  const out = Buffer.alloc(HEADER_FIXED + json.length + 32);
+  MAGIC.copy(out, 0);
+  out.writeUInt16LE(VERSION_MAJOR, 8);
+  out.writeUInt16LE(VERSION_MINOR, 10);
+  out.writeUInt32LE(json.length, 12);
+  json.copy(out, HEADER_FIXED);
+  createHash('sha256').update(out.subarray(0, HEADER_FIXED + json.length)).digest().copy(out, HEADER_FIXED + json.length);
+  return out;
+}

@@ -1,0 +1,189 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { BufferSource } from '../../src/delta/buffer-source.js';
+import { ChunkMap } from '../../src/delta/chunk-map.js';
+import { diff, indexBase, type NewTarget } from '../../src/delta/diff.js';
+import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
+import { initXdelta3 } from '../../src/delta/xdelta3.js';
+import type { BaseTarget } from '../../src/delta/target.js';
+import { OverlayWriter } from '../../src/overlay/writer.js';
+import { OverlayReader } from '../../src/overlay/reader.js';
+import type { OverlayHeader } from '../../src/overlay/format.js';
+import { HashMismatchError } from '../../src/util/errors.js';
+
+/** Deterministic PRNG so failures reproduce. */
+function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+class Collect implements TargetOutput {
+  readonly chunks = new Map<number, Buffer | null>();
+  constructor(readonly wantsAll: boolean) {}
+  async put(i: number, d: Buffer | null): Promise<void> {
+    this.chunks.set(i, d);
+  }
+  async finish(): Promise<void> {}
+  /** Rebuild the full target from base + changes (or from all chunks). */
+  build(base: Buffer | undefined, size: number): Buffer {
+    const out = Buffer.alloc(size);
+    if (base && !this.wantsAll) {
+      // unchanged chunks = base bytes where lengths match
+      base.copy(out, 0, 0, Math.min(size, base.length));
+      const lastFull = Math.floor(Math.min(size, base.length) / 4096) * 4096;
+      if (size !== base.length) out.fill(0, lastFull); // partial last chunk of differing length is not "same place"
+      if (size > base.length) out.fill(0, lastFull);
+    }
+    for (const [i, d] of this.chunks) {
+      const len = Math.min(4096, size - i * 4096);
+      if (d) d.copy(out, i * 4096, 0, len);
+      else out.fill(0, i * 4096, i * 4096 + len);
+    }
+    return out;
+  }
+}
+
+async function roundTrip(
+  baseDisk: Buffer,
+  baseRam: Buffer,
+  newDisk: Buffer,
+  newRam: Buffer,
+  wantsAll = false,
+  tamper?: (t: BaseTarget[]) => void,
+): Promise<{ disk: Buffer; ram: Buffer; size: number; stats: Record<string, unknown> }> {
+  await initXdelta3();
+  const dir = await mkdtemp(join(tmpdir(), 'clo-test-'));
+  try {
+    const base: BaseTarget[] = [];
+    for (const [name, kind, data] of [
+      ['disk', 'disk', baseDisk],
+      ['pc.ram', 'ram', baseRam],
+    ] as const) {
+      const source = new BufferSource(name, data);
+      base.push({ name, kind, size: data.length, source, map: await ChunkMap.build(source) });
+    }
+    base.push({ name: 'tail', kind: 'blob', size: 5, blob: Buffer.from('hello') });
+    const targets: NewTarget[] = [
+      { name: 'tail', kind: 'blob', blob: Buffer.from('hello world') },
+      { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
+      { name: 'pc.ram', kind: 'ram', source: new BufferSource('pc.ram', newRam) },
+    ];
+    const header: OverlayHeader = {
+      format: 'cloudlet-overlay',
+      version: [1, 0],
+      createdAt: new Date().toISOString(),
+      creator: 'test',
+      chunkSize: 4096,
+      base: { id: 'a'.repeat(64), targets: base.map((b) => ({ name: b.name, kind: b.kind, size: b.size, digest: 'b'.repeat(64) })) },
+      targets: [
+        { name: 'tail', kind: 'blob', size: 11, digest: '' },
+        { name: 'disk', kind: 'disk', size: newDisk.length, digest: '' },
+        { name: 'pc.ram', kind: 'ram', size: newRam.length, digest: '' },
+      ],
+      compression: { codec: 'zstd', level: 3 },
+    };
+    const path = join(dir, 'o.overlay');
+    const w = await OverlayWriter.create(path, header);
+    const res = await diff(base, indexBase(base), targets, w);
+    const { size } = await w.finish(res.targets, res.stats);
+    tamper?.(base);
+    const r = await OverlayReader.open(path);
+    const outs = [new Collect(wantsAll), new Collect(wantsAll), new Collect(wantsAll)];
+    const p = new Patcher(base, r.header.targets, [undefined, outs[1], outs[2]], r);
+    for await (const rec of r.records()) await p.add(rec);
+    const result = await p.finish();
+    await r.close();
+    assert.equal(result.blobs.get('tail')?.toString(), 'hello world');
+    return {
+      disk: outs[1]!.build(baseDisk, newDisk.length),
+      ram: outs[2]!.build(baseRam, newRam.length),
+      size,
+      stats: res.stats.encodings,
+    };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+function textish(rand: () => number, n: number): Buffer {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = 97 + Math.floor(rand() * 16);
+  return b;
+}
+
+test('round trip: random edits, moved blocks, zeroed regions, disk↔memory copies', async () => {
+  const rand = rng(1);
+  const baseDisk = Buffer.alloc(4096 * 300 + 1234);
+  textish(rand, 4096 * 200).copy(baseDisk, 4096 * 20);
+  const baseRam = textish(rand, 4096 * 128);
+  baseRam.fill(0, 4096 * 100, 4096 * 110);
+  const newDisk = Buffer.from(baseDisk);
+  const newRam = Buffer.from(baseRam);
+  // scattered byte edits
+  for (let i = 0; i < 200; i++) newDisk[Math.floor(rand() * newDisk.length)] ^= 0xff;
+  // moved block
+  baseDisk.copy(newDisk, 4096 * 250 + 512, 4096 * 30, 4096 * 40);
+  baseDisk.copy(newDisk, 4096 * 260, 4096 * 30, 4096 * 40);
+  // zeroed region
+  newDisk.fill(0, 4096 * 50, 4096 * 60 + 17);
+  // new random data written to disk, also in memory (page cache)
+  const fresh = randomBytes(4096 * 8);
+  fresh.copy(newDisk, 4096 * 280);
+  for (let i = 0; i < 50; i++) newRam[Math.floor(rand() * newRam.length)] = 0;
+  fresh.copy(newRam, 4096 * 10);
+  fresh.copy(newRam, 4096 * 90); // repeated inside overlay
+  newRam.fill(7, 4096 * 100, 4096 * 101); // zero → data
+  const r = await roundTrip(baseDisk, baseRam, newDisk, newRam);
+  assert.ok(r.disk.equals(newDisk), 'disk differs');
+  assert.ok(r.ram.equals(newRam), 'ram differs');
+  const s = r.stats as Record<string, { chunks: number }>;
+  assert.ok((s.base_ref?.chunks ?? 0) >= 10, 'moved block found in base');
+  assert.ok((s.self_ref?.chunks ?? 0) >= 16, 'memory copies of new disk data are self refs');
+  assert.ok((s.zero?.chunks ?? 0) >= 10, 'zeroed region');
+});
+
+test('round trip: target grows and shrinks, sizes not a multiple of 4 KiB, every chunk output', async () => {
+  const rand = rng(2);
+  const baseDisk = textish(rand, 4096 * 10 + 100);
+  const newDisk = Buffer.concat([baseDisk.subarray(0, 4096 * 7 + 5), textish(rand, 4096 * 9)]);
+  const baseRam = textish(rand, 4096 * 16);
+  const newRam = Buffer.from(baseRam.subarray(0, 4096 * 12 + 3000));
+  for (const wantsAll of [false, true]) {
+    const r = await roundTrip(baseDisk, baseRam, newDisk, newRam, wantsAll);
+    assert.ok(r.disk.equals(newDisk));
+    assert.ok(r.ram.equals(newRam));
+  }
+});
+
+test('identical targets cost almost nothing', async () => {
+  const rand = rng(3);
+  const d = textish(rand, 4096 * 256);
+  const m = textish(rand, 4096 * 256);
+  const r = await roundTrip(d, m, Buffer.from(d), Buffer.from(m));
+  assert.ok(r.size < 2000, `overlay of identical VM is ${r.size} bytes`);
+});
+
+test('a changed base is detected by the digest check', async () => {
+  const rand = rng(4);
+  const d = textish(rand, 4096 * 64);
+  const nd = Buffer.from(d);
+  nd[5000] ^= 1;
+  await assert.rejects(
+    roundTrip(d, Buffer.alloc(8192), nd, Buffer.alloc(8192), false, (base) => {
+      // the base disk's bytes change after the overlay was made
+      const src = base[0]!.source as BufferSource;
+      src.data[4096 + 7] ^= 1; // the chunk the delta record is against
+    }),
+    HashMismatchError,
+  );
+});
