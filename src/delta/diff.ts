@@ -13,7 +13,7 @@ import { Encoding, type ChunkRecord } from './record.js';
 import { countRecord, emptyStats, type DiffStats } from './stats.js';
 import { compressedSize, compressWithDict } from './zstd.js';
 import { eligible, findSamePlace, type BaseTarget, type TargetInfo, type TargetKind } from './target.js';
-import type { ChunkSource } from './source.js';
+import type { ChunkSource, Extent } from './source.js';
 
 export interface RecordSink {
   push(r: ChunkRecord): Promise<void>;
@@ -25,6 +25,12 @@ export interface NewTarget {
   kind: TargetKind;
   source?: ChunkSource;
   blob?: Buffer;
+  /**
+   * Byte ranges outside of which the target is known to equal the base at the same place
+   * (e.g. a qcow2 whose backing file is the base: only its own clusters can differ). Used
+   * only when the base target has the same size.
+   */
+  changedHint?: Extent[];
 }
 
 export interface DiffOptions extends LiteralOptions {
@@ -91,23 +97,29 @@ export async function diff(
     const baseMap = same?.map;
     const n = chunkCount(source.size);
 
-    // Base chunks that are non-zero where the customized target reads as zero become ZERO runs.
+    const hinted = target.changedHint !== undefined && same !== undefined && same.size === source.size;
+    // Chunks between the ranges read below: with a hint they equal the base (digest from the
+    // base's map); otherwise they read as zero, so non-zero base chunks there become ZERO runs.
     let mapPos = 0;
-    const zeroUntil = async (end: number): Promise<void> => {
+    const gapUntil = async (end: number): Promise<void> => {
       if (!same || !baseMap) return;
       while (mapPos < baseMap.count && baseMap.indexes[mapPos]! < end) {
-        const i = baseMap.indexes[mapPos++]!;
-        if (i < n && eligible(same, source.size, i)) {
+        const i = baseMap.indexes[mapPos]!;
+        if (i < n && hinted) {
+          ts.dataChunks++;
+          digest.add(i, baseMap.hashAt(mapPos));
+        } else if (i < n && eligible(same, source.size, i)) {
           ts.changedChunks++;
           await runs.zero(t, i);
         }
+        mapPos++;
       }
     };
 
-    const ranges = extentsToChunkRanges(await source.dataExtents(), source.size);
+    const ranges = extentsToChunkRanges(hinted ? target.changedHint! : await source.dataExtents(), source.size);
     const reader = new PairReader(source, same?.source, stats);
     for (const [first, end] of ranges) {
-      await zeroUntil(first);
+      await gapUntil(first);
       reader.start(first, end);
       for (let c = first; c < end; ) {
         const batch = await reader.next();
@@ -153,7 +165,7 @@ export async function diff(
         opt.onProgress?.(batch.bytes);
       }
     }
-    await zeroUntil(n);
+    await gapUntil(n);
     await runs.flush();
     infos.push({ name: target.name, kind: target.kind, size: source.size, digest: digest.finish() });
   }

@@ -125,6 +125,13 @@ export class Patcher {
     this.skipMap(st, st.next);
   }
 
+  /** A blob target rebuilt so far (blobs come first in an overlay, before any chunk). */
+  blob(name: string): Buffer {
+    const b = this.blobs.get(name);
+    if (!b) throw new CorruptInputError(`overlay has no ${name} before the records that need it`);
+    return b;
+  }
+
   /** Finishes every target and proves each against its recorded digest. */
   async finish(): Promise<PatchResult> {
     while (this.current < this.states.length) await this.finishTarget(this.states[this.current++]!);

@@ -4,6 +4,7 @@
  * whole. A target has a "same place" in the base when the base has a target of the same kind
  * and name; there, a chunk with no record and the same length as the base's is unchanged.
  */
+import { createHash } from 'node:crypto';
 import type { ChunkMap } from './chunk-map.js';
 import type { ChunkSource } from './source.js';
 import { chunkLength } from './chunk.js';
@@ -44,4 +45,10 @@ export function eligible(base: BaseTarget | undefined, size: number, index: numb
   if (!base) return false;
   const len = chunkLength(size, index);
   return len > 0 && chunkLength(base.size, index) === len;
+}
+
+/** The base id: sha256 over each base target's kind, name, size and digest (docs/FORMAT.md). */
+export function baseIdOf(targets: readonly TargetInfo[]): string {
+  const text = 'cloudlet-overlay base v1\n' + targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('');
+  return createHash('sha256').update(text, 'utf8').digest('hex');
 }

@@ -1,0 +1,67 @@
+/**
+ * The cloudlet-overlay command line: commander wiring only. Each subcommand lives in
+ * commands/<name>.ts and calls the API in src/api.
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { runCleanup } from '../util/cleanup.js';
+import { ExitCode } from '../util/exit-codes.js';
+import { InterruptedError } from '../util/errors.js';
+import { VERSION } from '../api/version.js';
+import { reportError } from './output.js';
+import { registerCreate } from './commands/create.js';
+import { registerApply } from './commands/apply.js';
+import { registerInfo } from './commands/info.js';
+import { registerVerify } from './commands/verify.js';
+
+export function buildProgram(): Command {
+  const program = new Command('cloudlet-overlay')
+    .version(VERSION)
+    .description(
+      'VM synthesis for cloudlets: ship a small overlay (customized VM minus a base VM) and\n' +
+        'rebuild and resume the customized VM on a server that holds the base.',
+    )
+    .addOption(new Option('--json', 'machine-readable output: one JSON object on stdout'))
+    .addOption(new Option('-q, --quiet', 'no progress and no summary; errors still go to stderr'))
+    .showHelpAfterError('(run with --help for usage)')
+    .addHelpText(
+      'after',
+      `
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 corrupt input,
+  5 overlay for another base, 6 verification failed, 7 unsupported, 8 QEMU failed,
+  9 timeout, 10 busy (port/base in use, output exists), 11 tool missing, 12 network,
+  130 interrupted.  See docs/cli.md.`,
+    );
+  program.exitOverride();
+  registerCreate(program);
+  registerApply(program);
+  registerInfo(program);
+  registerVerify(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  const json = argv.includes('--json');
+  let interrupted = false;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (interrupted) return;
+    interrupted = true;
+    void runCleanup().finally(() => {
+      reportError(new InterruptedError(`interrupted by ${signal}; partial outputs removed`), json);
+      process.exit(ExitCode.interrupted);
+    });
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    await program.parseAsync(argv);
+    return ExitCode.ok;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0) return ExitCode.ok;
+      return ExitCode.usage;
+    }
+    await runCleanup();
+    return reportError(err, json);
+  }
+}
