@@ -1,0 +1,193 @@
+/**
+ * Importing a base VM into the library from files (a disk image and/or a memory snapshot, and
+ * the VM spec a resume must match). Everything is built in <root>/tmp, hashed from the stored
+ * copies, and renamed to bases/<id> in one step; an interrupted import leaves nothing behind.
+ */
+import { chmod, copyFile, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ChunkMap } from '../delta/chunk-map.js';
+import { sha256Hex } from '../delta/hash.js';
+import { baseIdOf, type TargetInfo } from '../delta/target.js';
+import * as qemuImg from '../image/disk/qemu-img.js';
+import { openDisk } from '../image/disk/open-disk.js';
+import { openMemorySnapshot } from '../image/memory/snapshot.js';
+import { openRamFile, writeRamFile } from '../image/memory/ram-file.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, mainBlockOf } from '../api/vm-images.js';
+import type { VmSpec } from '../vm/qemu.js';
+import { TOOL } from '../api/version.js';
+import { UnsupportedError, UsageError } from '../util/errors.js';
+import { onCleanup } from '../util/cleanup.js';
+import { silent, type Progress } from '../util/progress.js';
+import { readManifest, type BaseManifest } from './manifest.js';
+import { baseDir, basesDir, mapFile, safeName, tmpDir } from './paths.js';
+
+export interface ImportOptions {
+  root: string;
+  disk?: string;
+  diskFormat?: string;
+  memory?: string;
+  /** How the base VM runs; drive 0 is --disk. Paths in it are copied (kernel, initrd). */
+  vm?: VmSpec;
+  name?: string;
+  qemuVersion?: string;
+  progress?: Progress;
+}
+
+export interface ImportResult {
+  message_type: 'base_import';
+  id: string;
+  dir: string;
+  /** False when the library already held this base (nothing was added). */
+  added: boolean;
+  manifest: BaseManifest;
+}
+
+export async function importBase(opts: ImportOptions): Promise<ImportResult> {
+  const progress = opts.progress ?? silent;
+  if (!opts.disk && !opts.memory) throw new UsageError('base import needs --disk and/or --memory');
+  if (opts.vm && (opts.vm.drives?.length ?? 0) > 1) {
+    throw new UnsupportedError('bases with more than one drive are not supported yet');
+  }
+  await mkdir(tmpDir(opts.root), { recursive: true });
+  await mkdir(basesDir(opts.root), { recursive: true });
+  const work = await mkdtemp(join(tmpDir(opts.root), 'import-'));
+  const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
+  try {
+    const targets: TargetInfo[] = [];
+    const maps: Array<{ kind: string; name: string; map: ChunkMap }> = [];
+    const manifest: Omit<BaseManifest, 'id'> & { id?: string } = {
+      format: 'cloudlet-overlay-base',
+      version: 1,
+      name: opts.name,
+      created_at: new Date().toISOString(),
+      creator: TOOL,
+      targets,
+      qemu_version: opts.qemuVersion,
+    };
+
+    if (opts.memory) {
+      const snap = await openMemorySnapshot(opts.memory);
+      try {
+        snap.assertComplete();
+        await mkdir(join(work, 'stream'));
+        await mkdir(join(work, 'ram'));
+        const blobs = { prefix: 'stream/prefix', start: 'stream/start', tail: 'stream/tail' };
+        const data: Array<[string, string, Buffer]> = [
+          [BLOB_PREFIX, blobs.prefix, await snap.prefixBytes()],
+          [BLOB_START, blobs.start, await snap.startSectionBytes()],
+          [BLOB_TAIL, blobs.tail, await snap.tail()],
+        ];
+        for (const [name, file, bytes] of data) {
+          await writeFile(join(work, file), bytes);
+          targets.push({ name, kind: 'blob', size: bytes.length, digest: sha256Hex(bytes) });
+        }
+        const files: { [block: string]: string } = {};
+        progress.step('writing RAM blocks', snap.blocks.reduce((n, b) => n + b.length, 0));
+        for (const b of snap.blocks) {
+          files[b.name] = join('ram', `${safeName(b.name)}.raw`);
+          await writeRamFile(snap, b.name, join(work, files[b.name]!));
+          progress.advance(b.length);
+        }
+        progress.done('RAM blocks written');
+        manifest.memory = { machine: snap.machineType, main_block: mainBlockOf(snap), ram_section_id: snap.ramSectionId, files, blobs };
+      } finally {
+        await snap.close();
+      }
+    }
+
+    if (opts.disk) {
+      const info = await qemuImg.info(opts.disk, opts.diskFormat ? { format: opts.diskFormat } : {});
+      const format: 'raw' | 'qcow2' = info.format === 'raw' ? 'raw' : 'qcow2';
+      const file = `disk.${format}`;
+      progress.step('copying base disk', info.virtualSize);
+      // convert flattens any backing chain and keeps holes: the stored disk stands alone.
+      await qemuImg.convert(opts.disk, join(work, file), { srcFormat: info.format, dstFormat: format });
+      progress.done('base disk copied');
+      manifest.disk = { file, format, virtual_size: info.virtualSize };
+    }
+
+    // Hash what was stored (not the originals): the id describes the library's own bytes.
+    const diskInfo: TargetInfo[] = [];
+    if (manifest.disk) {
+      const d = await openDisk(join(work, manifest.disk.file), { format: manifest.disk.format });
+      try {
+        progress.step('hashing base disk', d.size);
+        const map = await ChunkMap.build(d, (n) => progress.advance(n));
+        progress.done('base disk hashed');
+        maps.push({ kind: 'disk', name: 'disk', map });
+        diskInfo.push({ name: 'disk', kind: 'disk', size: d.size, digest: map.digest() });
+      } finally {
+        await d.close();
+      }
+    }
+    targets.push(...diskInfo);
+    if (manifest.memory) {
+      progress.step('hashing base memory');
+      for (const [block, file] of Object.entries(manifest.memory.files)) {
+        const f = await openRamFile(join(work, file), block);
+        try {
+          const map = await ChunkMap.build(f, (n) => progress.advance(n));
+          maps.push({ kind: 'ram', name: block, map });
+          targets.push({ name: block, kind: 'ram', size: f.size, digest: map.digest() });
+        } finally {
+          await f.close();
+        }
+      }
+      progress.done('base memory hashed');
+    }
+    await mkdir(join(work, 'maps'));
+    for (const m of maps) await writeFile(join(work, mapFile(m.kind, m.name)), m.map.toBuffer());
+
+    if (opts.vm) {
+      const vm: VmSpec = { ...opts.vm };
+      if (vm.kernel) {
+        await copyFile(vm.kernel, join(work, 'kernel'));
+        vm.kernel = 'kernel';
+      }
+      if (vm.initrd) {
+        await copyFile(vm.initrd, join(work, 'initrd'));
+        vm.initrd = 'initrd';
+      }
+      if (vm.drives?.[0] && manifest.disk) vm.drives = [{ ...vm.drives[0], file: manifest.disk.file, format: manifest.disk.format }];
+      delete vm.incoming;
+      delete vm.memoryBackendFile;
+      if (vm.network) vm.network = { ...vm.network, forwards: [] };
+      manifest.vm = vm;
+    }
+
+    const id = baseIdOf(targets);
+    const full: BaseManifest = { ...manifest, id };
+    await writeFile(join(work, 'manifest.json'), JSON.stringify(full, null, 2) + '\n');
+    await freeze(work, full);
+
+    const dest = baseDir(opts.root, id);
+    try {
+      await rename(work, dest);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOTEMPTY' || code === 'EEXIST') {
+        await rm(work, { recursive: true, force: true });
+        return { message_type: 'base_import', id, dir: dest, added: false, manifest: await readManifest(join(dest, 'manifest.json')) };
+      }
+      throw err;
+    }
+    return { message_type: 'base_import', id, dir: dest, added: true, manifest: full };
+  } catch (err) {
+    progress.fail('import failed');
+    await rm(work, { recursive: true, force: true });
+    throw err;
+  } finally {
+    unregister();
+  }
+}
+
+/**
+ * Base files never change after import: read-only, except RAM files, which QEMU 7.2 opens
+ * read-write even when it maps them private (share=off) and never writes.
+ */
+async function freeze(dir: string, m: Omit<BaseManifest, 'id'>): Promise<void> {
+  const ram = new Set(Object.values(m.memory?.files ?? {}));
+  const files = ['manifest.json', ...Object.values(m.memory?.blobs ?? {}), ...(m.disk ? [m.disk.file] : [])];
+  for (const f of files) await chmod(join(dir, f), 0o444);
+  for (const f of ram) await chmod(join(dir, f), 0o644);
+}

@@ -1,0 +1,80 @@
+/**
+ * Opens a library base as a BaseVm for create/apply/synthesize. Nothing is rehashed: chunk
+ * maps come from the library (written at import, when the id was computed from them), RAM
+ * blocks are read from their raw files, so opening costs milliseconds whatever the VM size.
+ */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ChunkMap } from '../delta/chunk-map.js';
+import type { BaseTarget } from '../delta/target.js';
+import { openDisk, type DiskSource } from '../image/disk/open-disk.js';
+import { openRamFile, type RamFile } from '../image/memory/ram-file.js';
+import type { BaseVm } from '../api/vm-images.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../api/vm-images.js';
+import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import { readManifest, type BaseManifest } from './manifest.js';
+import { baseDir, mapFile } from './paths.js';
+
+export interface LibraryBase extends BaseVm {
+  dir: string;
+  manifest: BaseManifest;
+}
+
+export async function openLibraryBase(root: string, id: string): Promise<LibraryBase> {
+  const dir = baseDir(root, id);
+  const manifest = await readManifest(join(dir, 'manifest.json')).catch((err: unknown) => {
+    if (err instanceof NotFoundError) throw new NotFoundError(`no base ${id} in the library ${root}`, { base: id, library: root });
+    throw err;
+  });
+  if (manifest.id !== id) throw new CorruptInputError(`library entry ${id} holds a manifest for ${manifest.id}`);
+  const closers: Array<() => Promise<void>> = [];
+  try {
+    const targets: BaseTarget[] = [];
+    const blobFiles: { [name: string]: string | undefined } = {
+      [BLOB_PREFIX]: manifest.memory?.blobs.prefix,
+      [BLOB_START]: manifest.memory?.blobs.start,
+      [BLOB_TAIL]: manifest.memory?.blobs.tail,
+    };
+    for (const t of manifest.targets) {
+      if (t.kind === 'blob') {
+        const file = blobFiles[t.name];
+        if (!file) throw new CorruptInputError(`base ${id}: no file for ${t.name}`);
+        const blob = await readFile(join(dir, file));
+        targets.push({ name: t.name, kind: t.kind, size: blob.length, blob });
+        continue;
+      }
+      const map = ChunkMap.fromBuffer(await readFile(join(dir, mapFile(t.kind, t.name))), `base ${id} ${t.name} map`);
+      let source: DiskSource | RamFile;
+      if (t.kind === 'disk') {
+        if (!manifest.disk) throw new CorruptInputError(`base ${id}: disk target without disk file`);
+        source = await openDisk(join(dir, manifest.disk.file), { format: manifest.disk.format, name: 'disk' });
+      } else {
+        const file = manifest.memory?.files[t.name];
+        if (!file) throw new CorruptInputError(`base ${id}: no file for RAM block ${t.name}`);
+        source = await openRamFile(join(dir, file), t.name);
+      }
+      closers.push(() => source.close());
+      if (source.size !== t.size) throw new CorruptInputError(`base ${id}: ${t.name} is ${source.size} bytes, manifest says ${t.size}`);
+      targets.push({ name: t.name, kind: t.kind, size: t.size, source, map });
+    }
+    return {
+      id,
+      dir,
+      manifest,
+      targets,
+      infos: manifest.targets,
+      machine: manifest.memory?.machine,
+      mainBlock: manifest.memory?.main_block,
+      ramSectionId: manifest.memory?.ram_section_id,
+      diskPath: manifest.disk ? join(dir, manifest.disk.file) : undefined,
+      diskFormat: manifest.disk?.format,
+      ramFile: manifest.memory ? join(dir, manifest.memory.files[manifest.memory.main_block]!) : undefined,
+      async close() {
+        await Promise.allSettled(closers.map((c) => c()));
+      },
+    };
+  } catch (err) {
+    await Promise.allSettled(closers.map((c) => c()));
+    throw err;
+  }
+}
