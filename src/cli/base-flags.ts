@@ -1,13 +1,17 @@
 /**
- * The options that name a base VM, shared by create/apply: files (--base-disk, --base-memory)
- * for now; a library base (--base ID) when the base library exists.
+ * The options that name a base VM, shared by create/apply: a library base (--base ID, a unique
+ * id prefix or the base's name) or files (--base-disk, --base-memory).
  */
 import type { Command } from 'commander';
 import { baseFromImages, openVmImages, type BaseVm } from '../api/vm-images.js';
+import { openLibraryBase } from '../base/open.js';
+import { resolveBaseId } from '../base/library.js';
+import { libraryRoot } from '../base/paths.js';
 import { UsageError } from '../util/errors.js';
 import type { Progress } from '../util/progress.js';
 
 export interface BaseFlags {
+  base?: string;
   baseDisk?: string;
   baseDiskFormat?: string;
   baseMemory?: string;
@@ -15,14 +19,19 @@ export interface BaseFlags {
 
 export function baseOptions(cmd: Command): Command {
   return cmd
-    .option('--base-disk <image>', 'base VM disk image (raw, qcow2, …)')
+    .option('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
+    .option('--base-disk <image>', 'base VM disk image (raw, qcow2, …), instead of --base')
     .option('--base-disk-format <fmt>', 'format of --base-disk (default: detected)')
-    .option('--base-memory <file>', 'base VM memory snapshot (QEMU migration stream or libvirt save image)');
+    .option('--base-memory <file>', 'base VM memory snapshot (QEMU migration stream or libvirt save image), instead of --base');
 }
 
-export async function openBase(flags: BaseFlags, progress: Progress, need: { disk: boolean; memory: boolean }): Promise<BaseVm> {
-  if (!flags.baseDisk && !flags.baseMemory) throw new UsageError('name the base VM: --base-disk and/or --base-memory');
-  void need;
+export async function openBase(flags: BaseFlags, library: string | undefined, progress: Progress): Promise<BaseVm> {
+  if (flags.base) {
+    if (flags.baseDisk || flags.baseMemory) throw new UsageError('give either --base or --base-disk/--base-memory, not both');
+    const root = libraryRoot(library);
+    return openLibraryBase(root, await resolveBaseId(root, flags.base));
+  }
+  if (!flags.baseDisk && !flags.baseMemory) throw new UsageError('name the base VM: --base ID, or --base-disk and/or --base-memory');
   const vm = await openVmImages({ disk: flags.baseDisk, diskFormat: flags.baseDiskFormat, memory: flags.baseMemory });
   try {
     return await baseFromImages(vm, progress);

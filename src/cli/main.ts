@@ -12,6 +12,7 @@ import { registerCreate } from './commands/create.js';
 import { registerApply } from './commands/apply.js';
 import { registerInfo } from './commands/info.js';
 import { registerVerify } from './commands/verify.js';
+import { registerBase } from './commands/base.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
@@ -22,6 +23,9 @@ export function buildProgram(): Command {
     )
     .addOption(new Option('--json', 'machine-readable output: one JSON object on stdout'))
     .addOption(new Option('-q, --quiet', 'no progress and no summary; errors still go to stderr'))
+    .addOption(
+      new Option('--library <dir>', 'base library directory').env('CLOUDLET_LIBRARY').default(undefined, '$XDG_DATA_HOME/cloudlet-overlay'),
+    )
     .showHelpAfterError('(run with --help for usage)')
     .addHelpText(
       'after',
@@ -36,6 +40,7 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 corrupt input,
   registerApply(program);
   registerInfo(program);
   registerVerify(program);
+  registerBase(program);
   return program;
 }
 

@@ -8,6 +8,8 @@ import { ExitCode } from '../util/exit-codes.js';
 export interface GlobalOptions {
   json?: boolean;
   quiet?: boolean;
+  /** Base library directory (--library, else $CLOUDLET_LIBRARY, else the XDG data dir). */
+  library?: string;
 }
 
 export function printResult(opts: GlobalOptions, result: object, human: () => string): void {

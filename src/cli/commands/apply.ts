@@ -43,7 +43,7 @@ export function registerApply(program: Command): void {
     .action(async (overlay: string, flags: ApplyFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const progress = makeProgress(g);
-      const base = await openBase(flags, progress, { disk: true, memory: true });
+      const base = await openBase(flags, g.library, progress);
       try {
         const r = await applyOverlay({
           overlay,

@@ -41,7 +41,7 @@ Examples:
     .action(async (flags: CreateFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const progress = makeProgress(g);
-      const base = await openBase(flags, progress, { disk: !!flags.disk, memory: !!flags.memory });
+      const base = await openBase(flags, g.library, progress);
       try {
         const r = await createOverlay({
           base,

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything cloudlet-overlay needs on a fresh Debian 12 machine (as root, or with
+# sudo): QEMU and qemu-img, the benchmark peers (xdelta3, casync), what the demo VM build uses,
+# then the npm dependencies, and builds. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SUDO=
+if [[ $(id -u) != 0 ]]; then SUDO=sudo; fi
+
+PKGS=(qemu-system-x86 qemu-utils xdelta3 casync zstd busybox-static e2fsprogs cpio kmod xz-utils tar)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  echo "setup: npm ci" >&2
+  npm ci --no-audit --no-fund >&2
+fi
+npm run --silent build >&2
