@@ -20,7 +20,7 @@ export class AtomicFile {
 
   static async create(path: string): Promise<AtomicFile> {
     const tempPath = tempNameFor(path);
-    const handle = await open(tempPath, 'wx', 0o644);
+    const handle = await open(tempPath, 'wx+', 0o644);
     return new AtomicFile(path, handle, tempPath);
   }
 
