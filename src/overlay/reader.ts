@@ -167,6 +167,7 @@ async function readTrailer(
   const footer = await readExact(fh, size - FOOTER_SIZE, FOOTER_SIZE, size, 'footer');
   check(footer.subarray(0, 8).equals(FOOTER_MAGIC), 'overlay is truncated or damaged: no footer at the end');
   check(footer.subarray(32, 64).equals(headerHash), 'footer does not belong to this header (damaged or spliced file)');
+  check(footer.readUInt16LE(28) === VERSION_MAJOR, 'footer: format version differs from the header');
   const offset = Number(footer.readBigUInt64LE(8));
   const length = Number(footer.readBigUInt64LE(16));
   const segments = footer.readUInt32LE(24);
