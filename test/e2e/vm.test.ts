@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { BusyError, MissingToolError, QemuError, UsageError } from '../../src/util/errors.js';
 import { probeKvm, resolveAccel } from '../../src/vm/accel.js';
 import { findProgram, startQemu } from '../../src/vm/qemu.js';
-import { captureSnapshot, copySparse } from '../../src/vm/snapshot.js';
+import { captureSnapshot, copyDiskWhileStopped, copySparse } from '../../src/vm/snapshot.js';
 import {
   bootDemoVm,
   captureBaseAndCustomized,
@@ -87,6 +87,16 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
   it('snapshots, keeps running, and resumes elsewhere with the same token', async () => {
     assert.ok(first && firstStatus, 'needs the booted VM');
     const vm = first;
+
+    // A snapshot that cannot be written fails clearly and leaves the VM running.
+    await assert.rejects(
+      captureSnapshot(vm.vm, { memPath: join(work, 'no-such-dir', 'x.mem'), then: 'resume', timeoutMs: 20_000 }),
+      (err: unknown) => err instanceof QemuError && /snapshot failed/.test(err.message),
+    );
+    assert.equal(await vm.vm.status(), 'running');
+    assert.equal((await getStatus(vm)).token, firstStatus.token);
+    // A disk copy of a running VM would match no memory image: refused.
+    await assert.rejects(copyDiskWhileStopped(vm.vm, vm.disk, join(work, 'x.raw')), QemuError);
     const snap = await captureSnapshot(vm.vm, {
       memPath: join(work, 'boot.mem'),
       disks: [{ from: vm.disk, to: join(work, 'boot.disk.raw') }],

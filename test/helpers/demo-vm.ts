@@ -175,10 +175,10 @@ async function startAndWait(
     } catch (err) {
       await vm.stop({ graceMs: 1000 });
       // What the guest said is the best clue (panic, missing module, failed mount).
-      const console = await readFile(vm.paths.serialLog, 'utf8').catch(() => '');
+      const serial = await readFile(vm.paths.serialLog, 'utf8').catch(() => '');
       const stderr = await vm.stderrTail(5);
       throw new Error(
-        `demo VM never answered HTTP: ${(err as Error).message}\n--- serial (end) ---\n${console.slice(-1500)}\n--- qemu stderr ---\n${stderr}`,
+        `demo VM never answered HTTP: ${(err as Error).message}\n--- serial (end) ---\n${serial.slice(-1500)}\n--- qemu stderr ---\n${stderr}`,
         { cause: err },
       );
     }
