@@ -6,22 +6,21 @@
  * first response. A failure at any phase stops QEMU and removes the instance directory.
  */
 import { mkdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { join, resolve } from 'node:path';
 import { OverlayReader } from '../overlay/reader.js';
 import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir, processStart, writeInstance, type InstanceState } from '../base/instances.js';
+import { instanceDir, type InstanceState } from '../base/instances.js';
 import { tmpDir } from '../base/paths.js';
 import { fetchToFile, isUrl, type Fetched } from '../net/fetch.js';
-import { startQemu, type PortForward, type QemuVm, type VmSpec } from '../vm/qemu.js';
+import type { PortForward, QemuVm } from '../vm/qemu.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
-import { diagnoseQemu } from '../vm/diagnose.js';
-import { CloudletError, QemuError, UsageError } from '../util/errors.js';
+import { CloudletError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import { applyOverlay, checkBase } from './apply.js';
+import { newInstanceId, startInstance } from './instance.js';
 
 export interface SynthesizeOptions {
   root: string;
@@ -51,8 +50,6 @@ export interface SynthesizeResult {
   /** The guest's first answer, when waited for. */
   answer?: { status: number; body: string };
   timings_ms: { [phase: string]: number };
-  /** Set by runForeground once the VM has stopped. */
-  exit?: { code: number | null; signal: string | null };
 }
 
 export interface Synthesized {
@@ -68,15 +65,13 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   const base = await timings.time('open_base', () => openLibraryBase(opts.root, id));
   let fetched: Fetched | undefined;
   let vm: QemuVm | undefined;
-  const iid = `i-${randomBytes(4).toString('hex')}`;
+  const iid = newInstanceId();
   const dir = instanceDir(opts.root, iid);
   const unregister = onCleanup(() => rm(dir, { recursive: true, force: true }));
+  const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   try {
     if (!base.manifest.vm) {
       throw new UsageError(`base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
-    }
-    if (!base.ramFile && (opts.memoryFormat ?? 'sparse') === 'sparse') {
-      throw new UsageError(`base ${id.slice(0, 12)} has no memory snapshot: nothing to resume`);
     }
     let overlayPath = opts.overlay;
     if (isUrl(opts.overlay)) {
@@ -92,45 +87,29 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
       }
       await mkdir(dir, { recursive: true });
       await timings.time('apply', () =>
-        applyOverlay({
-          overlay: reader,
-          base,
-          outDir: dir,
-          diskFormat: 'qcow2',
-          memoryFormat: opts.memoryFormat ?? 'sparse',
-          progress,
-        }),
+        applyOverlay({ overlay: reader, base, outDir: dir, diskFormat: 'qcow2', memoryFormat: sparse ? 'sparse' : 'stream', progress }),
       );
     } finally {
       await reader.close();
     }
     await fetched?.remove();
 
-    const spec = resumeSpecFor(base.manifest.vm, base.dir, dir, base.ramFile, opts);
     progress.step('resuming VM');
-    vm = await timings.time('qemu', () =>
-      startQemu(spec, { runDir: dir, accel: opts.accel ?? 'auto', detach: opts.detach }).catch((err: unknown) => {
-        throw withHint(err);
+    const started = await timings.time('qemu', () =>
+      startInstance({
+        root: opts.root,
+        base,
+        iid,
+        memory: { path: join(dir, sparse ? 'memory.sparse' : 'memory.stream'), sparse },
+        forwards: opts.forwards,
+        accel: opts.accel,
+        detach: opts.detach,
+        overlay: isUrl(opts.overlay) ? opts.overlay : resolve(opts.overlay),
       }),
     );
+    vm = started.vm;
     timings.phases['qemu_start'] = Math.round(vm.timings.qmpReadyMs);
     timings.phases['incoming_load'] = Math.round(vm.timings.incomingMs);
-    const state: InstanceState = {
-      id: iid,
-      base_id: id,
-      overlay: isUrl(opts.overlay) ? opts.overlay : join(process.cwd(), opts.overlay),
-      pid: vm.pid,
-      pid_start: (await processStart(vm.pid)) ?? '',
-      created_at: new Date().toISOString(),
-      accel: vm.accel,
-      dir,
-      qmp_socket: vm.paths.qmpSocket,
-      serial_socket: vm.paths.serialSocket,
-      serial_log: vm.paths.serialLog,
-      stderr_log: vm.paths.stderrLog,
-      forwards: opts.forwards,
-    };
-    await writeInstance(opts.root, state);
     let answer: SynthesizeResult['answer'];
     if (opts.waitHttp) {
       progress.step(`waiting for ${opts.waitHttp}`);
@@ -148,7 +127,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     unregister();
     return {
       vm,
-      state,
+      state: started.state,
       result: {
         message_type: 'synthesize',
         instance: iid,
@@ -176,29 +155,4 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   } finally {
     await base.close();
   }
-}
-
-/** The base's VM spec with this instance's disk, the base RAM file and the sparse stream. */
-function resumeSpecFor(vmSpec: VmSpec, baseDir: string, dir: string, ramFile: string | undefined, opts: SynthesizeOptions): VmSpec {
-  const spec: VmSpec = { ...vmSpec, name: undefined };
-  if (spec.kernel) spec.kernel = join(baseDir, spec.kernel);
-  if (spec.initrd) spec.initrd = join(baseDir, spec.initrd);
-  if (spec.drives?.[0]) spec.drives = [{ ...spec.drives[0], file: join(dir, 'disk.qcow2'), format: 'qcow2' }];
-  if (spec.network) spec.network = { ...spec.network, forwards: opts.forwards };
-  else if (opts.forwards.length > 0) throw new UsageError('this base VM has no network card: --forward is not possible');
-  if ((opts.memoryFormat ?? 'sparse') === 'sparse') {
-    spec.memoryBackendFile = { path: ramFile!, share: false };
-    spec.incoming = join(dir, 'memory.sparse');
-  } else {
-    spec.incoming = join(dir, 'memory.stream');
-  }
-  return spec;
-}
-
-function withHint(err: unknown): unknown {
-  if (!(err instanceof QemuError)) return err;
-  const tail = typeof err.details['stderrTail'] === 'string' ? err.details['stderrTail'] : '';
-  const hint = diagnoseQemu(`${err.message}\n${tail}`);
-  if (!hint) return err;
-  return new QemuError(`${err.message} — likely cause: ${hint}`, { ...err.details, hint }, { cause: err });
 }

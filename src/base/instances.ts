@@ -6,7 +6,7 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../util/atomic.js';
-import type { PortForward } from '../vm/qemu.js';
+import type { PortForward, VmSpec } from '../vm/qemu.js';
 import { instancesDir } from './paths.js';
 
 export interface InstanceState {
@@ -24,6 +24,8 @@ export interface InstanceState {
   serial_log: string;
   stderr_log: string;
   forwards: PortForward[];
+  /** The spec QEMU was started from (what a snapshot of the instance must match). */
+  spec: VmSpec;
 }
 
 export type InstanceStatus = 'running' | 'dead';

@@ -8,17 +8,22 @@ import { ExitCode } from '../util/exit-codes.js';
 import { InterruptedError } from '../util/errors.js';
 import { VERSION } from '../api/version.js';
 import { reportError } from './output.js';
+import { foregroundHandler } from './signals.js';
 import { registerCreate } from './commands/create.js';
 import { registerApply } from './commands/apply.js';
 import { registerInfo } from './commands/info.js';
 import { registerVerify } from './commands/verify.js';
 import { registerBase } from './commands/base.js';
+import { registerSynthesize } from './commands/synthesize.js';
+import { registerLaunch } from './commands/launch.js';
+import { registerSnapshot } from './commands/snapshot.js';
+import { registerInstances } from './commands/instances.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
     .version(VERSION)
     .description(
-      'VM synthesis for cloudlets: ship a small overlay (customized VM minus a base VM) and\n' +
+      'VM synthesis for cloudlets: ship a small overlay (customized VM minus a base VM) and ' +
         'rebuild and resume the customized VM on a server that holds the base.',
     )
     .addOption(new Option('--json', 'machine-readable output: one JSON object on stdout'))
@@ -41,6 +46,10 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 corrupt input,
   registerInfo(program);
   registerVerify(program);
   registerBase(program);
+  registerSnapshot(program);
+  registerLaunch(program);
+  registerSynthesize(program);
+  registerInstances(program);
   return program;
 }
 
@@ -51,6 +60,11 @@ export async function main(argv: string[]): Promise<number> {
   const onSignal = (signal: NodeJS.Signals): void => {
     if (interrupted) return;
     interrupted = true;
+    const foreground = foregroundHandler();
+    if (foreground) {
+      void foreground(signal);
+      return;
+    }
     void runCleanup().finally(() => {
       reportError(new InterruptedError(`interrupted by ${signal}; partial outputs removed`), json);
       process.exit(ExitCode.interrupted);

@@ -1,8 +1,28 @@
 /** Argument parsers for commander options. */
 import { InvalidArgumentError } from 'commander';
+import type { PortForward } from '../vm/qemu.js';
 
 export function intArg(value: string): number {
   const n = Number(value);
   if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected a non-negative integer');
   return n;
+}
+
+/**
+ * A port forward: QEMU's hostfwd syntax `tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT`, or the
+ * short `HOSTPORT:GUESTPORT` (host side on 127.0.0.1).
+ */
+export function forwardArg(value: string, previous: PortForward[] = []): PortForward[] {
+  let m = value.match(/^tcp:([^:]*):(\d+)-[^:]*:(\d+)$/);
+  if (m) return [...previous, { hostAddr: m[1] || '127.0.0.1', hostPort: Number(m[2]), guestPort: Number(m[3]) }];
+  m = value.match(/^(\d+):(\d+)$/);
+  if (m) return [...previous, { hostAddr: '127.0.0.1', hostPort: Number(m[1]), guestPort: Number(m[2]) }];
+  throw new InvalidArgumentError('expected tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT');
+}
+
+export function durationArg(value: string): number {
+  const m = value.match(/^(\d+(?:\.\d+)?)(ms|s|m)?$/);
+  if (!m) throw new InvalidArgumentError('expected a duration like 30s, 500ms or 2m');
+  const n = Number(m[1]);
+  return Math.round(m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : n * 1000);
 }

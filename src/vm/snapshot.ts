@@ -14,7 +14,19 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { syncDir, tempNameFor, writeFileAtomic } from '../util/atomic.js';
 import { onCleanup } from '../util/cleanup.js';
 import { CloudletError, QemuError, TimeoutError } from '../util/errors.js';
-import { shellQuote, type QemuVm, type VmSpec } from './qemu.js';
+import { shellQuote, type VmSpec } from './qemu.js';
+import type { QmpClient } from './qmp.js';
+
+/** What a snapshot needs of a VM: one we started (QemuVm) or one we attached to (AttachedVm). */
+export interface SnapshotTarget {
+  readonly qmp: QmpClient;
+  readonly spec: VmSpec;
+  readonly pid: number;
+  readonly argv: string[];
+  readonly exitSignal: AbortSignal;
+  readonly running: boolean;
+  stop(): Promise<unknown>;
+}
 
 /** What a resume must match, recorded from the source QEMU. */
 export interface VmManifest {
@@ -68,7 +80,7 @@ export interface SnapshotResult {
 }
 
 /** Captures memory (+ disks) of a running VM; see the module comment for the order. */
-export async function captureSnapshot(vm: QemuVm, options: SnapshotOptions): Promise<SnapshotResult> {
+export async function captureSnapshot(vm: SnapshotTarget, options: SnapshotOptions): Promise<SnapshotResult> {
   const t0 = performance.now();
   const qmp = vm.qmp;
   const manifestBase = await readManifestFromQemu(vm);
@@ -87,7 +99,7 @@ export async function captureSnapshot(vm: QemuVm, options: SnapshotOptions): Pro
 }
 
 async function captureStopped(
-  vm: QemuVm,
+  vm: SnapshotTarget,
   options: SnapshotOptions,
   manifestBase: Omit<VmManifest, 'memory' | 'disks'>,
   t0: number,
@@ -151,13 +163,13 @@ async function captureStopped(
  * Refuses while the VM runs: a copy of a live disk is not consistent with anything.
  */
 export async function copyDiskWhileStopped(
-  vm: QemuVm,
+  vm: SnapshotTarget,
   from: string,
   to: string,
   options: { fsync?: boolean } = {},
 ): Promise<void> {
   if (vm.running) {
-    const status = await vm.status();
+    const { status } = await vm.qmp.execute<{ status: string }>('query-status');
     if (status === 'running') {
       throw new QemuError(`refusing to copy ${from} while the VM is running (stop it first)`, { path: from });
     }
@@ -182,7 +194,7 @@ export async function copySparse(from: string, to: string, options: { fsync?: bo
 }
 
 /** Reads machine, RAM, CPU and argv from the running QEMU (not from what we think we started). */
-export async function readManifestFromQemu(vm: QemuVm): Promise<Omit<VmManifest, 'memory' | 'disks'>> {
+export async function readManifestFromQemu(vm: SnapshotTarget): Promise<Omit<VmManifest, 'memory' | 'disks'>> {
   const qmp = vm.qmp;
   const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number }; package: string }>(
     'query-version',
@@ -226,7 +238,7 @@ interface MigrateInfo {
   ram?: { transferred?: number; total?: number };
 }
 
-async function waitMigration(vm: QemuVm, timeoutMs: number): Promise<MigrateInfo> {
+async function waitMigration(vm: SnapshotTarget, timeoutMs: number): Promise<MigrateInfo> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     vm.exitSignal.throwIfAborted();
@@ -253,7 +265,7 @@ async function waitMigration(vm: QemuVm, timeoutMs: number): Promise<MigrateInfo
   }
 }
 
-async function waitForFile(path: string, vm: QemuVm, timeoutMs: number): Promise<void> {
+async function waitForFile(path: string, vm: SnapshotTarget, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {

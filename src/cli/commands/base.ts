@@ -1,35 +1,27 @@
-import { Command } from 'commander';
-import { readFile, stat } from 'node:fs/promises';
+import { Command, Option } from 'commander';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { importBase } from '../../base/import.js';
 import { exportBase, importPackage, listBases, removeBase, resolveBaseId, showBase, verifyBase } from '../../base/library.js';
-import { libraryRoot } from '../../base/paths.js';
+import { libraryRoot, tmpDir } from '../../base/paths.js';
 import type { VmSpec } from '../../vm/qemu.js';
+import { SNAPSHOT_MEMORY, SNAPSHOT_VM, snapshotVm, type SnapshotVmFile } from '../../api/snapshot.js';
 import { CorruptInputError, NotFoundError, UsageError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
 
-/** A snapshot directory as `cloudlet-overlay snapshot` writes it. */
-export const SNAPSHOT_FILES = { memory: 'memory.stream', vm: 'vm.json' } as const;
-
-export interface SnapshotVmFile {
-  vm: VmSpec;
-  disk?: { file: string; format: string };
-  qemu_version?: string;
-}
-
 export async function readSnapshotDir(dir: string): Promise<{ disk?: string; diskFormat?: string; memory: string; vm: VmSpec; qemuVersion?: string }> {
   let parsed: SnapshotVmFile;
   try {
-    parsed = JSON.parse(await readFile(join(dir, SNAPSHOT_FILES.vm), 'utf8')) as SnapshotVmFile;
+    parsed = JSON.parse(await readFile(join(dir, SNAPSHOT_VM), 'utf8')) as SnapshotVmFile;
   } catch {
-    throw new NotFoundError(`${dir} is not a snapshot directory (no readable ${SNAPSHOT_FILES.vm})`, { path: dir });
+    throw new NotFoundError(`${dir} is not a snapshot directory (no readable ${SNAPSHOT_VM})`, { path: dir });
   }
-  if (!parsed.vm || typeof parsed.vm.machine !== 'string') throw new CorruptInputError(`${join(dir, SNAPSHOT_FILES.vm)}: no VM spec`);
+  if (!parsed.vm || typeof parsed.vm.machine !== 'string') throw new CorruptInputError(`${join(dir, SNAPSHOT_VM)}: no VM spec`);
   return {
     disk: parsed.disk ? join(dir, parsed.disk.file) : undefined,
     diskFormat: parsed.disk?.format,
-    memory: join(dir, SNAPSHOT_FILES.memory),
+    memory: join(dir, SNAPSHOT_MEMORY),
     vm: parsed.vm,
     qemuVersion: parsed.qemu_version,
   };
@@ -96,6 +88,31 @@ Examples:
       }
       const r = await importBase({ root, disk: flags.disk, diskFormat: flags.diskFormat, memory: flags.memory, vm, name: flags.name, progress });
       printResult(g, r, () => `${r.added ? 'imported' : 'already present'}: base ${r.id}`);
+    });
+
+  base
+    .command('capture')
+    .summary('capture a running VM straight into the library as a base')
+    .description('The same as `snapshot` into a temporary directory followed by `base import` of it.')
+    .option('--instance <id>', 'an instance started by launch/synthesize')
+    .option('--qmp <socket>', "any QEMU's QMP unix socket")
+    .option('--disk <image>', "the VM's disk image (default: its first drive)")
+    .option('--name <name>', 'a name to refer to the base by')
+    .addOption(new Option('--then <what>', 'after the capture').choices(['resume', 'quit']).default('resume'))
+    .action(async (flags: { instance?: string; qmp?: string; disk?: string; name?: string; then: 'resume' | 'quit' }, command: Command) => {
+      const g = command.optsWithGlobals<GlobalOptions>();
+      const root = libraryRoot(g.library);
+      const progress = makeProgress(g);
+      await mkdir(tmpDir(root), { recursive: true });
+      const dir = join(tmpDir(root), `capture-${process.pid}-${Date.now()}`);
+      try {
+        await snapshotVm({ root, instance: flags.instance, qmp: flags.qmp, disk: flags.disk, outDir: dir, then: flags.then, progress });
+        const snap = await readSnapshotDir(dir);
+        const r = await importBase({ root, disk: snap.disk, diskFormat: snap.diskFormat, memory: snap.memory, vm: snap.vm, name: flags.name, qemuVersion: snap.qemuVersion, progress });
+        printResult(g, r, () => `${r.added ? 'captured' : 'already present'}: base ${r.id}`);
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+      }
     });
 
   base

@@ -1,0 +1,122 @@
+/**
+ * Running a library base's VM as an instance: the resume spec (the base's exact machine and
+ * devices, this instance's disk layer, the base RAM file mapped copy-on-write, the memory
+ * stream to load), starting QEMU, recording state.json, and stopping it again.
+ */
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { instanceDir, listInstances, processStart, readInstance, writeInstance, type InstanceState } from '../base/instances.js';
+import type { LibraryBase } from '../base/open.js';
+import { startQemu, type PortForward, type QemuVm, type VmSpec } from '../vm/qemu.js';
+import type { AccelChoice } from '../vm/accel.js';
+import { diagnoseQemu } from '../vm/diagnose.js';
+import { QmpClient } from '../vm/qmp.js';
+import { NotFoundError, QemuError, UsageError } from '../util/errors.js';
+
+export interface InstanceStart {
+  root: string;
+  base: LibraryBase;
+  iid: string;
+  /** The memory stream to load: sparse over the base RAM file, or a full stream. */
+  memory: { path: string; sparse: boolean };
+  forwards: PortForward[];
+  accel?: AccelChoice;
+  detach?: boolean;
+  overlay: string;
+}
+
+export function newInstanceId(): string {
+  return `i-${Date.now().toString(36).slice(-4)}${Math.random().toString(36).slice(2, 6)}`;
+}
+
+/** The base's VM spec with this instance's disk, the base RAM file and the stream to load. */
+export function resumeSpecFor(base: LibraryBase, dir: string, memory: InstanceStart['memory'], forwards: PortForward[]): VmSpec {
+  const vm = base.manifest.vm;
+  if (!vm) throw new UsageError(`base ${base.id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
+  const spec: VmSpec = { ...vm };
+  delete spec.name;
+  if (spec.kernel) spec.kernel = join(base.dir, spec.kernel);
+  if (spec.initrd) spec.initrd = join(base.dir, spec.initrd);
+  if (spec.drives?.[0]) spec.drives = [{ ...spec.drives[0], file: join(dir, 'disk.qcow2'), format: 'qcow2' }];
+  if (spec.network) spec.network = { ...spec.network, forwards };
+  else if (forwards.length > 0) throw new UsageError('this base VM has no network card: --forward is not possible');
+  if (memory.sparse) {
+    if (!base.ramFile) throw new UsageError(`base ${base.id.slice(0, 12)} has no memory snapshot: nothing to resume`);
+    spec.memoryBackendFile = { path: base.ramFile, share: false };
+  }
+  spec.incoming = memory.path;
+  return spec;
+}
+
+export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; state: InstanceState }> {
+  const dir = instanceDir(s.root, s.iid);
+  const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards);
+  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch((err: unknown) => {
+    throw withHint(err);
+  });
+  const state: InstanceState = {
+    id: s.iid,
+    base_id: s.base.id,
+    overlay: s.overlay,
+    pid: vm.pid,
+    pid_start: (await processStart(vm.pid)) ?? '',
+    created_at: new Date().toISOString(),
+    accel: vm.accel,
+    dir,
+    qmp_socket: vm.paths.qmpSocket,
+    serial_socket: vm.paths.serialSocket,
+    serial_log: vm.paths.serialLog,
+    stderr_log: vm.paths.stderrLog,
+    forwards: s.forwards,
+    spec,
+  };
+  await writeInstance(s.root, state);
+  return { vm, state };
+}
+
+/** Adds the likely cause to a QEMU failure (diagnose.ts). */
+export function withHint(err: unknown): unknown {
+  if (!(err instanceof QemuError)) return err;
+  const tail = typeof err.details['stderrTail'] === 'string' ? err.details['stderrTail'] : '';
+  const hint = diagnoseQemu(`${err.message}\n${tail}`);
+  if (!hint) return err;
+  return new QemuError(`${err.message} — likely cause: ${hint}`, { ...err.details, hint }, { cause: err });
+}
+
+export interface StopResult {
+  message_type: 'stop';
+  instance: string;
+  /** What was found: a running VM that was stopped, or one already dead. */
+  was: 'running' | 'dead';
+  removed: boolean;
+}
+
+/** Stops an instance's QEMU (QMP quit, then SIGKILL) and removes its directory unless kept. */
+export async function stopInstance(root: string, iid: string, keep = false): Promise<StopResult> {
+  const all = await listInstances(root);
+  const inst = all.find((i) => i.id === iid) ?? all.find((i) => i.id.startsWith(iid));
+  if (!inst) throw new NotFoundError(`no instance ${iid} (see: cloudlet-overlay ps)`, { instance: iid });
+  if (inst.status === 'running') {
+    try {
+      const qmp = await QmpClient.connect(inst.qmp_socket, { timeoutMs: 2000 });
+      await qmp.execute('quit', undefined, { timeoutMs: 3000 }).catch(() => undefined);
+      qmp.destroy();
+    } catch {
+      // QMP gone: fall through to signals
+    }
+    for (let i = 0; i < 60 && (await processStart(inst.pid)) === inst.pid_start; i++) await sleep(50);
+    if ((await processStart(inst.pid)) === inst.pid_start) {
+      process.kill(inst.pid, 'SIGKILL');
+      for (let i = 0; i < 40 && (await processStart(inst.pid)) === inst.pid_start; i++) await sleep(50);
+    }
+  }
+  if (!keep) await rm(inst.dir, { recursive: true, force: true });
+  return { message_type: 'stop', instance: inst.id, was: inst.status, removed: !keep };
+}
+
+export async function findInstance(root: string, ref: string): Promise<InstanceState> {
+  const s = (await readInstance(root, ref)) ?? (await listInstances(root)).find((i) => i.id.startsWith(ref));
+  if (!s) throw new NotFoundError(`no instance ${ref} (see: cloudlet-overlay ps)`, { instance: ref });
+  return s;
+}

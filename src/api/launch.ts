@@ -1,0 +1,98 @@
+/**
+ * launch: resume a library base as an instance with a fresh disk layer (a qcow2 over the base
+ * disk) — the starting point of a customization (Elijah's `cloudlet overlay` flow, headless):
+ * install the application through port forwards or the serial console, then `snapshot` and
+ * `create`. The memory stream is the base itself as a sparse stream (no pc.ram page differs).
+ */
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { openLibraryBase } from '../base/open.js';
+import { resolveBaseId } from '../base/library.js';
+import { instanceDir } from '../base/instances.js';
+import * as qemuImg from '../image/disk/qemu-img.js';
+import { MigrationStreamWriter } from '../image/memory/writer.js';
+import { CHUNK_SIZE } from '../delta/chunk.js';
+import type { PortForward } from '../vm/qemu.js';
+import type { AccelChoice } from '../vm/accel.js';
+import { UsageError } from '../util/errors.js';
+import { onCleanup } from '../util/cleanup.js';
+import { newInstanceId, startInstance } from './instance.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from './vm-images.js';
+
+export interface LaunchOptions {
+  root: string;
+  base: string;
+  forwards: PortForward[];
+  accel?: AccelChoice;
+}
+
+export interface LaunchResult {
+  message_type: 'launch';
+  instance: string;
+  base_id: string;
+  pid: number;
+  accel: string;
+  dir: string;
+  qmp_socket: string;
+  serial_socket: string;
+  forwards: PortForward[];
+}
+
+export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
+  const id = await resolveBaseId(opts.root, opts.base);
+  const base = await openLibraryBase(opts.root, id);
+  const iid = newInstanceId();
+  const dir = instanceDir(opts.root, iid);
+  const unregister = onCleanup(() => rm(dir, { recursive: true, force: true }));
+  try {
+    if (!base.ramFile || !base.mainBlock || base.ramSectionId === undefined) {
+      throw new UsageError(`base ${id.slice(0, 12)} has no memory snapshot: nothing to resume`);
+    }
+    await mkdir(dir, { recursive: true });
+    if (base.diskPath) {
+      await qemuImg.create(join(dir, 'disk.qcow2'), { format: 'qcow2', backingFile: base.diskPath, backingFormat: base.diskFormat! });
+    }
+    const blob = (name: string): Buffer => base.targets.find((t) => t.name === name && t.kind === 'blob')!.blob!;
+    const stream = new MigrationStreamWriter(join(dir, 'memory.sparse'));
+    await stream.begin(blob(BLOB_PREFIX), blob(BLOB_START), base.ramSectionId);
+    // QEMU does not refill ROM blocks on incoming: every page of the small blocks goes in.
+    const page = Buffer.alloc(CHUNK_SIZE);
+    for (const t of base.targets) {
+      if (t.kind !== 'ram' || t.name === base.mainBlock) continue;
+      for (let p = 0; p * CHUNK_SIZE < t.size; p++) {
+        await t.source!.read(p * CHUNK_SIZE, CHUNK_SIZE, page);
+        await stream.writePage(t.name, p, page);
+      }
+    }
+    await stream.finish(blob(BLOB_TAIL));
+    const { vm, state } = await startInstance({
+      root: opts.root,
+      base,
+      iid,
+      memory: { path: join(dir, 'memory.sparse'), sparse: true },
+      forwards: opts.forwards,
+      accel: opts.accel,
+      detach: true,
+      overlay: '',
+    });
+    await vm.qmp.close();
+    unregister();
+    return {
+      message_type: 'launch',
+      instance: iid,
+      base_id: id,
+      pid: vm.pid,
+      accel: vm.accel,
+      dir,
+      qmp_socket: state.qmp_socket,
+      serial_socket: state.serial_socket,
+      forwards: opts.forwards,
+    };
+  } catch (err) {
+    await rm(dir, { recursive: true, force: true });
+    unregister();
+    throw err;
+  } finally {
+    await base.close();
+  }
+}

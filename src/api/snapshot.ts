@@ -1,0 +1,114 @@
+/**
+ * snapshot: capture a running VM (an instance of ours, or any QEMU with a QMP socket) into a
+ * snapshot directory — memory.stream, a consistent copy of its disk, vm.json (the spec a
+ * resume must match, read from the running QEMU) — that `base import` and `create` take.
+ * The directory appears atomically.
+ */
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { AttachedVm } from '../vm/attach.js';
+import { captureSnapshot } from '../vm/snapshot.js';
+import type { VmSpec } from '../vm/qemu.js';
+import { listInstances } from '../base/instances.js';
+import { writeFileAtomic, syncDir } from '../util/atomic.js';
+import { BusyError, UsageError } from '../util/errors.js';
+import { onCleanup } from '../util/cleanup.js';
+import { silent, type Progress } from '../util/progress.js';
+import { findInstance } from './instance.js';
+
+export const SNAPSHOT_MEMORY = 'memory.stream';
+export const SNAPSHOT_VM = 'vm.json';
+
+export interface SnapshotVmFile {
+  vm: VmSpec;
+  disk?: { file: string; format: 'raw' | 'qcow2' };
+  qemu_version?: string;
+  captured_at: string;
+  /** The source QEMU's full command line. */
+  argv: string[];
+}
+
+export interface SnapshotOptions {
+  root: string;
+  /** One of: an instance id, or a QMP socket. */
+  instance?: string;
+  qmp?: string;
+  /** The disk image to copy (default: the VM's first drive). */
+  disk?: string;
+  outDir: string;
+  then: 'resume' | 'quit';
+  progress?: Progress;
+}
+
+export interface SnapshotResult {
+  message_type: 'snapshot';
+  dir: string;
+  memory_bytes: number;
+  disk?: string;
+  timings_ms: { migrate: number; disk_copy: number; total: number };
+}
+
+export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult> {
+  const progress = opts.progress ?? silent;
+  if (!!opts.instance === !!opts.qmp) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
+  let spec: VmSpec | undefined;
+  let socket = opts.qmp ? resolve(opts.qmp) : undefined;
+  if (opts.instance) {
+    const inst = await findInstance(opts.root, opts.instance);
+    spec = inst.spec;
+    socket = inst.qmp_socket;
+  } else {
+    const ours = (await listInstances(opts.root)).find((i) => i.qmp_socket === socket);
+    spec = ours?.spec;
+  }
+  const outDir = resolve(opts.outDir);
+  if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
+  const vm = await AttachedVm.attach(socket!, spec);
+  const work = `${outDir}.tmp-${randomBytes(4).toString('hex')}`;
+  const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
+  try {
+    const vmSpec: VmSpec = { ...vm.spec };
+    delete vmSpec.incoming;
+    delete vmSpec.memoryBackendFile;
+    const diskFrom = opts.disk ? resolve(opts.disk) : vmSpec.drives?.[0]?.file;
+    const diskFormat = vmSpec.drives?.find((d) => d.file === diskFrom)?.format ?? vmSpec.drives?.[0]?.format ?? 'raw';
+    const diskFile = diskFrom ? `disk.${diskFormat}` : undefined;
+    await mkdir(work, { recursive: true });
+    progress.step('capturing memory and disk');
+    const r = await captureSnapshot(vm, {
+      memPath: join(work, SNAPSHOT_MEMORY),
+      disks: diskFrom ? [{ from: diskFrom, to: join(work, diskFile!) }] : [],
+      then: opts.then,
+    });
+    progress.done(`captured ${Math.round(r.memBytes / 2 ** 20)} MiB of memory stream`);
+    const file: SnapshotVmFile = {
+      vm: vmSpec,
+      disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,
+      qemu_version: r.manifest.qemuVersion,
+      captured_at: new Date().toISOString(),
+      argv: r.manifest.argv,
+    };
+    await writeFileAtomic(join(work, SNAPSHOT_VM), JSON.stringify(file, null, 2) + '\n');
+    await rename(work, outDir);
+    await syncDir(resolve(outDir, '..'));
+    return {
+      message_type: 'snapshot',
+      dir: outDir,
+      memory_bytes: r.memBytes,
+      disk: diskFile ? join(outDir, diskFile) : undefined,
+      timings_ms: {
+        migrate: Math.round(r.timings.migrateMs),
+        disk_copy: Math.round(r.timings.diskCopyMs),
+        total: Math.round(r.timings.totalMs),
+      },
+    };
+  } catch (err) {
+    progress.fail('snapshot failed');
+    await rm(work, { recursive: true, force: true });
+    throw err;
+  } finally {
+    unregister();
+    if (vm.running) await vm.detach();
+  }
+}

@@ -1,0 +1,110 @@
+import { Command, Option } from 'commander';
+import { rm } from 'node:fs/promises';
+import { synthesize } from '../../api/synthesize.js';
+import { libraryRoot } from '../../base/paths.js';
+import type { PortForward } from '../../vm/qemu.js';
+import type { AccelChoice } from '../../vm/accel.js';
+import { makeProgress } from '../progress.js';
+import { printResult, table, type GlobalOptions } from '../output.js';
+import { durationArg, forwardArg, intArg } from '../parse.js';
+import { onForegroundSignal } from '../signals.js';
+
+interface SynthesizeFlags {
+  base: string;
+  forward: PortForward[];
+  waitHttp?: string;
+  waitTcp?: number;
+  accel: AccelChoice;
+  detach?: boolean;
+  keep?: boolean;
+  timeout: number;
+  memory: 'sparse' | 'stream';
+}
+
+const PHASES: Array<[string, string]> = [
+  ['open_base', 'open base'],
+  ['fetch', 'fetch overlay'],
+  ['open_overlay', 'open + check overlay'],
+  ['apply', 'rebuild + verify'],
+  ['qemu_start', 'QEMU start'],
+  ['incoming_load', 'memory load'],
+  ['first_response', 'first response'],
+  ['total', 'total'],
+];
+
+export function registerSynthesize(program: Command): void {
+  program
+    .command('synthesize')
+    .summary('rebuild a customized VM from a base + overlay and resume it until it answers')
+    .description(
+      'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base\n' +
+        'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the\n' +
+        'VM under QEMU (KVM when usable, else TCG) with the base\'s exact machine and devices. Nothing is\n' +
+        'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM\n' +
+        'and removes the instance (unless --keep).',
+    )
+    .argument('<overlay>', 'overlay file or http(s) URL')
+    .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
+    .addOption(
+      new Option('--forward <spec>', 'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)')
+        .argParser(forwardArg)
+        .default([]),
+    )
+    .option('--wait-http <url>', 'ready = this URL answers with a real HTTP response (e.g. http://127.0.0.1:8080/)')
+    .addOption(new Option('--wait-tcp <port>', 'ready = a TCP connection to this host port stays open').argParser(intArg))
+    .addOption(new Option('--accel <accel>', 'accelerator: probe KVM, or force one').choices(['auto', 'kvm', 'tcg']).default('auto'))
+    .option('--detach', 'leave the VM running and print the instance id (see: ps, stop, logs)')
+    .option('--keep', 'keep the instance directory (disk, memory, logs) when the VM stops')
+    .addOption(new Option('--timeout <duration>', 'how long to wait for the first answer').argParser(durationArg).default(60_000, '60s'))
+    .addOption(new Option('--memory <how>', 'resume from changed pages over the base RAM file, or a full stream').choices(['sparse', 'stream']).default('sparse'))
+    .addHelpText(
+      'after',
+      `
+Example:
+  cloudlet-overlay synthesize app.overlay --base web --forward 8080:8080 \\
+      --wait-http http://127.0.0.1:8080/ --detach`,
+    )
+    .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
+      const g = command.optsWithGlobals<GlobalOptions>();
+      const root = libraryRoot(g.library);
+      const { result, vm, state } = await synthesize({
+        root,
+        base: flags.base,
+        overlay,
+        forwards: flags.forward,
+        waitHttp: flags.waitHttp,
+        waitTcp: flags.waitTcp,
+        accel: flags.accel,
+        detach: flags.detach,
+        readyTimeoutMs: flags.timeout,
+        memoryFormat: flags.memory,
+        progress: makeProgress(g),
+      });
+      if (!g.json && !g.quiet) {
+        const rows = [['phase', 'ms']];
+        for (const [k, label] of PHASES) if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
+        process.stderr.write(table(rows) + '\n');
+      }
+      printResult(g, result, () => {
+        const lines = [`instance ${result.instance} running (pid ${result.pid}, ${result.accel}) from base ${result.base_id.slice(0, 12)}`];
+        for (const f of result.forwards) lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
+        if (result.answer) lines.push(`first answer: HTTP ${result.answer.status}`, result.answer.body.trimEnd());
+        return lines.join('\n');
+      });
+      if (flags.detach) {
+        await vm.qmp.close();
+        return;
+      }
+      if (!g.json && !g.quiet) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+      const stop = async (): Promise<void> => {
+        await vm.stop({ graceMs: 3000 });
+        if (!flags.keep) await rm(state.dir, { recursive: true, force: true });
+      };
+      onForegroundSignal(async () => {
+        await stop();
+        process.exit(0);
+      });
+      await vm.exited;
+      await stop();
+    });
+}
