@@ -18,6 +18,7 @@ import { registerSynthesize } from './commands/synthesize.js';
 import { registerLaunch } from './commands/launch.js';
 import { registerSnapshot } from './commands/snapshot.js';
 import { registerInstances } from './commands/instances.js';
+import { registerConsole } from './commands/console.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
@@ -50,6 +51,7 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 corrupt input,
   registerLaunch(program);
   registerSynthesize(program);
   registerInstances(program);
+  registerConsole(program);
   return program;
 }
 
