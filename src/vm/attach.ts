@@ -27,7 +27,10 @@ export class AttachedVm {
   static async attach(qmpSocket: string, spec?: VmSpec): Promise<AttachedVm> {
     const path = resolve(qmpSocket);
     const qmp = await QmpClient.connect(path, { timeoutMs: 5000 }).catch((err: unknown) => {
-      throw new NotFoundError(`no QEMU answers on ${path}: ${(err as Error).message}`, { path });
+      throw new NotFoundError(
+        `no QEMU answers on ${path} (QEMU serves one QMP client per socket: is another one connected?): ${(err as Error).message}`,
+        { path },
+      );
     });
     const found = await findByArg(path);
     const argv = found?.argv ?? [];
