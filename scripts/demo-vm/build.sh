@@ -211,7 +211,9 @@ chmod -R u=rwX,go=rX "$WORK/disk"
 find "$WORK/disk" -exec touch -h -d @1 {} +
 # Same inputs → same bytes (a base VM's id is the hash of its disk): fixed UUID, hash seed and
 # mkfs clock; inode ctimes (copied from the staging files, not settable by touch) reset below.
-E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -F -q -L demo -U 5e6a2f0c-8d1b-4c3e-9a47-c10d1e70f1a0 \
+# -b 4096 as on any real-sized ext4 (mke2fs picks 1 KiB blocks below 512 MiB): file data then
+# sits 4 KiB-aligned on disk, like the page-cache copies of it in memory.
+E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -F -q -b 4096 -L demo -U 5e6a2f0c-8d1b-4c3e-9a47-c10d1e70f1a0 \
   -E hash_seed=0b5e1c9a-2f3d-4e6f-8a1b-d3c4e5f60718 -d "$WORK/disk" "$WORK/disk.raw" "$DISK_SIZE" >/dev/null
 (cd "$WORK/disk" && find . -mindepth 1 | LC_ALL=C sort | sed 's|^\.\(.*\)|sif "\1" ctime @1|') |
   debugfs -w -f - "$WORK/disk.raw" >/dev/null 2>&1
