@@ -19,6 +19,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# zstd-napi is a native addon: without a reachable prebuilt binary, node-gyp builds it against
+# Node's headers, which Debian's nodejs ships in /usr/include/node (no download needed).
+if [[ -z ${npm_config_nodedir:-} && -f /usr/include/node/node.h ]]; then export npm_config_nodedir=/usr; fi
+
 if [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.json ]]; then
   echo "setup: npm ci" >&2
   npm ci --no-audit --no-fund >&2
