@@ -98,6 +98,7 @@ export async function createOverlay(opts: CreateOptions): Promise<CreateResult> 
       progress.step('creating overlay', total);
       const diffResult = await timings.time('diff', () =>
         diff(base.targets, indexBase(base.targets), targets, writer, {
+          baseAnchors: base.anchors,
           ...opts.encoders,
           onProgress: (n) => progress.advance(n),
         }),

@@ -6,7 +6,8 @@
 import { sha256Hex } from '../delta/hash.js';
 import { ChunkMap } from '../delta/chunk-map.js';
 import { baseIdOf, type BaseTarget, type TargetInfo } from '../delta/target.js';
-import type { NewTarget } from '../delta/diff.js';
+import { anchorBase, type NewTarget } from '../delta/diff.js';
+import type { AnchorIndex } from '../delta/anchors.js';
 import { openDisk, type DiskSource } from '../image/disk/open-disk.js';
 import { openMemorySnapshot, type MemorySnapshot } from '../image/memory/snapshot.js';
 import type { Progress } from '../util/progress.js';
@@ -92,6 +93,8 @@ export interface BaseVm {
   diskFormat?: string;
   /** The main RAM block as a raw page-aligned file, when the base library has one. */
   ramFile?: string;
+  /** Content anchors of the base (finds data that moved by a non-multiple of 4 KiB). */
+  anchors?: AnchorIndex;
   close(): Promise<void>;
 }
 
@@ -116,8 +119,12 @@ export async function baseFromImages(vm: VmImages, progress: Progress, maps?: Ma
     targets.push({ name: t.name, kind: t.kind, size: source.size, source, map });
     infos.push({ name: t.name, kind: t.kind, size: source.size, digest: map.digest() });
   }
+  progress.step('indexing base content anchors');
+  const anchors = await anchorBase(targets, (n) => progress.advance(n));
+  progress.done('base anchors indexed');
   return {
     id: baseIdOf(infos),
+    anchors,
     targets,
     infos,
     machine: vm.memory?.machineType,

@@ -19,7 +19,10 @@ import { UnsupportedError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
-import { baseDir, basesDir, mapFile, safeName, tmpDir } from './paths.js';
+import { ANCHORS_FILE, baseDir, basesDir, mapFile, safeName, tmpDir } from './paths.js';
+import { anchorBase } from '../delta/diff.js';
+import type { AnchorIndex } from '../delta/anchors.js';
+import type { BaseTarget } from '../delta/target.js';
 
 export interface ImportOptions {
   root: string;
@@ -137,6 +140,7 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
     }
     await mkdir(join(work, 'maps'));
     for (const m of maps) await writeFile(join(work, mapFile(m.kind, m.name)), m.map.toBuffer());
+    await writeFile(join(work, ANCHORS_FILE), (await anchorsOf(work, manifest, targets, progress)).toBuffer());
 
     if (opts.vm) {
       const vm: VmSpec = { ...opts.vm };
@@ -178,6 +182,33 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
     throw err;
   } finally {
     unregister();
+  }
+}
+
+/** Content anchors of the stored targets, numbered as the targets list (what create uses). */
+async function anchorsOf(work: string, m: Omit<BaseManifest, 'id'>, targets: TargetInfo[], progress: Progress): Promise<AnchorIndex> {
+  const opened: BaseTarget[] = [];
+  const closers: Array<() => Promise<void>> = [];
+  try {
+    for (const t of targets) {
+      if (t.kind === 'disk' && m.disk) {
+        const d = await openDisk(join(work, m.disk.file), { format: m.disk.format });
+        closers.push(() => d.close());
+        opened.push({ name: t.name, kind: t.kind, size: t.size, source: d });
+      } else if (t.kind === 'ram' && m.memory) {
+        const f = await openRamFile(join(work, m.memory.files[t.name]!), t.name);
+        closers.push(() => f.close());
+        opened.push({ name: t.name, kind: t.kind, size: t.size, source: f });
+      } else {
+        opened.push({ name: t.name, kind: t.kind, size: t.size });
+      }
+    }
+    progress.step('indexing content anchors');
+    const idx = await anchorBase(opened, (n) => progress.advance(n));
+    progress.done('content anchors indexed');
+    return idx;
+  } finally {
+    for (const c of closers) await c();
   }
 }
 

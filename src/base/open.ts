@@ -13,7 +13,8 @@ import type { BaseVm } from '../api/vm-images.js';
 import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../api/vm-images.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 import { readManifest, type BaseManifest } from './manifest.js';
-import { baseDir, mapFile } from './paths.js';
+import { ANCHORS_FILE, baseDir, mapFile } from './paths.js';
+import { AnchorIndex } from '../delta/anchors.js';
 
 export interface LibraryBase extends BaseVm {
   dir: string;
@@ -57,9 +58,11 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       if (source.size !== t.size) throw new CorruptInputError(`base ${id}: ${t.name} is ${source.size} bytes, manifest says ${t.size}`);
       targets.push({ name: t.name, kind: t.kind, size: t.size, source, map });
     }
+    const anchorFile = await readFile(join(dir, ANCHORS_FILE)).catch(() => undefined);
     return {
       id,
       dir,
+      anchors: anchorFile ? AnchorIndex.fromBuffer(anchorFile) : undefined,
       manifest,
       targets,
       infos: manifest.targets,

@@ -8,6 +8,7 @@
  *                             the main block is the file a synthesized VM maps share=off
  *       stream/{prefix,start,tail}  the migration stream's header, RAM setup, device state
  *       maps/<kind>-<name>.map      chunk maps (sha256 of every non-zero chunk)
+ *       maps/anchors.idx      content anchors (finds data moved by a non-multiple of 4 KiB)
  *       kernel, initrd        for direct-boot bases (the same option ROMs on resume)
  *   <root>/instances/<iid>/   one synthesized VM: its disk, memory, state.json, logs
  *   <root>/tmp/               imports and downloads in progress (same filesystem: rename)
@@ -41,6 +42,8 @@ export function baseDir(root: string, id: string): string {
 export function safeName(name: string): string {
   return name.replace(/^\/+/, '').replace(/[^A-Za-z0-9@._-]/g, '_') || 'block';
 }
+
+export const ANCHORS_FILE = join('maps', 'anchors.idx');
 
 export function mapFile(kind: string, name: string): string {
   return join('maps', `${kind}-${safeName(name)}.map`);

@@ -4,22 +4,20 @@
  * that SELF_REFs point at literal chunks earlier in the stream. `verify` uses it; the patcher
  * performs the same checks (and more) while rebuilding.
  */
-import { chunkCount, chunkLength } from './chunk.js';
+import { CHUNK_SIZE, chunkCount, chunkLength } from './chunk.js';
 import { sha256Hex } from './hash.js';
-import { Encoding, recordCount, type ChunkRecord } from './record.js';
+import { Encoding, ShiftFrom, recordCount, type ChunkRecord } from './record.js';
 import type { TargetInfo } from './target.js';
 
 export class RecordChecker {
   private current = 0;
   private readonly next: number[];
-  private readonly literals: Array<Set<number>>;
 
   constructor(
     private readonly targets: readonly TargetInfo[],
     private readonly base: readonly TargetInfo[],
   ) {
     this.next = targets.map(() => 0);
-    this.literals = targets.map(() => new Set<number>());
   }
 
   /** Returns a description of what is wrong with `r`, or undefined. */
@@ -51,26 +49,38 @@ export class RecordChecker {
         return undefined;
       }
       case Encoding.selfRef: {
-        const set = this.literals[r.srcTarget];
         const src = this.targets[r.srcTarget];
-        if (!set || !src) return `${t.name}: reference to unknown target ${r.srcTarget}`;
+        if (!src || src.kind === 'blob') return `${t.name}: reference to unknown target ${r.srcTarget}`;
         for (let k = 0; k < count; k++) {
-          if (!set.has(r.srcChunk + k)) return `${t.name}#${r.chunk + k}: reference to a chunk not rebuilt before it`;
+          if (!this.rebuilt(r.srcTarget, r.srcChunk + k, r.target, r.chunk + k)) return `${t.name}#${r.chunk + k}: reference to a chunk not rebuilt before it`;
           if (chunkLength(src.size, r.srcChunk + k) !== chunkLength(t.size, r.chunk + k)) {
             return `${t.name}#${r.chunk + k}: reference of the wrong length`;
           }
         }
         return undefined;
       }
+      case Encoding.shiftRef:
+      case Encoding.shiftDelta: {
+        if (r.from === ShiftFrom.base) {
+          const b = this.base[r.srcTarget];
+          if (!b || b.kind === 'blob' || r.srcOffset + len > b.size) return `${t.name}#${r.chunk}: shifted reference outside the base`;
+        } else {
+          const src = this.targets[r.srcTarget];
+          const last = Math.floor((r.srcOffset + len - 1) / CHUNK_SIZE);
+          if (r.from !== ShiftFrom.self || !src || src.kind === 'blob' || r.srcOffset + len > src.size || !this.rebuilt(r.srcTarget, last, r.target, r.chunk)) {
+            return `${t.name}#${r.chunk}: shifted reference to bytes not rebuilt before it`;
+          }
+        }
+        if (r.enc === Encoding.shiftDelta && r.payload.length > 2 * len + 64) return `${t.name}#${r.chunk}: implausible delta size`;
+        return undefined;
+      }
       case Encoding.raw:
       case Encoding.xor:
         if (r.payload.length !== len) return `${t.name}#${r.chunk}: ${r.payload.length}-byte payload for a ${len}-byte chunk`;
-        this.literals[r.target]!.add(r.chunk);
         return undefined;
       case Encoding.xdelta3:
       case Encoding.zstdDict:
         if (r.payload.length > 2 * len + 64) return `${t.name}#${r.chunk}: implausible delta size`;
-        this.literals[r.target]!.add(r.chunk);
         return undefined;
       case Encoding.blob:
         if (r.payload.length !== t.size) return `${t.name}: blob of ${r.payload.length} bytes, header says ${t.size}`;
@@ -79,6 +89,12 @@ export class RecordChecker {
       case Encoding.blobZstdDict:
         return undefined;
     }
+  }
+
+  /** Chunk `c` of target `t` is rebuilt before chunk `at` of target `cur` (`next` is already past this record). */
+  private rebuilt(t: number, c: number, cur: number, at: number): boolean {
+    if (t < cur) return true;
+    return t === cur && c < at;
   }
 
   /** Targets whose records were cut short (blob targets must have their one record). */

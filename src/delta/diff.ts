@@ -9,7 +9,8 @@ import { CHUNK_SIZE, chunkCount, chunkLength, extentsToChunkRanges, isZero } fro
 import { TargetDigest, chunkHash, sha256Hex } from './hash.js';
 import { HashIndex } from './hash-index.js';
 import { defaultLiteralOptions, encodeLiteral, type LiteralOptions } from './literal.js';
-import { Encoding, type ChunkRecord } from './record.js';
+import { Encoding, ShiftFrom, type ChunkRecord } from './record.js';
+import { AnchorIndex, anchorKey, forEachAnchor } from './anchors.js';
 import { countRecord, emptyStats, type DiffStats } from './stats.js';
 import { compressedSize, compressWithDict } from './zstd.js';
 import { eligible, findSamePlace, type BaseTarget, type TargetInfo, type TargetKind } from './target.js';
@@ -38,11 +39,15 @@ export interface DiffOptions extends LiteralOptions {
   baseRefs: boolean;
   /** Look chunks up among those already in this overlay. */
   selfRefs: boolean;
+  /** Look for new content at any byte offset of the base or of this overlay (anchors.ts). */
+  shifted: boolean;
+  /** Anchors of the base targets (target = position in the base list). */
+  baseAnchors?: AnchorIndex;
   /** Called with bytes of customized data processed. */
   onProgress?: (bytes: number) => void;
 }
 
-export const defaultDiffOptions: DiffOptions = { ...defaultLiteralOptions, baseRefs: true, selfRefs: true };
+export const defaultDiffOptions: DiffOptions = { ...defaultLiteralOptions, baseRefs: true, selfRefs: true, shifted: true };
 
 export interface DiffResult {
   targets: TargetInfo[];
@@ -64,6 +69,85 @@ function rank(kind: TargetKind): number {
 }
 
 const BATCH_CHUNKS = 256;
+/** Literals already this small are not worth a search for shifted copies. */
+const SHIFT_WORTH = 48;
+/** Candidate sources tried per chunk. */
+const SHIFT_TRIES = 4;
+
+/**
+ * Finds a chunk's bytes at any byte offset of the base or of a target already emitted, through
+ * anchors: an exact copy becomes SHIFT_REF, a similar region the dictionary of SHIFT_DELTA.
+ */
+class Shifter {
+  private readonly src = Buffer.alloc(CHUNK_SIZE);
+
+  constructor(
+    private readonly base: readonly BaseTarget[],
+    private readonly targets: readonly NewTarget[],
+    private readonly baseAnchors: AnchorIndex | undefined,
+    private readonly selfAnchors: AnchorIndex,
+  ) {}
+
+  async find(data: Buffer, t: number, c: number, limit: number): Promise<ChunkRecord | undefined> {
+    const cands: Array<{ from: number; target: number; offset: number }> = [];
+    forEachAnchor(data, 0, data.length, (pos) => {
+      if (cands.length >= SHIFT_TRIES) return;
+      const [k0, k1] = anchorKey(data, pos);
+      const b = this.baseAnchors?.get(k0, k1);
+      if (b) cands.push({ from: ShiftFrom.base, target: b.target, offset: b.offset - pos });
+      const s = this.selfAnchors.get(k0, k1);
+      if (s) cands.push({ from: ShiftFrom.self, target: s.target, offset: s.offset - pos });
+    });
+    let best: ChunkRecord | undefined;
+    let bestCost = limit;
+    const len = data.length;
+    const src = this.src.subarray(0, len);
+    const seen = new Set<string>();
+    for (const k of cands) {
+      const key = `${k.from}:${k.target}:${k.offset}`;
+      if (seen.has(key) || k.offset < 0) continue;
+      seen.add(key);
+      if (k.from === ShiftFrom.base) {
+        const b = this.base[k.target];
+        if (!b?.source || k.offset + len > b.size) continue;
+        await b.source.read(k.offset, len, src);
+      } else {
+        const s = this.targets[k.target];
+        const end = k.offset + len;
+        if (!s?.source || k.target > t || end > s.source.size || (k.target === t && end > c * CHUNK_SIZE)) continue;
+        await s.source.read(k.offset, len, src);
+      }
+      const r = { target: t, chunk: c, from: k.from, srcTarget: k.target, srcOffset: k.offset };
+      if (src.equals(data)) return { enc: Encoding.shiftRef, ...r, payload: Buffer.alloc(0) };
+      const d = compressWithDict(data, src, 3);
+      if (d.length + 8 < bestCost) {
+        bestCost = d.length + 8;
+        best = { enc: Encoding.shiftDelta, ...r, payload: d };
+      }
+    }
+    return best;
+  }
+}
+
+/** Anchors of every chunked base target, read in 1 MiB batches (target = position in `base`). */
+export async function anchorBase(base: readonly BaseTarget[], onBytes: (n: number) => void = () => undefined): Promise<AnchorIndex> {
+  const total = base.reduce((n, b) => n + (b.map?.count ?? 0), 0);
+  const index = new AnchorIndex(total * 2);
+  const step = 256 * CHUNK_SIZE;
+  const buf = Buffer.alloc(step);
+  for (const [i, b] of base.entries()) {
+    if (!b.source) continue;
+    for (const [first, end] of extentsToChunkRanges(await b.source.dataExtents(), b.size)) {
+      for (let off = first * CHUNK_SIZE; off < Math.min(end * CHUNK_SIZE, b.size); off += step) {
+        const len = Math.min(step, b.size - off, end * CHUNK_SIZE - off);
+        await b.source.read(off, len, buf);
+        index.addAll(buf, 0, len, i, off);
+        onBytes(len);
+      }
+    }
+  }
+  return index;
+}
 
 export async function diff(
   base: readonly BaseTarget[],
@@ -75,6 +159,8 @@ export async function diff(
   const opt: DiffOptions = { ...defaultDiffOptions, ...options };
   const stats = emptyStats();
   const selfIndex = new HashIndex(4096);
+  const selfAnchors = new AnchorIndex(4096);
+  const shifter = new Shifter(base, targets, opt.baseAnchors, selfAnchors);
   const infos: TargetInfo[] = [];
   const runs = new RunMerger(sink, stats);
 
@@ -158,9 +244,12 @@ export async function diff(
             await runs.ref(Encoding.selfRef, t, c, own.target, own.chunk);
             continue;
           }
-          const lit = encodeLiteral(Buffer.from(data), baseData && basePos >= 0 ? Buffer.from(baseData) : undefined, opt);
-          await runs.push({ enc: lit.enc, target: t, chunk: c, payload: lit.payload }, 1);
+          const chunk = Buffer.from(data);
+          const lit = encodeLiteral(chunk, baseData && basePos >= 0 ? Buffer.from(baseData) : undefined, opt);
+          const moved = opt.shifted && lit.cost > SHIFT_WORTH ? await shifter.find(chunk, t, c, lit.cost) : undefined;
+          await runs.push(moved ?? { enc: lit.enc, target: t, chunk: c, payload: lit.payload }, 1);
           if (opt.selfRefs) selfIndex.add(h, t, c);
+          if (opt.shifted) selfAnchors.addAll(chunk, 0, chunk.length, t, c * CHUNK_SIZE);
         }
         opt.onProgress?.(batch.bytes);
       }

@@ -9,7 +9,7 @@
 import { CHUNK_SIZE, chunkCount, chunkLength, isZero } from './chunk.js';
 import { TargetDigest, chunkHash, sha256Hex } from './hash.js';
 import { decodeDelta } from './literal.js';
-import { Encoding, readRecord, recordCount, type ChunkRecord } from './record.js';
+import { Encoding, ShiftFrom, readRecord, recordCount, type ChunkRecord } from './record.js';
 import { ByteReader } from './varint.js';
 import { decompressWithDict } from './zstd.js';
 import { eligible, findSamePlace, type BaseTarget, type TargetInfo } from './target.js';
@@ -44,6 +44,8 @@ export interface PatchResult {
 }
 
 const MAX_BLOB = 256 * 1024 * 1024;
+/** Bound on references to references (a corrupt overlay could chain them without end). */
+const MAX_DEPTH = 32;
 
 interface State {
   info: TargetInfo;
@@ -54,9 +56,11 @@ interface State {
   next: number;
   mapPos: number;
   output: TargetOutput | undefined;
-  litChunks: Float64Array;
-  litLocs: Float64Array;
-  litCount: number;
+  /** Every record of this target so far, as runs [first, end) → location (segment·2³² + offset). */
+  runFirst: Float64Array;
+  runEnd: Float64Array;
+  runLoc: Float64Array;
+  runCount: number;
   changed: number;
   done: boolean;
 }
@@ -82,9 +86,10 @@ export class Patcher {
         next: 0,
         mapPos: 0,
         output: outputs[i],
-        litChunks: new Float64Array(64),
-        litLocs: new Float64Array(64),
-        litCount: 0,
+        runFirst: new Float64Array(64),
+        runEnd: new Float64Array(64),
+        runLoc: new Float64Array(64),
+        runCount: 0,
         changed: 0,
         done: false,
       };
@@ -113,10 +118,10 @@ export class Patcher {
       throw new CorruptInputError(`${where}: blob record for chunked target ${st.info.name}`);
     }
     await this.advance(st, r.chunk);
+    this.remember(st, r.chunk, count, at);
     for (let k = 0; k < count; k++) {
       const c = r.chunk + k;
-      const data = await this.decodeChunk(st, r, k, where);
-      if (data && 'payload' in r) this.remember(st, c, at);
+      const data = await this.decodeChunk(st, r, k, where, 0);
       st.changed++;
       if (data) st.digest!.add(c, chunkHash(data));
       if (st.output) await st.output.put(c, data);
@@ -217,7 +222,7 @@ export class Patcher {
     while (st.mapPos < map.count && map.indexes[st.mapPos]! < upTo) st.mapPos++;
   }
 
-  private async decodeChunk(st: State, r: ChunkRecord, k: number, where: string): Promise<Buffer | null> {
+  private async decodeChunk(st: State, r: ChunkRecord, k: number, where: string, depth: number): Promise<Buffer | null> {
     const c = r.chunk + k;
     const len = chunkLength(st.info.size, c);
     switch (r.enc) {
@@ -238,19 +243,75 @@ export class Patcher {
         if (!src || src.info.kind === 'blob' || chunkLength(src.info.size, sc) !== len) {
           throw new CorruptInputError(`${where}: reference to an invalid earlier chunk`);
         }
-        const loc = this.findLiteral(src, sc);
-        if (loc < 0) throw new CorruptInputError(`${where}: reference to a chunk not rebuilt before it`);
-        const segment = Math.floor(loc / 2 ** 32);
-        const offset = loc % 2 ** 32;
-        const seg = await this.segments.get(segment);
-        const rd = new ByteReader(seg, `segment ${segment}`);
-        rd.pos = offset;
-        const earlier = readRecord(rd);
-        return this.decodeLiteral(src, earlier, sc, `segment ${segment} offset ${offset}`);
+        const data = await this.rebuiltChunk(src, sc, where, depth + 1);
+        return isZero(data) ? null : data;
+      }
+      case Encoding.shiftRef:
+      case Encoding.shiftDelta: {
+        const src = await this.shiftSource(r, len, where, depth);
+        const data = r.enc === Encoding.shiftRef ? src : decompressWithDict(r.payload, src, len, where);
+        return isZero(data) ? null : data;
       }
       default:
         return this.decodeLiteral(st, r, c, where);
     }
+  }
+
+  /** The bytes a SHIFT_* record copies or uses as dictionary. */
+  private async shiftSource(
+    r: Extract<ChunkRecord, { from: number }>,
+    len: number,
+    where: string,
+    depth: number,
+  ): Promise<Buffer> {
+    if (r.from === ShiftFrom.base) {
+      const b = this.base[r.srcTarget];
+      if (!b || !b.source || r.srcOffset + len > b.size) throw new CorruptInputError(`${where}: shifted reference outside the base`);
+      const buf = Buffer.alloc(len);
+      await b.source.read(r.srcOffset, len, buf);
+      return buf;
+    }
+    const src = this.states[r.srcTarget];
+    if (r.from !== ShiftFrom.self || !src || src.info.kind === 'blob' || r.srcOffset + len > src.info.size) {
+      throw new CorruptInputError(`${where}: shifted reference outside the rebuilt targets`);
+    }
+    const out = Buffer.alloc(len);
+    const first = Math.floor(r.srcOffset / CHUNK_SIZE);
+    const last = Math.floor((r.srcOffset + len - 1) / CHUNK_SIZE);
+    for (let c = first; c <= last; c++) {
+      const data = await this.rebuiltChunk(src, c, where, depth + 1);
+      const from = Math.max(r.srcOffset, c * CHUNK_SIZE);
+      const to = Math.min(r.srcOffset + len, c * CHUNK_SIZE + data.length);
+      data.copy(out, from - r.srcOffset, from - c * CHUNK_SIZE, to - c * CHUNK_SIZE);
+    }
+    return out;
+  }
+
+  /**
+   * Chunk `c` of a target as rebuilt so far: its record decoded again from its segment, else
+   * the base's chunk or zeros. Only chunks already rebuilt may be asked for.
+   */
+  private async rebuiltChunk(st: State, c: number, where: string, depth: number): Promise<Buffer> {
+    if (depth > MAX_DEPTH) throw new CorruptInputError(`${where}: references nest deeper than ${MAX_DEPTH}`);
+    const index = this.states.indexOf(st);
+    if (index > this.current || (index === this.current && c >= st.next) || c >= st.n) {
+      throw new CorruptInputError(`${where}: reference to ${st.info.name}#${c}, which is not rebuilt before it`);
+    }
+    const len = chunkLength(st.info.size, c);
+    const run = this.findRun(st, c);
+    if (run >= 0) {
+      const loc = st.runLoc[run]!;
+      const segment = Math.floor(loc / 2 ** 32);
+      const offset = loc % 2 ** 32;
+      const rd = new ByteReader(await this.segments.get(segment), `segment ${segment}`);
+      rd.pos = offset;
+      const rec = readRecord(rd);
+      if (rec.target !== index || rec.chunk !== st.runFirst[run]) throw new CorruptInputError(`segment ${segment} offset ${offset}: record moved`);
+      const data = await this.decodeChunk(st, rec, c - rec.chunk, `segment ${segment} offset ${offset}`, depth);
+      return data ?? Buffer.alloc(len);
+    }
+    if (eligible(st.same, st.info.size, c)) return readChunk(st.same!, c, len);
+    return Buffer.alloc(len);
   }
 
   private async decodeLiteral(st: State, r: ChunkRecord, c: number, where: string): Promise<Buffer | null> {
@@ -288,29 +349,32 @@ export class Patcher {
     throw new CorruptInputError(`${where}: chunk record for blob ${st.info.name}`);
   }
 
-  private remember(st: State, chunk: number, at: PositionedRecord): void {
-    if (st.litCount === st.litChunks.length) {
-      const c = new Float64Array(st.litCount * 2);
-      c.set(st.litChunks);
-      st.litChunks = c;
-      const l = new Float64Array(st.litCount * 2);
-      l.set(st.litLocs);
-      st.litLocs = l;
+  private remember(st: State, first: number, count: number, at: PositionedRecord): void {
+    if (st.runCount === st.runFirst.length) {
+      const grow = (a: Float64Array): Float64Array => {
+        const g = new Float64Array(a.length * 2);
+        g.set(a);
+        return g;
+      };
+      st.runFirst = grow(st.runFirst);
+      st.runEnd = grow(st.runEnd);
+      st.runLoc = grow(st.runLoc);
     }
-    st.litChunks[st.litCount] = chunk;
-    st.litLocs[st.litCount] = at.segment * 2 ** 32 + at.offset;
-    st.litCount++;
+    st.runFirst[st.runCount] = first;
+    st.runEnd[st.runCount] = first + count;
+    st.runLoc[st.runCount] = at.segment * 2 ** 32 + at.offset;
+    st.runCount++;
   }
 
-  private findLiteral(st: State, chunk: number): number {
+  /** The run holding chunk c, or -1 (runs are ascending and disjoint). */
+  private findRun(st: State, c: number): number {
     let lo = 0;
-    let hi = st.litCount - 1;
+    let hi = st.runCount - 1;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
-      const v = st.litChunks[mid]!;
-      if (v === chunk) return st.litLocs[mid]!;
-      if (v < chunk) lo = mid + 1;
-      else hi = mid - 1;
+      if (st.runEnd[mid]! <= c) lo = mid + 1;
+      else if (st.runFirst[mid]! > c) hi = mid - 1;
+      else return mid;
     }
     return -1;
   }

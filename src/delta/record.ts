@@ -12,6 +12,9 @@
  *   ZSTD_DICT  len, bytes                     zstd frame, base chunk at the same place as dictionary
  *   BLOB       len, bytes                     a whole blob target (chunk = 0)
  *   BLOB_ZSTD_DICT len, bytes                 a blob as zstd frame with the base blob as dictionary
+ *   SHIFT_REF  from, srcTarget, srcOffset     the chunk's bytes sit at byte srcOffset of a base
+ *                                             target (from 0) or of a target rebuilt earlier (1)
+ *   SHIFT_DELTA from, srcTarget, srcOffset, len, bytes   zstd frame with those bytes as dictionary
  */
 import { ByteReader, uvarintLength, writeUvarint } from './varint.js';
 import { CorruptInputError } from '../util/errors.js';
@@ -26,6 +29,8 @@ export const Encoding = {
   zstdDict: 6,
   blob: 7,
   blobZstdDict: 8,
+  shiftRef: 9,
+  shiftDelta: 10,
 } as const;
 export type Encoding = (typeof Encoding)[keyof typeof Encoding];
 
@@ -39,7 +44,12 @@ export const encodingNames: { readonly [K in Encoding]: string } = {
   6: 'zstd_dict',
   7: 'blob',
   8: 'blob_zstd_dict',
+  9: 'shift_ref',
+  10: 'shift_delta',
 };
+
+/** Where SHIFT_* source bytes come from. */
+export const ShiftFrom = { base: 0, self: 1 } as const;
 
 export type ChunkRecord =
   | { enc: typeof Encoding.zero; target: number; chunk: number; count: number }
@@ -50,6 +60,16 @@ export type ChunkRecord =
       srcTarget: number;
       srcChunk: number;
       count: number;
+    }
+  | {
+      enc: typeof Encoding.shiftRef | typeof Encoding.shiftDelta;
+      target: number;
+      chunk: number;
+      from: number;
+      srcTarget: number;
+      srcOffset: number;
+      /** Empty for SHIFT_REF. */
+      payload: Buffer;
     }
   | {
       enc:
@@ -77,6 +97,12 @@ export function encodedLength(r: ChunkRecord): number {
     case Encoding.baseRef:
     case Encoding.selfRef:
       return n + uvarintLength(r.srcTarget) + uvarintLength(r.srcChunk) + uvarintLength(r.count);
+    case Encoding.shiftRef:
+      return n + uvarintLength(r.from) + uvarintLength(r.srcTarget) + uvarintLength(r.srcOffset);
+    case Encoding.shiftDelta:
+      return (
+        n + uvarintLength(r.from) + uvarintLength(r.srcTarget) + uvarintLength(r.srcOffset) + uvarintLength(r.payload.length) + r.payload.length
+      );
     default:
       return n + uvarintLength(r.payload.length) + r.payload.length;
   }
@@ -95,6 +121,15 @@ export function writeRecord(buf: Buffer, pos: number, r: ChunkRecord): number {
       pos = writeUvarint(buf, pos, r.srcTarget);
       pos = writeUvarint(buf, pos, r.srcChunk);
       return writeUvarint(buf, pos, r.count);
+    case Encoding.shiftRef:
+    case Encoding.shiftDelta:
+      pos = writeUvarint(buf, pos, r.from);
+      pos = writeUvarint(buf, pos, r.srcTarget);
+      pos = writeUvarint(buf, pos, r.srcOffset);
+      if (r.enc === Encoding.shiftRef) return pos;
+      pos = writeUvarint(buf, pos, r.payload.length);
+      r.payload.copy(buf, pos);
+      return pos + r.payload.length;
     default:
       pos = writeUvarint(buf, pos, r.payload.length);
       r.payload.copy(buf, pos);
@@ -116,6 +151,14 @@ export function readRecord(rd: ByteReader): ChunkRecord {
       const srcTarget = rd.uvarint();
       const srcChunk = rd.uvarint();
       return { enc, target, chunk, srcTarget, srcChunk, count: rd.uvarint() };
+    }
+    case Encoding.shiftRef:
+    case Encoding.shiftDelta: {
+      const from = rd.uvarint();
+      const srcTarget = rd.uvarint();
+      const srcOffset = rd.uvarint();
+      const payload = enc === Encoding.shiftRef ? Buffer.alloc(0) : rd.bytes(rd.uvarint());
+      return { enc, target, chunk, from, srcTarget, srcOffset, payload };
     }
     case Encoding.raw:
     case Encoding.xor:

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
-import { diff, indexBase, type NewTarget } from '../../src/delta/diff.js';
+import { anchorBase, diff, indexBase, type NewTarget } from '../../src/delta/diff.js';
 import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
 import type { BaseTarget } from '../../src/delta/target.js';
@@ -94,7 +94,7 @@ async function roundTrip(
     };
     const path = join(dir, 'o.overlay');
     const w = await OverlayWriter.create(path, header);
-    const res = await diff(base, indexBase(base), targets, w);
+    const res = await diff(base, indexBase(base), targets, w, { baseAnchors: await anchorBase(base) });
     const { size } = await w.finish(res.targets, res.stats);
     tamper?.(base);
     const r = await OverlayReader.open(path);
@@ -186,4 +186,29 @@ test('a changed base is detected by the digest check', async () => {
     }),
     HashMismatchError,
   );
+});
+
+test('data moved by a non-multiple of 4 KiB is found in the base and earlier in the overlay', async () => {
+  const rand = rng(5);
+  const baseDisk = Buffer.concat([textish(rand, 4096 * 64), randomBytes(4096 * 64)]);
+  const newDisk = Buffer.alloc(baseDisk.length);
+  // base content at sector (512) and odd (1000) shifts
+  baseDisk.copy(newDisk, 4096 * 2 + 512, 4096 * 70, 4096 * 90);
+  baseDisk.copy(newDisk, 4096 * 30 + 1000, 4096 * 100, 4096 * 110);
+  // shifted and slightly edited
+  baseDisk.copy(newDisk, 4096 * 50 + 300, 4096 * 10, 4096 * 20);
+  for (let i = 0; i < 10; i++) newDisk[4096 * 50 + 300 + Math.floor(rand() * 4096 * 10)] ^= 0x55;
+  // new data, then the same new data again at a shift (a file inside an archive)
+  const fresh = randomBytes(4096 * 12);
+  fresh.copy(newDisk, 4096 * 70);
+  fresh.copy(newDisk, 4096 * 90 + 2048);
+  const newRam = Buffer.alloc(4096 * 8);
+  fresh.copy(newRam, 1536, 0, 4096 * 6);
+  const r = await roundTrip(baseDisk, Buffer.alloc(4096 * 8), newDisk, newRam);
+  assert.ok(r.disk.equals(newDisk), 'disk differs');
+  assert.ok(r.ram.equals(newRam), 'ram differs');
+  const s = r.stats as Record<string, { chunks: number }>;
+  assert.ok((s.shift_ref?.chunks ?? 0) >= 40, `shifted copies found: ${JSON.stringify(s)}`);
+  assert.ok((s.shift_delta?.chunks ?? 0) >= 5, `shifted edited copies as deltas: ${JSON.stringify(s)}`);
+  assert.ok(r.size < 4096 * 16, `overlay ${r.size} bytes: the 48 KiB of fresh data once, the rest references`);
 });
