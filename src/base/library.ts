@@ -1,7 +1,6 @@
 /** The base library's operations: list, show, remove, verify, export and import packages. */
 import { mkdir, mkdtemp, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { execa } from 'execa';
 import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
@@ -173,6 +172,7 @@ export async function importPackage(root: string, pkg: string, progress: Progres
 
 async function tar(args: string[]): Promise<void> {
   try {
+    const { execa } = await import('execa');
     await execa('tar', args);
   } catch (err) {
     const e = err as { code?: string; stderr?: string; message: string };

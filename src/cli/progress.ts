@@ -1,9 +1,12 @@
 /** The CLI's Progress: an ora spinner with a percentage on a TTY, nothing otherwise. */
-import ora, { type Ora } from 'ora';
+import type { Ora } from 'ora';
 import type { Progress } from '../util/progress.js';
 import { silent } from '../util/progress.js';
 
 const MiB = 1024 * 1024;
+
+// ora (and its dependencies) cost ~50 ms to load: only when there is a terminal to draw on.
+const ora = process.stderr.isTTY ? (await import('ora')).default : undefined;
 
 class SpinnerProgress implements Progress {
   private spinner: Ora | undefined;
@@ -19,7 +22,7 @@ class SpinnerProgress implements Progress {
     this.total = total ?? 0;
     this.doneBytes = 0;
     this.started = performance.now();
-    this.spinner = ora({ text: label, stream: process.stderr }).start();
+    this.spinner = ora?.({ text: label, stream: process.stderr }).start();
   }
 
   advance(n: number): void {
@@ -49,6 +52,6 @@ class SpinnerProgress implements Progress {
 
 /** A spinner only when stderr is a terminal and the output is for humans. */
 export function makeProgress(opts: { json?: boolean; quiet?: boolean }): Progress {
-  if (opts.json || opts.quiet || !process.stderr.isTTY) return silent;
+  if (opts.json || opts.quiet || !ora) return silent;
   return new SpinnerProgress();
 }

@@ -3,16 +3,26 @@
  * ~1 MiB fail and above 8 MiB corrupt the module for the rest of the process, so this wrapper
  * only ever accepts chunk-sized pairs and checks every return code.
  */
-import xd3 from 'xdelta3-wasm';
+type Xd3 = typeof import('xdelta3-wasm');
 import { CHUNK_SIZE } from './chunk.js';
 import { CorruptInputError } from '../util/errors.js';
 
 let ready: Promise<void> | undefined;
+let xd3: Xd3 | undefined;
 
-/** Loads the wasm module once; call before encode/decode. */
+/** Loads the wasm module once (lazily: it costs start-up time); call before encode/decode. */
 export function initXdelta3(): Promise<void> {
-  ready ??= xd3.init();
+  ready ??= import('xdelta3-wasm').then(async (m) => {
+    const mod = (m as unknown as { default?: Xd3 }).default ?? m;
+    await mod.init();
+    xd3 = mod;
+  });
   return ready;
+}
+
+function lib(): Xd3 {
+  if (!xd3) throw new Error('xdelta3: initXdelta3() was not awaited');
+  return xd3;
 }
 
 function guard(n: number, what: string): void {
@@ -26,7 +36,8 @@ function guard(n: number, what: string): void {
 export function xdelta3Encode(target: Uint8Array, source: Uint8Array, limit: number): Buffer | undefined {
   guard(target.length, 'target');
   guard(source.length, 'source');
-  const r = xd3.xd3_encode_memory(target, source, Math.max(16, limit), xd3.xd3_smatch_cfg.DEFAULT);
+  const x = lib();
+  const r = x.xd3_encode_memory(target, source, Math.max(16, limit), x.xd3_smatch_cfg.DEFAULT);
   if (r.ret !== 0) return undefined;
   return Buffer.from(r.output);
 }
@@ -38,7 +49,7 @@ export function xdelta3Decode(delta: Uint8Array, source: Uint8Array, rawLength: 
   }
   let r: { ret: number; str: string; output: Uint8Array };
   try {
-    r = xd3.xd3_decode_memory(delta, source, rawLength);
+    r = lib().xd3_decode_memory(delta, source, rawLength);
   } catch (err) {
     throw new CorruptInputError(`${where}: xdelta3 delta does not decode (${(err as Error).message})`);
   }

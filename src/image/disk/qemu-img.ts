@@ -8,7 +8,6 @@
  * QemuError carrying the subcommand, exit code and the end of stderr.
  */
 import { isAbsolute } from 'node:path';
-import { execa } from 'execa';
 import { MissingToolError, QemuError, UnsupportedError } from '../../util/errors.js';
 
 /** How many characters of stderr an error keeps: the end is where qemu-img says why. */
@@ -221,6 +220,8 @@ export function qemuImgBinary(): string {
 
 async function run(args: string[], okExitCodes: number[] = [0]): Promise<RunResult> {
   const bin = qemuImgBinary();
+  // Loaded on first use: execa costs ~80 ms of start-up that most commands never need.
+  const { execa } = await import('execa');
   const r = await execa(bin, args, { reject: false, stdin: 'ignore', env: { LC_ALL: 'C' } });
   const command = `qemu-img ${args[0] ?? ''}`;
   if (r.exitCode === undefined) {

@@ -4,6 +4,7 @@
  * ways.
  */
 import { open, type FileHandle } from 'node:fs/promises';
+import { pread } from '../disk/io.js';
 import { CloudletError, NotFoundError } from '../../util/errors.js';
 
 export interface ByteSource {
@@ -42,7 +43,7 @@ export class FileByteSource implements ByteSource {
     if (this.closed) throw new CloudletError('memory snapshot is closed', { path: this.path });
     let done = 0;
     while (done < length) {
-      const { bytesRead } = await this.handle.read(buf, offset + done, length - done, position + done);
+      const bytesRead = await pread(this.handle, buf, offset + done, length - done, position + done);
       if (bytesRead === 0) break;
       done += bytesRead;
     }

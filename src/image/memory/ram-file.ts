@@ -6,6 +6,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import type { ChunkSource, Extent } from '../../delta/source.js';
 import { AtomicFile } from '../../util/atomic.js';
+import { pread } from '../disk/io.js';
 import { CloudletError, NotFoundError, UnsupportedError } from '../../util/errors.js';
 import { PAGE_SIZE } from './format.js';
 import { ZERO_PAGE_ENTRY } from './page-table.js';
@@ -102,7 +103,7 @@ export async function openRamFile(path: string, name = 'pc.ram'): Promise<RamFil
       }
       let done = 0;
       while (done < length && offset + done < size) {
-        const { bytesRead } = await handle.read(buf, done, Math.min(length - done, size - offset - done), offset + done);
+        const bytesRead = await pread(handle, buf, done, Math.min(length - done, size - offset - done), offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
