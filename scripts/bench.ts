@@ -126,6 +126,8 @@ async function main(): Promise<void> {
       await ours('no-xor', 9, { xor: false }),
       await ours('no-zstd-dict', 9, { zstdDict: false }),
       await ours('no-self-ref', 9, { selfRefs: false }),
+      await ours('no-shifted', 9, { shifted: false }),
+      await ours('no-self-ref-no-shifted', 9, { selfRefs: false, shifted: false }),
       await ours('no-base-ref', 9, { baseRefs: false }),
       await ours('raw-only', 9, { xdelta3: false, xor: false, zstdDict: false }),
     ];
