@@ -76,7 +76,8 @@ export async function main(argv: string[]): Promise<number> {
   process.on('SIGTERM', onSignal);
   try {
     await program.parseAsync(argv);
-    return ExitCode.ok;
+    // A command may set a status of its own (console --run: the guest command failed).
+    return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.ok;
   } catch (err) {
     if (err instanceof CommanderError) {
       if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0) return ExitCode.ok;

@@ -111,7 +111,9 @@ export class SerialConsole {
     const id = randomBytes(4).toString('hex');
     const marker = `__CLD_${id}`;
     const sep = /(^|[^&])&$/.test(cmd) ? ' ' : '; ';
-    const line = `${cmd}${sep}echo "${marker}:$?:END"`;
+    // Output markers that the echoed (and line-wrapped) command itself cannot produce: the start
+    // marker alone on its line, the end marker with the status's digits where the echo has "$?".
+    const line = `echo ${marker}_S; ${cmd}${sep}echo "${marker}:$?:END"`;
     const started = performance.now();
     const from = this.text.length;
     this.write(line + '\n');
@@ -126,6 +128,7 @@ export class SerialConsole {
       elapsedMs: performance.now() - started,
     };
   }
+
 
   /** Resolves with the first match of `pattern` in text received at or after offset `from`. */
   waitFor(pattern: RegExp, options: { timeoutMs?: number; from?: number } = {}): Promise<RegExpExecArray> {
@@ -175,11 +178,7 @@ export class SerialConsole {
 function cleanOutput(raw: string, marker: string): string {
   // eslint-disable-next-line no-control-regex
   const text = raw.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, '').replace(/\r/g, '');
-  const lines = text.split('\n');
-  lines.shift(); // the echoed command line
-  return lines
-    .filter((l) => !l.includes(marker))
-    .join('\n')
-    .replace(/\n?[^\n]*[#$] ?$/, '') // trailing prompt
-    .trim();
+  const start = text.match(new RegExp(`(^|\\n)${marker}_S\\n`));
+  const body = start ? text.slice(start.index! + start[0].length) : text;
+  return body.replace(/\n$/, '');
 }
