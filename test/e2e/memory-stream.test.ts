@@ -31,7 +31,7 @@ import {
   writeSparseStream,
   type MemorySnapshot,
 } from '../../src/image/memory/index.js';
-import { patternPage } from '../../src/image/memory/synthetic.js';
+import { patternPage } from '../helpers/synthetic-stream.js';
 import { TinyQemu, requireQemu } from '../helpers/tiny-qemu.js';
 import { UnsupportedError } from '../../src/util/errors.js';
 

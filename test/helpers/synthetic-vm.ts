@@ -4,7 +4,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { deviceTail, pageRecord, ramSection, ramStartSection, streamHeader, zeroRecord } from '../../src/image/memory/synthetic.js';
+import { deviceTail, pageRecord, ramSection, ramStartSection, streamHeader, zeroRecord } from './synthetic-stream.js';
 
 export const PAGE = 4096;
 

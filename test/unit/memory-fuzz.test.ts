@@ -7,7 +7,7 @@ import { it } from 'node:test';
 import assert from 'node:assert/strict';
 import { memorySnapshotFromBuffer } from '../../src/image/memory/index.js';
 import { buildLibvirtHeader } from '../../src/image/memory/libvirt.js';
-import { sampleStream } from '../../src/image/memory/synthetic.js';
+import { sampleStream } from '../helpers/synthetic-stream.js';
 import { CloudletError } from '../../src/util/errors.js';
 
 const BUDGET_MS = 2000;

@@ -19,7 +19,7 @@ import {
   streamHeader,
   zeroRecord,
   type SyntheticBlock,
-} from '../../src/image/memory/synthetic.js';
+} from '../helpers/synthetic-stream.js';
 import { CloudletError, CorruptInputError, NotFoundError, UnsupportedError } from '../../src/util/errors.js';
 
 const PAGE = 4096;

@@ -20,7 +20,7 @@ import {
   writeSparseStream,
   type MemorySnapshot,
 } from '../../src/image/memory/index.js';
-import { patternPage, sampleStream } from '../../src/image/memory/synthetic.js';
+import { patternPage, sampleStream } from '../helpers/synthetic-stream.js';
 import { BaseMismatchError, CloudletError, CorruptInputError } from '../../src/util/errors.js';
 
 const PAGE = 4096;

@@ -12,7 +12,7 @@ import {
   STREAM_MAGIC,
   STREAM_VERSION,
   Section,
-} from './format.js';
+} from '../../src/image/memory/format.js';
 
 export interface SyntheticBlock {
   name: string;
