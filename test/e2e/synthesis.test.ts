@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm, writeFile, mkdir, symlink } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
+import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
@@ -139,6 +140,32 @@ test('capture a base, customize it, create an overlay, synthesize it', { skip: !
   const again = ok(await cli(['synthesize', overlay, '--base', 'demo', '--forward', `${p3}:8080`, '--wait-http', `http://127.0.0.1:${p3}/cgi-bin/status`, '--detach'], env), 'synthesize after kill');
   ids.push(String(again.instance));
   assert.equal(parseStatus((again.answer as { body: string }).body).marker, marker);
+  // From a URL: the overlay is fetched, checked and applied the same way.
+  const web = createHttpServer((req, res) => {
+    if (req.url !== '/app.overlay') {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { 'content-length': String(good.length) }).end(good);
+  });
+  const good = await readFile(overlay);
+  await new Promise<void>((r) => web.listen(0, '127.0.0.1', r));
+  try {
+    const wport = (web.address() as { port: number }).port;
+    const p4 = await freePort();
+    const fromUrl = ok(await cli(['synthesize', `http://127.0.0.1:${wport}/app.overlay`, '--base', 'demo', '--forward', `${p4}:8080`, '--wait-http', `http://127.0.0.1:${p4}/cgi-bin/status`, '--detach'], env), 'synthesize from URL');
+    ids.push(String(fromUrl.instance));
+    assert.equal(parseStatus((fromUrl.answer as { body: string }).body).marker, marker);
+    assert.ok('fetch' in (fromUrl.timings_ms as object), 'the fetch is timed');
+    const missing = await cli(['synthesize', `http://127.0.0.1:${wport}/nothere.overlay`, '--base', 'demo', '--detach'], env);
+    assert.equal(missing.code, 3, missing.stderr);
+  } finally {
+    web.close();
+  }
+  const refused = await cli(['synthesize', `http://127.0.0.1:${await freePort()}/app.overlay`, '--base', 'demo', '--detach'], env);
+  assert.equal(refused.code, 12, refused.stderr);
+  assert.deepEqual((await readdir(join(work, 'lib', 'tmp')).catch(() => [])).filter((n) => n.startsWith('download-')), [], 'no download left behind');
+
   const logs = await cli(['logs', ids[1]!], env);
   assert.equal(logs.code, 0);
   // base rm is refused while instances use the base
