@@ -72,6 +72,11 @@ export async function main(argv: string[]): Promise<number> {
       process.exit(ExitCode.interrupted);
     });
   };
+  // `cloudlet-overlay ps | head`: a closed pipe ends the output, it is not an error.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(ExitCode.ok);
+    throw err;
+  });
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   try {

@@ -19,8 +19,8 @@ export function registerApply(program: Command): void {
     .command('apply')
     .summary('rebuild the customized VM (disk + memory) from a base and an overlay')
     .description(
-      'Rebuild the customized VM from a base VM and an overlay, verify every target against the\n' +
-        "overlay's checksums, and only then move the results into the output directory:\n" +
+      "Rebuild the customized VM from a base VM and an overlay, verify every target against the overlay's " +
+        'checksums, and only then move the results into the output directory:\n' +
         '  disk.qcow2 (only changed clusters, the base disk as backing file) or disk.raw,\n' +
         '  memory.sparse (changed pages only; resumes on top of the base RAM file),\n' +
         '  memory.stream (a full QEMU migration stream) or memory/ (raw RAM blocks),\n' +

@@ -40,8 +40,8 @@ export function registerBase(program: Command): void {
     .command('base')
     .summary('manage the library of base VMs (import, list, show, rm, export, verify)')
     .description(
-      'The base library holds base VMs by id (sha256 over their contents): disk, memory snapshot,\n' +
-        'the base RAM file a synthesized VM maps copy-on-write, chunk hash indexes, and the VM spec\n' +
+      'The base library holds base VMs by id (sha256 over their contents): disk, memory snapshot, ' +
+        'the base RAM file a synthesized VM maps copy-on-write, chunk hash indexes, and the VM spec ' +
         'a resume must match. Location: --library, $CLOUDLET_LIBRARY, or $XDG_DATA_HOME/cloudlet-overlay.',
     );
 

@@ -13,7 +13,7 @@ export function registerConsole(program: Command): void {
     .summary("a VM's serial console: interactive, or run one shell command with --run")
     .description(
       "Connects to an instance's serial console. Interactive: your terminal is the console (Ctrl-] quits).\n" +
-        'With --run, types one command into the guest shell, prints its output and exits with its status\n' +
+        'With --run, types one command into the guest shell, prints its output and exits with its status ' +
         '(for guests with a shell on the console, like the demo VM).',
     )
     .argument('<instance>', 'instance id (or unique prefix)')

@@ -19,8 +19,8 @@ export function registerCreate(program: Command): void {
     .command('create')
     .summary('diff a customized VM against a base VM into an overlay file')
     .description(
-      'Diff a customized VM (disk image and/or memory snapshot) against a base VM in 4 KiB chunks\n' +
-        '(zero chunks, chunks found anywhere in the base or earlier in the overlay, per-chunk deltas)\n' +
+      'Diff a customized VM (disk image and/or memory snapshot) against a base VM in 4 KiB chunks ' +
+        '(zero chunks, chunks found anywhere in the base or earlier in the overlay, per-chunk deltas) ' +
         'and write one self-describing, compressed overlay file.',
     );
   baseOptions(cmd)

@@ -11,8 +11,8 @@ export function registerLaunch(program: Command): void {
     .command('launch')
     .summary('resume a base VM with a fresh disk layer, to customize it')
     .description(
-      'Resume a library base (already running, no boot) with a fresh qcow2 disk layer over the base\n' +
-        'disk and leave it running in the background. Reach the guest through port forwards or its\n' +
+      'Resume a library base (already running, no boot) with a fresh qcow2 disk layer over the base ' +
+        'disk and leave it running in the background. Reach the guest through port forwards or its ' +
         'serial console socket, install your application, then capture it and make the overlay:\n' +
         '  cloudlet-overlay snapshot --instance ID -o ./custom\n' +
         '  cloudlet-overlay create --base BASE --disk ./custom/disk.qcow2 --memory ./custom/memory.stream -o app.overlay',

@@ -17,9 +17,9 @@ export function registerSnapshot(program: Command): void {
     .command('snapshot')
     .summary('capture a running VM (memory + disk + VM spec) into a snapshot directory')
     .description(
-      'Stop the VM, write its memory as a QEMU migration stream (bandwidth cap lifted), copy its disk\n' +
-        'while stopped (so both are one instant), record the VM spec from the running QEMU, then resume\n' +
-        'or quit it. The directory (memory.stream, disk.*, vm.json) is what `base import` and `create`\n' +
+      'Stop the VM, write its memory as a QEMU migration stream (bandwidth cap lifted), copy its disk ' +
+        'while stopped (so both are one instant), record the VM spec from the running QEMU, then resume ' +
+        'or quit it. The directory (memory.stream, disk.*, vm.json) is what `base import` and `create` ' +
         'take, and appears only when complete.',
     )
     .option('--instance <id>', 'an instance started by launch/synthesize')

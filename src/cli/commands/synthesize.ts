@@ -37,10 +37,10 @@ export function registerSynthesize(program: Command): void {
     .command('synthesize')
     .summary('rebuild a customized VM from a base + overlay and resume it until it answers')
     .description(
-      'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base\n' +
-        'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the\n' +
-        'VM under QEMU (KVM when usable, else TCG) with the base\'s exact machine and devices. Nothing is\n' +
-        'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM\n' +
+      'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base ' +
+        'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the ' +
+        'VM under QEMU (KVM when usable, else TCG) with the base\'s exact machine and devices. Nothing is ' +
+        'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
         'and removes the instance (unless --keep).',
     )
     .argument('<overlay>', 'overlay file or http(s) URL')
