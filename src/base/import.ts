@@ -93,6 +93,7 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
         }
         progress.done('RAM blocks written');
         manifest.memory = { machine: snap.machineType, main_block: mainBlockOf(snap), ram_section_id: snap.ramSectionId, files, blobs };
+        checkSpecMatches(opts.vm, snap.machineType, snap.blocks.find((b) => b.name === manifest.memory!.main_block)!.length);
       } finally {
         await snap.close();
       }
@@ -182,6 +183,17 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
     throw err;
   } finally {
     unregister();
+  }
+}
+
+/** A VM spec that cannot resume the snapshot is refused now, not at the first synthesis. */
+function checkSpecMatches(vm: VmSpec | undefined, machine: string, mainBytes: number): void {
+  if (!vm) return;
+  if (vm.machine !== machine) {
+    throw new UsageError(`the VM spec says machine ${vm.machine} but the memory snapshot is from ${machine}`);
+  }
+  if (vm.memoryMiB * 2 ** 20 !== mainBytes) {
+    throw new UsageError(`the VM spec says ${vm.memoryMiB} MiB of RAM but the snapshot's main RAM block holds ${mainBytes / 2 ** 20} MiB`);
   }
 }
 

@@ -220,6 +220,32 @@ test('failures: one line, a distinct exit code, no QEMU and no instance left', {
   } finally {
     server.close();
   }
+  // A resume QEMU refuses: a base whose VM spec names another machine type. QEMU's message and
+  // the likely cause, exit 8, nothing left running.
+  const wrong = join(work, 'wrong-machine');
+  await mkdir(wrong);
+  for (const f of await readdir(join(work, 'custom'))) await symlink(join(work, 'custom', f), join(wrong, f));
+  const vmFile = JSON.parse(await readFile(join(work, 'custom', 'vm.json'), 'utf8')) as { vm: { machine: string } };
+  vmFile.vm.machine = 'pc-q35-7.1';
+  await rm(join(wrong, 'vm.json'));
+  await writeFile(join(wrong, 'vm.json'), JSON.stringify(vmFile));
+  const env2 = { ...env, CLOUDLET_LIBRARY: join(work, 'lib-wrong') };
+  const refusedImport = await cli(['base', 'import', wrong], env2);
+  assert.equal(refusedImport.code, 2, 'import refuses a spec that does not match the snapshot');
+  assert.match(refusedImport.stderr, /machine pc-q35-7\.1 but the memory snapshot is from pc-q35-7\.2/);
+  // Devices cannot be checked at import: another NIC model passes, and QEMU refuses the resume.
+  const vmNic = JSON.parse(await readFile(join(work, 'custom', 'vm.json'), 'utf8')) as { vm: { network: { model: string } } };
+  vmNic.vm.network.model = 'e1000';
+  await rm(join(wrong, 'vm.json'));
+  await writeFile(join(wrong, 'vm.json'), JSON.stringify(vmNic));
+  ok(await cli(['base', 'import', wrong, '--name', 'wrongnic'], env2), 'import with another NIC');
+  const failedResume = await cli(['launch', 'wrongnic'], env2);
+  assert.equal(failedResume.code, 8, failedResume.stderr);
+  assert.equal(failedResume.stderr.trim().split('\n').length, 1);
+  assert.match(failedResume.stderr, /virtio-net.*likely cause: .*device set differs/);
+  assert.deepEqual(await readdir(join(work, 'lib-wrong', 'instances')).catch(() => []), [], 'no instance left');
+  assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+
   // QEMU missing from PATH (node and coreutils stay reachable).
   const bin = join(work, 'bin-without-qemu');
   await mkdir(bin, { recursive: true });
