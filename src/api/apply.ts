@@ -7,6 +7,7 @@
  */
 import { mkdir, rename, rm, stat, mkdtemp } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { safeName } from '../base/paths.js';
 import { Patcher, type TargetOutput } from '../delta/patch.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { OverlayReader } from '../overlay/reader.js';
@@ -240,9 +241,4 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
     await rm(staging, { recursive: true, force: true });
     unregister();
   }
-}
-
-/** A RAM block id as a file name ("/rom@etc/acpi/tables" → "rom@etc_acpi_tables"). */
-export function safeName(name: string): string {
-  return name.replace(/^\/+/, '').replace(/[^A-Za-z0-9@._-]/g, '_') || 'block';
 }

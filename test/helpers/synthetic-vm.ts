@@ -6,6 +6,8 @@ import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { deviceTail, pageRecord, ramSection, ramStartSection, streamHeader, zeroRecord } from './synthetic-stream.js';
 
+export { rng, textish } from './rng.js';
+
 export const PAGE = 4096;
 
 /** A complete migration stream holding exactly these blocks (every page sent once). */
@@ -30,25 +32,6 @@ export function streamOf(blocks: Array<[string, Buffer]>, opts: { machine?: stri
     ramSection('end', id, records),
     deviceTail({ state: opts.state }),
   ]);
-}
-
-/** Deterministic PRNG (mulberry32). */
-export function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** Text-like bytes: compressible, like file contents. */
-export function textish(rand: () => number, n: number): Buffer {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = 97 + Math.floor(rand() * 20);
-  return b;
 }
 
 export function writeRaw(path: string, data: Buffer): void {

@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { safeName } from '../../src/base/paths.js';
 import { openMemorySnapshot } from '../../src/image/memory/snapshot.js';
 import { PAGE, qemuImg, qemuIo, rng, streamOf, textish } from '../helpers/synthetic-vm.js';
 
@@ -133,7 +134,7 @@ test('apply: raw disk, raw memory blocks, and a sparse stream over the base RAM 
   assert.equal(a.code, 0, a.stderr);
   assert.match(qemuImg('compare', '-f', 'raw', '-F', 'qcow2', join(dir, 'out2', 'disk.raw'), join(dir, 'cust.qcow2')), /identical/);
   for (const [name, data] of mem.cust) {
-    const file = join(dir, 'out2', 'memory', `${name.replace(/^\/+/, '').replace(/[^A-Za-z0-9@._-]/g, '_')}.raw`);
+    const file = join(dir, 'out2', 'memory', `${safeName(name)}.raw`);
     assert.ok((await readFile(file)).equals(data), `raw block ${name}`);
   }
 

@@ -18,24 +18,13 @@ import { RawWriter } from '../../src/image/disk/raw-writer.js';
 import type { DiskWriter } from '../../src/image/disk/writer.js';
 import { runCleanup } from '../../src/util/cleanup.js';
 import { CloudletError, UnsupportedError } from '../../src/util/errors.js';
+import { rng } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const CHUNK = 4096;
 let dir = '';
 let seq = 0;
-
-/** mulberry32: small, seeded, reproducible. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomBytes(r: () => number, n: number): Buffer {
   const b = Buffer.alloc(n);

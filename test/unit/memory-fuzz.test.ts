@@ -9,21 +9,10 @@ import { memorySnapshotFromBuffer } from '../../src/image/memory/index.js';
 import { buildLibvirtHeader } from '../../src/image/memory/libvirt.js';
 import { sampleStream } from '../helpers/synthetic-stream.js';
 import { CloudletError } from '../../src/util/errors.js';
+import { rng } from '../helpers/rng.js';
 
 const BUDGET_MS = 2000;
 const SEED = Number(process.env.MEMORY_FUZZ_SEED ?? 20240611);
-
-/** mulberry32: small, seeded, good enough to pick mutations. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function mutate(input: Buffer, rand: () => number, hotEnd: number): Buffer {
   const pick = (n: number): number => Math.floor(rand() * n);

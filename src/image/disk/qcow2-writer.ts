@@ -16,9 +16,9 @@
 import type { ChunkSource } from '../../delta/source.js';
 import { CloudletError, UnsupportedError } from '../../util/errors.js';
 import { decodeHeader, encodeHeader, type Qcow2Header } from './qcow2-header.js';
+import { OrderedWriter } from './ordered-writer.js';
 import { OutputFile } from './output-file.js';
-import { SerialQueue } from './serial.js';
-import { DISK_CHUNK, checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
+import { DISK_CHUNK, type WriterStats } from './writer.js';
 
 export interface Qcow2WriterOptions {
   /** Guest-visible size; may be larger or smaller than the backing file. */
@@ -44,20 +44,15 @@ const COPIED_HI = 0x80000000;
 /** Standard cluster descriptor bit 0: the cluster reads as zero. */
 const ZERO_FLAG_LO = 1;
 
-export class Qcow2Writer implements DiskWriter {
+export class Qcow2Writer extends OrderedWriter {
   readonly format = 'qcow2';
   private readonly clusterBits: number;
-  private readonly queue = new SerialQueue();
-  private state: 'open' | 'finished' | 'aborted' | 'failed' = 'open';
-  private nextOffset = 0;
   /** Next free host cluster; cluster 0 is the header. */
   private nextHost = 1;
   /** Completed guest clusters, ascending: guest index → host offset (0 = zero flag). */
   private readonly guest: number[] = [];
   private readonly host: number[] = [];
   private zeroClusters = 0;
-  private writtenBytes = 0;
-  private zeroedBytes = 0;
   /** The guest cluster being assembled (-1: none), its bytes and which 4 KiB chunks are set. */
   private pendingIndex = -1;
   private readonly pending: Buffer;
@@ -71,14 +66,15 @@ export class Qcow2Writer implements DiskWriter {
   private scratch: Buffer | null = null;
 
   private constructor(
-    private readonly file: OutputFile,
-    readonly path: string,
-    readonly virtualSize: number,
+    file: OutputFile,
+    path: string,
+    virtualSize: number,
     private readonly clusterSize: number,
     private readonly backingFile: string,
     private readonly backingFormat: string,
     private readonly base: ChunkSource,
   ) {
+    super(file, path, virtualSize);
     this.clusterBits = Math.log2(clusterSize);
     this.pending = Buffer.alloc(clusterSize);
     this.covered = new Uint8Array(clusterSize / DISK_CHUNK);
@@ -105,84 +101,27 @@ export class Qcow2Writer implements DiskWriter {
     return new Qcow2Writer(file, path, opts.virtualSize, clusterSize, opts.backingFile, opts.backingFormat, opts.base);
   }
 
-  writeChunk(offset: number, data: Uint8Array): Promise<void> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const end = checkChunkRange(offset, data.length, this.virtualSize, this.nextOffset);
-      await this.guard(() => this.put(offset, data.length, data));
-      this.nextOffset = end;
-      this.writtenBytes += data.length;
-    });
-  }
-
-  zeroChunk(offset: number, length?: number): Promise<void> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const len = length ?? Math.min(DISK_CHUNK, this.virtualSize - offset);
-      const end = checkChunkRange(offset, len, this.virtualSize, this.nextOffset);
-      await this.guard(() => this.put(offset, len, null));
-      this.nextOffset = end;
-      this.zeroedBytes += len;
-    });
-  }
-
-  readBack(offset: number, length: number, buf?: Buffer): Promise<Buffer> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const out = buf ?? Buffer.alloc(length);
-      if (length > out.length) throw new RangeError(`readBack of ${length} bytes into a ${out.length}-byte buffer`);
-      let pos = offset;
-      const end = offset + length;
-      while (pos < end) {
-        const ci = Math.floor(pos / this.clusterSize);
-        const cStart = ci * this.clusterSize;
-        const n = Math.min(end, cStart + this.clusterSize) - pos;
-        await this.readCluster(ci, pos - cStart, n, out.subarray(pos - offset, pos - offset + n));
-        pos += n;
-      }
-      return out;
-    });
-  }
-
-  finish(): Promise<WriterStats> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const stats = await this.guard(async () => {
-        await this.completePending();
-        await this.flushWriteBehind();
-        const s = await this.writeMetadata();
-        await this.file.commit();
-        return s;
-      });
-      this.state = 'finished';
-      return stats;
-    });
-  }
-
-  abort(): Promise<void> {
-    return this.queue.run(async () => {
-      if (this.state === 'finished') return;
-      if (this.state === 'open') this.state = 'aborted';
-      await this.file.abort();
-    });
-  }
-
-  /**
-   * Runs an I/O step; after the first failure the partial file is removed and the writer
-   * refuses reuse (its state may be half-updated). Contract checks run before, outside it.
-   */
-  private async guard<T>(step: () => Promise<T>): Promise<T> {
-    try {
-      return await step();
-    } catch (err) {
-      this.state = 'failed';
-      await this.file.abort();
-      throw err;
+  protected async readInto(offset: number, length: number, out: Buffer): Promise<void> {
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const ci = Math.floor(pos / this.clusterSize);
+      const cStart = ci * this.clusterSize;
+      const n = Math.min(end, cStart + this.clusterSize) - pos;
+      await this.readCluster(ci, pos - cStart, n, out.subarray(pos - offset, pos - offset + n));
+      pos += n;
     }
   }
 
+  /** The last cluster, the data still in the write-behind buffer, then the metadata. */
+  protected async complete(): Promise<WriterStats> {
+    await this.completePending();
+    await this.flushWriteBehind();
+    return this.writeMetadata();
+  }
+
   /** Copies (or zeroes, when data is null) a range into the clusters it spans. */
-  private async put(offset: number, length: number, data: Uint8Array | null): Promise<void> {
+  protected async put(offset: number, length: number, data: Uint8Array | null): Promise<void> {
     let pos = offset;
     const end = offset + length;
     while (pos < end) {

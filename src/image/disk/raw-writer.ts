@@ -11,9 +11,9 @@
 import type { ChunkSource, Extent } from '../../delta/source.js';
 import { UnsupportedError } from '../../util/errors.js';
 import { clipExtents } from './extents.js';
+import { OrderedWriter } from './ordered-writer.js';
 import { OutputFile } from './output-file.js';
-import { SerialQueue } from './serial.js';
-import { DISK_CHUNK, checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
+import { DISK_CHUNK, type WriterStats } from './writer.js';
 
 export interface RawWriterOptions {
   /** Size of the output; the base is cut or zero-extended to it. */
@@ -24,11 +24,8 @@ export interface RawWriterOptions {
 /** Unit of reading the base and writing the output: few, large system calls. */
 const WINDOW = 1024 * 1024;
 
-export class RawWriter implements DiskWriter {
+export class RawWriter extends OrderedWriter {
   readonly format = 'raw';
-  private readonly queue = new SerialQueue();
-  private state: 'open' | 'finished' | 'aborted' | 'failed' = 'open';
-  private nextOffset = 0;
   /** Everything before it is final in the file. */
   private cursor = 0;
   /** First base extent ending after the cursor. */
@@ -39,16 +36,15 @@ export class RawWriter implements DiskWriter {
   private readonly copyBuf = Buffer.allocUnsafe(WINDOW);
   private readonly zeros = Buffer.alloc(DISK_CHUNK);
   private readonly baseLimit: number;
-  private writtenBytes = 0;
-  private zeroedBytes = 0;
 
   private constructor(
-    private readonly file: OutputFile,
-    readonly path: string,
-    readonly virtualSize: number,
+    file: OutputFile,
+    path: string,
+    virtualSize: number,
     private readonly base: ChunkSource,
     private readonly baseExtents: Extent[],
   ) {
+    super(file, path, virtualSize);
     this.baseLimit = Math.min(base.size, virtualSize);
   }
 
@@ -67,99 +63,48 @@ export class RawWriter implements DiskWriter {
     return new RawWriter(file, path, opts.virtualSize, opts.base, extents);
   }
 
-  writeChunk(offset: number, data: Uint8Array): Promise<void> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const end = checkChunkRange(offset, data.length, this.virtualSize, this.nextOffset);
-      await this.guard(() => this.put(offset, data.length, data));
-      this.nextOffset = end;
-      this.writtenBytes += data.length;
-    });
-  }
-
-  zeroChunk(offset: number, length?: number): Promise<void> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const len = length ?? Math.min(DISK_CHUNK, this.virtualSize - offset);
-      const end = checkChunkRange(offset, len, this.virtualSize, this.nextOffset);
-      await this.guard(() => this.put(offset, len, null));
-      this.nextOffset = end;
-      this.zeroedBytes += len;
-    });
-  }
-
-  readBack(offset: number, length: number, buf?: Buffer): Promise<Buffer> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      const out = buf ?? Buffer.alloc(length);
-      if (length > out.length) throw new RangeError(`readBack of ${length} bytes into a ${out.length}-byte buffer`);
-      const end = offset + length;
-      const wStart = this.windowIndex >= 0 ? this.windowIndex * WINDOW : this.cursor;
-      const wEnd = this.windowIndex >= 0 ? Math.min(wStart + WINDOW, this.virtualSize) : this.cursor;
-      let pos = offset;
-      while (pos < end) {
-        const dst = out.subarray(pos - offset);
-        if (pos < this.cursor) {
-          const n = Math.min(end, this.cursor) - pos;
-          await this.file.read(dst, 0, n, pos);
-          pos += n;
-        } else if (pos < wEnd) {
-          const n = Math.min(end, wEnd) - pos;
-          this.window.copy(dst, 0, pos - wStart, pos - wStart + n);
-          pos += n;
-        } else {
-          // Not reached yet: the base, zero past the virtual size.
-          const n = end - pos;
-          const fromBase = Math.max(0, Math.min(end, this.virtualSize) - pos);
-          if (fromBase > 0) await this.base.read(pos, fromBase, dst.subarray(0, fromBase));
-          dst.fill(0, fromBase, n);
-          pos += n;
-        }
+  protected async readInto(offset: number, length: number, out: Buffer): Promise<void> {
+    const end = offset + length;
+    const wStart = this.windowIndex >= 0 ? this.windowIndex * WINDOW : this.cursor;
+    const wEnd = this.windowIndex >= 0 ? Math.min(wStart + WINDOW, this.virtualSize) : this.cursor;
+    let pos = offset;
+    while (pos < end) {
+      const dst = out.subarray(pos - offset);
+      if (pos < this.cursor) {
+        const n = Math.min(end, this.cursor) - pos;
+        await this.file.read(dst, 0, n, pos);
+        pos += n;
+      } else if (pos < wEnd) {
+        const n = Math.min(end, wEnd) - pos;
+        this.window.copy(dst, 0, pos - wStart, pos - wStart + n);
+        pos += n;
+      } else {
+        // Not reached yet: the base, zero past the virtual size.
+        const n = end - pos;
+        const fromBase = Math.max(0, Math.min(end, this.virtualSize) - pos);
+        if (fromBase > 0) await this.base.read(pos, fromBase, dst.subarray(0, fromBase));
+        dst.fill(0, fromBase, n);
+        pos += n;
       }
-      return out;
-    });
-  }
-
-  finish(): Promise<WriterStats> {
-    return this.queue.run(async () => {
-      checkUsable(this.state, this.path);
-      await this.guard(async () => {
-        await this.flushWindow();
-        await this.copyBase(this.virtualSize);
-        await this.file.commit();
-      });
-      this.state = 'finished';
-      return {
-        path: this.path,
-        format: 'raw',
-        virtual_size: this.virtualSize,
-        file_size: this.virtualSize,
-        written_bytes: this.writtenBytes,
-        zeroed_bytes: this.zeroedBytes,
-      };
-    });
-  }
-
-  abort(): Promise<void> {
-    return this.queue.run(async () => {
-      if (this.state === 'finished') return;
-      if (this.state === 'open') this.state = 'aborted';
-      await this.file.abort();
-    });
-  }
-
-  private async guard(step: () => Promise<void>): Promise<void> {
-    try {
-      await step();
-    } catch (err) {
-      this.state = 'failed';
-      await this.file.abort();
-      throw err;
     }
   }
 
+  /** The last window, then the base's data after it. */
+  protected async complete(): Promise<WriterStats> {
+    await this.flushWindow();
+    await this.copyBase(this.virtualSize);
+    return {
+      path: this.path,
+      format: 'raw',
+      virtual_size: this.virtualSize,
+      file_size: this.virtualSize,
+      written_bytes: this.writtenBytes,
+      zeroed_bytes: this.zeroedBytes,
+    };
+  }
+
   /** Copies (or zeroes, when data is null) a range into the windows it spans. */
-  private async put(offset: number, length: number, data: Uint8Array | null): Promise<void> {
+  protected async put(offset: number, length: number, data: Uint8Array | null): Promise<void> {
     let pos = offset;
     const end = offset + length;
     while (pos < end) {

@@ -1,7 +1,8 @@
 /**
  * DiskWriter: what the overlay decoder writes a synthesized disk through. Chunks arrive in
  * ascending offset order, which lets the writers stream: a qcow2 writer completes each cluster
- * once, a raw writer copies each base range once. Implementations: Qcow2Writer, RawWriter.
+ * once, a raw writer copies each base range once. Implementations: Qcow2Writer, RawWriter (on
+ * the shared OrderedWriter).
  */
 import { CloudletError } from '../../util/errors.js';
 
