@@ -173,6 +173,7 @@ export async function diff(
       await runs.push(blobRecord(t, blob, same?.blob), 1);
       infos.push({ name: target.name, kind: target.kind, size: blob.length, digest: sha256Hex(blob) });
       stats.targets[target.name] = { kind: 'blob', size: blob.length, dataChunks: 1, changedChunks: 1 };
+      opt.onProgress?.(blob.length);
       continue;
     }
     const source = target.source;
@@ -204,8 +205,15 @@ export async function diff(
 
     const ranges = extentsToChunkRanges(hinted ? target.changedHint! : await source.dataExtents(), source.size);
     const reader = new PairReader(source, same?.source, stats);
+    // Progress counts skipped (zero or unchanged) ranges too, so it ends at the target's size.
+    let reported = 0;
+    const reportTo = (byte: number): void => {
+      if (byte > reported) opt.onProgress?.(byte - reported);
+      reported = Math.max(reported, byte);
+    };
     for (const [first, end] of ranges) {
       await gapUntil(first);
+      reportTo(first * CHUNK_SIZE);
       reader.start(first, end);
       for (let c = first; c < end; ) {
         const batch = await reader.next();
@@ -251,10 +259,11 @@ export async function diff(
           if (opt.selfRefs) selfIndex.add(h, t, c);
           if (opt.shifted) selfAnchors.addAll(chunk, 0, chunk.length, t, c * CHUNK_SIZE);
         }
-        opt.onProgress?.(batch.bytes);
+        reportTo(Math.min(source.size, c * CHUNK_SIZE));
       }
     }
     await gapUntil(n);
+    reportTo(source.size);
     await runs.flush();
     infos.push({ name: target.name, kind: target.kind, size: source.size, digest: digest.finish() });
   }
