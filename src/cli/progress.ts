@@ -6,7 +6,9 @@ import { silent } from '../util/progress.js';
 const MiB = 1024 * 1024;
 
 // ora (and its dependencies) cost ~50 ms to load: only when there is a terminal to draw on.
-const ora = process.stderr.isTTY ? (await import('ora')).default : undefined;
+// A terminal that reports no width (e.g. under `script` without a size) makes ora redraw an
+// unbounded number of lines: no spinner there either.
+const ora = process.stderr.isTTY && (process.stderr.columns ?? 0) > 0 ? (await import('ora')).default : undefined;
 
 class SpinnerProgress implements Progress {
   private spinner: Ora | undefined;
