@@ -4,7 +4,7 @@
  * appears atomically only when complete.
  */
 import { realpath } from 'node:fs/promises';
-import { diff, indexBase, type DiffOptions } from '../delta/diff.js';
+import { anchorBase, diff, indexBase, type DiffOptions } from '../delta/diff.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { OverlayWriter } from '../overlay/writer.js';
 import { OverlayReader } from '../overlay/reader.js';
@@ -91,6 +91,12 @@ export async function createOverlay(opts: CreateOptions): Promise<CreateResult> 
       }
     }
 
+    if (!base.anchors) {
+      // A library base from before anchors (or with a damaged index): build it now.
+      progress.step('indexing base content anchors');
+      base.anchors = await anchorBase(base.targets, (n) => progress.advance(n));
+      progress.done('base anchors indexed');
+    }
     const total = targets.reduce((n, t) => n + targetSize(t), 0);
     const writer = await OverlayWriter.create(opts.output, header);
     let result;

@@ -1,19 +1,20 @@
 /**
  * Content-defined anchors, for finding data that moved by an amount that is not a multiple of
  * the chunk size (a file inside a tar archive, a 1 KiB-block filesystem, a buffer copied in
- * memory): a buzhash over a 32-byte window picks positions from content alone, ~1 per KiB,
- * so the same bytes give the same anchors wherever they sit. An anchor's key hashes the 64
- * bytes that start at it; the index maps keys to where they occur (target, byte offset).
+ * memory): a gear hash (FastCDC's rolling hash: one shift, one table lookup and one add per
+ * byte; its top bits depend on the last 32 bytes only) picks positions from content alone,
+ * ~1 per KiB, so the same bytes give the same anchors wherever they sit. An anchor's key hashes
+ * the 64 bytes that start at it; the index maps keys to where they occur (target, byte offset).
  */
 const WINDOW = 32;
 export const KEY_LEN = 64;
-/** An anchor where (hash & MASK) === 0: one every 1 KiB on average. */
-const MASK = 0x3ff;
+/** An anchor where the top 10 bits of the hash are zero: one every 1 KiB on average. */
+const MASK = 0xffc00000 | 0;
 /** Anchors closer than this to the previous one are skipped (repetitive data would flood). */
 const MIN_GAP = 128;
 
-const TABLE = (() => {
-  const t = new Uint32Array(256);
+const GEAR = (() => {
+  const t = new Int32Array(256);
   let x = 0x9e3779b9;
   for (let i = 0; i < 256; i++) {
     x ^= x << 13;
@@ -21,7 +22,7 @@ const TABLE = (() => {
     x ^= x >>> 17;
     x ^= x << 5;
     x >>>= 0;
-    t[i] = x;
+    t[i] = x | 0;
   }
   return t;
 })();
@@ -32,11 +33,8 @@ export function forEachAnchor(buf: Uint8Array, start: number, end: number, fn: (
   let last = -MIN_GAP;
   const stop = end - KEY_LEN;
   for (let i = start; i < end; i++) {
-    h = ((h << 1) | (h >>> 31)) ^ TABLE[buf[i]!]!;
-    // A 32-byte window with 32-bit rotation: the leaving byte's term is unrotated.
-    if (i - start >= WINDOW) h ^= TABLE[buf[i - WINDOW]!]!;
-    else if (i - start < WINDOW - 1) continue;
-    if ((h & MASK) !== 0) continue;
+    h = ((h << 1) + GEAR[buf[i]!]!) | 0;
+    if ((h & MASK) !== 0 || i - start < WINDOW - 1) continue;
     const pos = i - WINDOW + 1;
     if (pos > stop) return;
     if (pos - last < MIN_GAP || flat(buf, pos)) continue;
@@ -117,7 +115,7 @@ export class AnchorIndex {
 
   toBuffer(): Buffer {
     const head = Buffer.alloc(16);
-    head.write('CLANCH01', 0, 'latin1');
+    head.write('CLANCH02', 0, 'latin1');
     head.writeUInt32LE(this.cap, 8);
     head.writeUInt32LE(this.n, 12);
     return Buffer.concat([
@@ -130,7 +128,7 @@ export class AnchorIndex {
 
   /** Reads toBuffer()'s output; undefined when the bytes are not an anchor index. */
   static fromBuffer(buf: Buffer): AnchorIndex | undefined {
-    if (buf.length < 16 || buf.toString('latin1', 0, 8) !== 'CLANCH01') return undefined;
+    if (buf.length < 16 || buf.toString('latin1', 0, 8) !== 'CLANCH02') return undefined;
     const cap = buf.readUInt32LE(8);
     const n = buf.readUInt32LE(12);
     if ((cap & (cap - 1)) !== 0 || cap < 1024 || n * 2 > cap || buf.length !== 16 + cap * 20) return undefined;

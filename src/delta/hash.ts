@@ -38,7 +38,9 @@ export class TargetDigest {
     if (index <= this.last) throw new Error(`TargetDigest: chunk ${index} after ${this.last}`);
     this.last = index;
     const at = this.fill * ENTRY;
-    this.batch.writeBigUInt64LE(BigInt(index), at);
+    // u64 little-endian without a BigInt per chunk (this runs once per non-zero chunk).
+    this.batch.writeUInt32LE(index % 0x100000000, at);
+    this.batch.writeUInt32LE(Math.floor(index / 0x100000000), at + 4);
     this.batch.set(hash, at + 8);
     if (++this.fill === BATCH) this.flush();
   }
