@@ -4,6 +4,7 @@
  * file, full stream, or raw files per RAM block).
  */
 import { open, type FileHandle } from 'node:fs/promises';
+import { durable } from '../util/atomic.js';
 import { CHUNK_SIZE, chunkLength } from '../delta/chunk.js';
 import type { TargetOutput } from '../delta/patch.js';
 import type { DiskWriter } from '../image/disk/writer.js';
@@ -88,7 +89,7 @@ export class RawFileOutput implements TargetOutput {
   async finish(): Promise<void> {
     this.fh ??= await open(this.path, 'w');
     await this.fh.truncate(this.size);
-    await this.fh.sync();
+    if (durable()) await this.fh.sync();
     await this.fh.close();
   }
 

@@ -18,6 +18,7 @@ import type { AccelChoice } from '../vm/accel.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
 import { CloudletError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
+import { scratchWrites } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import { applyOverlay, checkBase } from './apply.js';
 import { newInstanceId, startInstance } from './instance.js';
@@ -86,8 +87,11 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         throw new UsageError('this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)');
       }
       await mkdir(dir, { recursive: true });
+      // Instance files are scratch: written atomically, but not fsynced (see scratchWrites).
       await timings.time('apply', () =>
-        applyOverlay({ overlay: reader, base, outDir: dir, diskFormat: 'qcow2', memoryFormat: sparse ? 'sparse' : 'stream', progress }),
+        scratchWrites(() =>
+          applyOverlay({ overlay: reader, base, outDir: dir, diskFormat: 'qcow2', memoryFormat: sparse ? 'sparse' : 'stream', progress }),
+        ),
       );
     } finally {
       await reader.close();

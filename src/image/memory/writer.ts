@@ -35,7 +35,10 @@ type State = 'new' | 'open' | 'done' | 'failed';
 export class MigrationStreamWriter {
   private state: State = 'new';
   private file: AtomicFile | null = null;
-  private readonly out = Buffer.allocUnsafe(OUT_BUFFER);
+  private out = Buffer.allocUnsafe(OUT_BUFFER);
+  /** Double buffering: one buffer fills while the other is being written. */
+  private spare = Buffer.allocUnsafe(OUT_BUFFER);
+  private inflight: Promise<void> | null = null;
   private used = 0;
   private position = 0;
   private readonly blocks = new Map<string, WriterBlock>();
@@ -127,6 +130,7 @@ export class MigrationStreamWriter {
       await this.put(end);
       await this.put(tail);
       await this.flush();
+      await this.inflight;
       await this.file!.commit();
     });
     this.state = 'done';
@@ -154,24 +158,31 @@ export class MigrationStreamWriter {
   private async put(data: Buffer): Promise<void> {
     if (this.used + data.length > this.out.length) await this.flush();
     if (data.length > this.out.length) {
-      await this.writeAll(data);
+      await this.inflight;
+      await this.writeAt(data, this.position);
+      this.position += data.length;
       return;
     }
     this.used += data.copy(this.out, this.used);
   }
 
+  /** Starts writing the filled buffer and swaps in the other one; pages keep coming meanwhile. */
   private async flush(): Promise<void> {
     if (this.used === 0) return;
-    await this.writeAll(this.out.subarray(0, this.used));
+    await this.inflight; // the spare buffer is free again
+    const write = this.writeAt(this.out.subarray(0, this.used), this.position);
+    write.catch(() => undefined); // awaited later (next flush or finish); not unhandled meanwhile
+    this.inflight = write;
+    this.position += this.used;
+    [this.out, this.spare] = [this.spare, this.out];
     this.used = 0;
   }
 
-  private async writeAll(data: Buffer): Promise<void> {
+  private async writeAt(data: Buffer, position: number): Promise<void> {
     const handle = this.file!.handle;
     for (let done = 0; done < data.length; ) {
-      const { bytesWritten } = await handle.write(data, done, data.length - done, this.position);
+      const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
       done += bytesWritten;
-      this.position += bytesWritten;
     }
   }
 }
