@@ -71,7 +71,9 @@ P2=$(port)
 co synthesize "$WORK/app.overlay" --base demo --forward "$P2:8080" --wait-http "http://127.0.0.1:$P2/cgi-bin/status" --detach
 co ps
 
-say "the same boot token as the base (memory came back), the marker from disk, the app still ticking:"
+say "the same boot token as the base (memory came back), the marker from disk, and two seconds later the app has ticked on:"
+curl -fsS "http://127.0.0.1:$P2/cgi-bin/status"
+sleep 2
 curl -fsS "http://127.0.0.1:$P2/cgi-bin/status"
 for d in "$WORK"/lib/instances/*/; do [[ -d $d ]] && co -q stop "$(basename "$d")"; done
 say "done: everything is in $WORK (library in $WORK/lib)"
