@@ -36,19 +36,9 @@ export class HashIndex {
   }
 
   get(hash: Uint8Array): Location | undefined {
-    const k0 = readU32(hash, 0);
-    const k1 = readU32(hash, 4);
-    const k2 = readU32(hash, 8);
-    const k3 = readU32(hash, 12);
-    const mask = this.cap - 1;
-    for (let slot = k0 & mask; ; slot = (slot + 1) & mask) {
-      const t = this.vals[slot * 2]!;
-      if (t === 0) return undefined;
-      const o = slot * 4;
-      if (this.keys[o] === k0 && this.keys[o + 1] === k1 && this.keys[o + 2] === k2 && this.keys[o + 3] === k3) {
-        return { target: t - 1, chunk: this.vals[slot * 2 + 1]! };
-      }
-    }
+    const slot = this.slotOf(hash);
+    const t = this.vals[slot * 2]!;
+    return t === 0 ? undefined : { target: t - 1, chunk: this.vals[slot * 2 + 1]! };
   }
 
   /** Indexes every chunk of a chunk map as belonging to `target`. */
@@ -57,26 +47,25 @@ export class HashIndex {
   }
 
   private insert(hash: Uint8Array, target: number, chunk: number): void {
+    const slot = this.slotOf(hash);
+    if (this.vals[slot * 2] !== 0) return; // known: the first location wins
+    for (let w = 0; w < 4; w++) this.keys[slot * 4 + w] = readU32(hash, w * 4);
+    this.vals[slot * 2] = target + 1;
+    this.vals[slot * 2 + 1] = chunk;
+    this.n++;
+  }
+
+  /** The slot holding this hash, or the empty slot where it would go (linear probing). */
+  private slotOf(hash: Uint8Array): number {
     const k0 = readU32(hash, 0);
     const k1 = readU32(hash, 4);
     const k2 = readU32(hash, 8);
     const k3 = readU32(hash, 12);
     const mask = this.cap - 1;
     for (let slot = k0 & mask; ; slot = (slot + 1) & mask) {
+      if (this.vals[slot * 2] === 0) return slot;
       const o = slot * 4;
-      if (this.vals[slot * 2] === 0) {
-        this.keys[o] = k0;
-        this.keys[o + 1] = k1;
-        this.keys[o + 2] = k2;
-        this.keys[o + 3] = k3;
-        this.vals[slot * 2] = target + 1;
-        this.vals[slot * 2 + 1] = chunk;
-        this.n++;
-        return;
-      }
-      if (this.keys[o] === k0 && this.keys[o + 1] === k1 && this.keys[o + 2] === k2 && this.keys[o + 3] === k3) {
-        return;
-      }
+      if (this.keys[o] === k0 && this.keys[o + 1] === k1 && this.keys[o + 2] === k2 && this.keys[o + 3] === k3) return slot;
     }
   }
 
