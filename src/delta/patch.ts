@@ -69,6 +69,8 @@ export class Patcher {
   private readonly states: State[];
   private current = 0;
   private readonly blobs = new Map<string, Buffer>();
+  /** Read buffer of emitUnchanged (called once per record: allocate it once). */
+  private batch: Buffer | undefined;
 
   constructor(
     private readonly base: readonly BaseTarget[],
@@ -187,7 +189,7 @@ export class Patcher {
   /** For outputs that want every chunk: reads unchanged base chunks in 1 MiB batches. */
   private async emitUnchanged(st: State, end: number): Promise<void> {
     const map = st.same?.map;
-    const buf = Buffer.alloc(256 * CHUNK_SIZE);
+    const buf = (this.batch ??= Buffer.alloc(256 * CHUNK_SIZE));
     let c = st.next;
     while (c < end) {
       // Zero run up to the next non-zero eligible base chunk.
