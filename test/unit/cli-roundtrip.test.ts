@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { safeName } from '../../src/base/paths.js';
 import { openMemorySnapshot } from '../../src/image/memory/snapshot.js';
+import { buildLibvirtHeader } from '../../src/image/memory/libvirt.js';
 import { PAGE, qemuImg, qemuIo, rng, streamOf, textish } from '../helpers/synthetic-vm.js';
 
 const run = promisify(execFile);
@@ -218,4 +219,18 @@ test('info reports base, targets and encodings', async () => {
     ['stream.prefix', 'stream.start', 'stream.tail', 'disk', 'pc.ram', 'pc.bios', '/rom@etc/acpi/tables'],
   );
   assert.equal((r.json.memory as { machine: string }).machine, 'pc-q35-7.2');
+});
+
+test('a libvirt save image works as the base memory and is the same base as the bare stream', async () => {
+  const stream = await readFile(join(dir, 'base.mem'));
+  const xml = '<domain type="kvm"><name>base</name></domain>';
+  await writeFile(join(dir, 'base.save'), Buffer.concat([buildLibvirtHeader(xml, true), stream]));
+  const c = await cli('create', '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.save'),
+    '--disk', join(dir, 'cust.qcow2'), '--memory', join(dir, 'cust.mem'), '-o', join(dir, 'lv.overlay'));
+  assert.equal(c.code, 0, c.stderr);
+  const a = await cli('info', join(dir, 'a.overlay'));
+  assert.equal(c.json.base_id, a.json.base_id, 'same base id whether wrapped by libvirt or not');
+  const ap = await cli('apply', join(dir, 'lv.overlay'), '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.save'), '-o', join(dir, 'out-lv'));
+  assert.equal(ap.code, 0, ap.stderr);
+  await assertMemory(join(dir, 'out-lv', 'memory.stream'), mem.cust);
 });
