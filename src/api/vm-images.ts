@@ -98,11 +98,21 @@ export interface BaseVm {
   close(): Promise<void>;
 }
 
-/** Hashes every chunk of a VM opened from files (the base library keeps these maps instead). */
-export async function baseFromImages(vm: VmImages, progress: Progress, maps?: Map<string, ChunkMap>): Promise<BaseVm> {
+/** Base targets with their chunk maps and digests, and the content anchors over them. */
+export interface IndexedTargets {
+  targets: BaseTarget[];
+  infos: TargetInfo[];
+  anchors: AnchorIndex;
+}
+
+/**
+ * Hashes every chunk of the given targets and indexes their content anchors: what a base needs
+ * for diff and patch. Used for bases given as files and by the library's import.
+ */
+export async function indexTargets(list: readonly NewTarget[], progress: Progress): Promise<IndexedTargets> {
   const targets: BaseTarget[] = [];
   const infos: TargetInfo[] = [];
-  for (const t of vmTargets(vm)) {
+  for (const t of list) {
     if (t.kind === 'blob') {
       const blob = t.blob!;
       targets.push({ name: t.name, kind: t.kind, size: blob.length, blob });
@@ -110,18 +120,21 @@ export async function baseFromImages(vm: VmImages, progress: Progress, maps?: Ma
       continue;
     }
     const source = t.source!;
-    let map = maps?.get(`${t.kind}:${t.name}`);
-    if (!map) {
-      progress.step(`hashing base ${t.name}`, source.size);
-      map = await ChunkMap.build(source, (n) => progress.advance(n));
-      progress.done(`hashed base ${t.name}`);
-    }
+    progress.step(`hashing base ${t.name}`, source.size);
+    const map = await ChunkMap.build(source, (n) => progress.advance(n));
+    progress.done(`hashed base ${t.name}`);
     targets.push({ name: t.name, kind: t.kind, size: source.size, source, map });
     infos.push({ name: t.name, kind: t.kind, size: source.size, digest: map.digest() });
   }
   progress.step('indexing base content anchors');
   const anchors = await anchorBase(targets, (n) => progress.advance(n));
   progress.done('base anchors indexed');
+  return { targets, infos, anchors };
+}
+
+/** A base VM opened from files: every chunk hashed (the base library keeps these maps instead). */
+export async function baseFromImages(vm: VmImages, progress: Progress): Promise<BaseVm> {
+  const { targets, infos, anchors } = await indexTargets(vmTargets(vm), progress);
   return {
     id: baseIdOf(infos),
     anchors,

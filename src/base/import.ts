@@ -3,16 +3,16 @@
  * the VM spec a resume must match). Everything is built in <root>/tmp, hashed from the stored
  * copies, and renamed to bases/<id> in one step; an interrupted import leaves nothing behind.
  */
-import { chmod, copyFile, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
 import * as qemuImg from '../image/disk/qemu-img.js';
 import { openDisk } from '../image/disk/open-disk.js';
 import { openMemorySnapshot } from '../image/memory/snapshot.js';
 import { openRamFile, writeRamFile } from '../image/memory/ram-file.js';
-import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, mainBlockOf } from '../api/vm-images.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, indexTargets, mainBlockOf } from '../api/vm-images.js';
+import type { NewTarget } from '../delta/diff.js';
 import type { VmSpec } from '../vm/qemu.js';
 import { TOOL } from '../api/version.js';
 import { UnsupportedError, UsageError } from '../util/errors.js';
@@ -20,9 +20,6 @@ import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
 import { ANCHORS_FILE, baseDir, basesDir, mapFile, safeName, tmpDir } from './paths.js';
-import { anchorBase } from '../delta/diff.js';
-import type { AnchorIndex } from '../delta/anchors.js';
-import type { BaseTarget } from '../delta/target.js';
 
 export interface ImportOptions {
   root: string;
@@ -57,7 +54,6 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
   try {
     const targets: TargetInfo[] = [];
-    const maps: Array<{ kind: string; name: string; map: ChunkMap }> = [];
     const manifest: Omit<BaseManifest, 'id'> & { id?: string } = {
       format: 'cloudlet-overlay-base',
       version: 1,
@@ -111,37 +107,16 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
     }
 
     // Hash what was stored (not the originals): the id describes the library's own bytes.
-    const diskInfo: TargetInfo[] = [];
-    if (manifest.disk) {
-      const d = await openDisk(join(work, manifest.disk.file), { format: manifest.disk.format });
-      try {
-        progress.step('hashing base disk', d.size);
-        const map = await ChunkMap.build(d, (n) => progress.advance(n));
-        progress.done('base disk hashed');
-        maps.push({ kind: 'disk', name: 'disk', map });
-        diskInfo.push({ name: 'disk', kind: 'disk', size: d.size, digest: map.digest() });
-      } finally {
-        await d.close();
-      }
+    const stored = await openStored(work, manifest, targets);
+    try {
+      const indexed = await indexTargets(stored.list, progress);
+      targets.splice(0, targets.length, ...indexed.infos);
+      await mkdir(join(work, 'maps'));
+      for (const t of indexed.targets) if (t.map) await writeFile(join(work, mapFile(t.kind, t.name)), t.map.toBuffer());
+      await writeFile(join(work, ANCHORS_FILE), indexed.anchors.toBuffer());
+    } finally {
+      await stored.close();
     }
-    targets.push(...diskInfo);
-    if (manifest.memory) {
-      progress.step('hashing base memory');
-      for (const [block, file] of Object.entries(manifest.memory.files)) {
-        const f = await openRamFile(join(work, file), block);
-        try {
-          const map = await ChunkMap.build(f, (n) => progress.advance(n));
-          maps.push({ kind: 'ram', name: block, map });
-          targets.push({ name: block, kind: 'ram', size: f.size, digest: map.digest() });
-        } finally {
-          await f.close();
-        }
-      }
-      progress.done('base memory hashed');
-    }
-    await mkdir(join(work, 'maps'));
-    for (const m of maps) await writeFile(join(work, mapFile(m.kind, m.name)), m.map.toBuffer());
-    await writeFile(join(work, ANCHORS_FILE), (await anchorsOf(work, manifest, targets, progress)).toBuffer());
 
     if (opts.vm) {
       const vm: VmSpec = { ...opts.vm };
@@ -197,30 +172,38 @@ function checkSpecMatches(vm: VmSpec | undefined, machine: string, mainBytes: nu
   }
 }
 
-/** Content anchors of the stored targets, numbered as the targets list (what create uses). */
-async function anchorsOf(work: string, m: Omit<BaseManifest, 'id'>, targets: TargetInfo[], progress: Progress): Promise<AnchorIndex> {
-  const opened: BaseTarget[] = [];
+/** The stored copies as targets in overlay order: the blobs already listed, the disk, the RAM blocks. */
+async function openStored(
+  work: string,
+  m: Omit<BaseManifest, 'id'>,
+  blobInfos: readonly TargetInfo[],
+): Promise<{ list: NewTarget[]; close(): Promise<void> }> {
   const closers: Array<() => Promise<void>> = [];
-  try {
-    for (const t of targets) {
-      if (t.kind === 'disk' && m.disk) {
-        const d = await openDisk(join(work, m.disk.file), { format: m.disk.format });
-        closers.push(() => d.close());
-        opened.push({ name: t.name, kind: t.kind, size: t.size, source: d });
-      } else if (t.kind === 'ram' && m.memory) {
-        const f = await openRamFile(join(work, m.memory.files[t.name]!), t.name);
-        closers.push(() => f.close());
-        opened.push({ name: t.name, kind: t.kind, size: t.size, source: f });
-      } else {
-        opened.push({ name: t.name, kind: t.kind, size: t.size });
-      }
-    }
-    progress.step('indexing content anchors');
-    const idx = await anchorBase(opened, (n) => progress.advance(n));
-    progress.done('content anchors indexed');
-    return idx;
-  } finally {
+  const close = async (): Promise<void> => {
     for (const c of closers) await c();
+  };
+  try {
+    const list: NewTarget[] = [];
+    const blobFiles: { [name: string]: string | undefined } = {
+      [BLOB_PREFIX]: m.memory?.blobs.prefix,
+      [BLOB_START]: m.memory?.blobs.start,
+      [BLOB_TAIL]: m.memory?.blobs.tail,
+    };
+    for (const b of blobInfos) list.push({ name: b.name, kind: 'blob', blob: await readFile(join(work, blobFiles[b.name]!)) });
+    if (m.disk) {
+      const d = await openDisk(join(work, m.disk.file), { format: m.disk.format });
+      closers.push(() => d.close());
+      list.push({ name: 'disk', kind: 'disk', source: d });
+    }
+    for (const [block, file] of Object.entries(m.memory?.files ?? {})) {
+      const f = await openRamFile(join(work, file), block);
+      closers.push(() => f.close());
+      list.push({ name: block, kind: 'ram', source: f });
+    }
+    return { list, close };
+  } catch (err) {
+    await close();
+    throw err;
   }
 }
 
