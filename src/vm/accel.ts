@@ -116,11 +116,6 @@ async function probeCached(qemuBinary: string, timeoutMs: number, useDisk: boole
   return result;
 }
 
-/** Forgets the cached probe (tests). */
-export function resetKvmProbe(): void {
-  cached = null;
-}
-
 /**
  * Resolves the accelerator: 'auto' picks KVM when the probe says it works, else TCG;
  * 'kvm' fails with a UsageError saying why KVM is unusable; 'tcg' is taken as is.
