@@ -5,15 +5,17 @@
  * sparse stream over the base RAM file, every target proven), QEMU start, incoming load,
  * first response. A failure at any phase stops QEMU and removes the instance directory.
  */
+import { once } from 'node:events';
 import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { OverlayReader } from '../overlay/reader.js';
 import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir, type InstanceState } from '../base/instances.js';
+import { instanceDir, type InstanceState } from '../instance/state.js';
 import { tmpDir } from '../base/paths.js';
 import { fetchToFile, isUrl, type Fetched } from '../net/fetch.js';
-import type { PortForward, QemuVm } from '../vm/qemu.js';
+import type { PortForward } from '../spec/vm-spec.js';
+import type { QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
 import { CloudletError, UsageError } from '../util/errors.js';
@@ -159,4 +161,35 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   } finally {
     await base.close();
   }
+}
+
+export interface RunSynthesisOptions extends SynthesizeOptions {
+  /** Keep the instance directory when a foreground VM stops. */
+  keep?: boolean;
+  /** Aborting it stops a foreground VM (the CLI aborts it on Ctrl-C). */
+  signal?: AbortSignal;
+  /** Called with the result once the VM answers, before a foreground run starts waiting. */
+  onReady?: (result: SynthesizeResult) => void;
+}
+
+/**
+ * synthesize(), then either leave the VM running (detach) or run it in the foreground: until
+ * QEMU exits or `signal` aborts; then stop it and remove its instance directory (unless keep).
+ */
+export async function runSynthesis(opts: RunSynthesisOptions): Promise<SynthesizeResult> {
+  const { result, vm, state } = await synthesize(opts);
+  opts.onReady?.(result);
+  if (opts.detach) {
+    await vm.qmp.close();
+    return result;
+  }
+  const signal = opts.signal;
+  if (signal && !signal.aborted) {
+    await Promise.race([vm.exited, once(signal, 'abort')]);
+  } else if (!signal) {
+    await vm.exited;
+  }
+  await vm.stop({ graceMs: 3000 });
+  if (!opts.keep) await rm(state.dir, { recursive: true, force: true });
+  return result;
 }

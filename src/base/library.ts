@@ -5,11 +5,11 @@ import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
 import { syncDir, tempNameFor } from '../util/atomic.js';
-import { BusyError, CorruptInputError, MissingToolError, NotFoundError } from '../util/errors.js';
+import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import { findTool } from '../util/programs.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
-import { listInstances } from './instances.js';
 import { openLibraryBase } from './open.js';
 import { baseDir, basesDir, tmpDir } from './paths.js';
 
@@ -67,17 +67,12 @@ export async function showBase(root: string, id: string): Promise<BaseManifest &
   return { ...m, stored_bytes: await duBytes(dir), dir };
 }
 
+/** Removes a base; the caller makes sure no running instance uses it (api/base.ts). */
 export async function removeBase(root: string, id: string): Promise<void> {
   const dir = baseDir(root, id);
   await stat(dir).catch(() => {
     throw new NotFoundError(`no base ${id} in the library`, { base: id });
   });
-  const users = (await listInstances(root)).filter((i) => i.base_id === id && i.status === 'running');
-  if (users.length > 0) {
-    throw new BusyError(`base ${id.slice(0, 12)} is in use by instance(s) ${users.map((u) => u.id).join(', ')}: stop them first`, {
-      base: id,
-    });
-  }
   // Rename first so a half-removed base is never visible under its id.
   await mkdir(tmpDir(root), { recursive: true });
   const doomed = join(tmpDir(root), `rm-${id}-${process.pid}`);
@@ -101,13 +96,13 @@ export async function verifyBase(root: string, id: string, progress: Progress = 
     for (const [i, t] of base.targets.entries()) {
       const want = base.infos[i]!;
       let digest: string;
-      if (t.kind === 'blob') digest = sha256Hex(t.blob!);
+      if (t.kind === 'blob') digest = sha256Hex(t.blob);
       else {
         progress.step(`verifying ${t.name}`, t.size);
-        const map = await ChunkMap.build(t.source!, (n) => progress.advance(n));
+        const map = await ChunkMap.build(t.source, (n) => progress.advance(n));
         progress.done(`verified ${t.name}`);
         digest = map.digest();
-        if (!map.toBuffer().equals(t.map!.toBuffer())) problems.push(`${t.name}: stored chunk map differs from the data`);
+        if (!map.toBuffer().equals(t.map.toBuffer())) problems.push(`${t.name}: stored chunk map differs from the data`);
       }
       if (digest !== want.digest) problems.push(`${t.name}: contents changed since import`);
       infos.push({ ...want, digest });
@@ -171,12 +166,12 @@ export async function importPackage(root: string, pkg: string, progress: Progres
 }
 
 async function tar(args: string[]): Promise<void> {
+  const program = await findTool('tar');
   try {
     const { execa } = await import('execa');
-    await execa('tar', args);
+    await execa(program, args);
   } catch (err) {
     const e = err as { code?: string; stderr?: string; message: string };
-    if (e.code === 'ENOENT') throw new MissingToolError('tar is not installed (Debian package tar)');
     throw new CorruptInputError(`tar failed: ${(e.stderr ?? e.message).trim().split('\n').pop()}`);
   }
 }

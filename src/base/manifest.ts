@@ -1,7 +1,7 @@
 /** A base VM's manifest: what it holds and what a resume of it must match. */
 import { readFile } from 'node:fs/promises';
 import type { TargetInfo } from '../delta/target.js';
-import type { VmSpec } from '../vm/qemu.js';
+import type { VmSpec } from '../spec/vm-spec.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 
 export interface BaseManifest {

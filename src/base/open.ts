@@ -9,8 +9,8 @@ import { ChunkMap } from '../delta/chunk-map.js';
 import type { BaseTarget } from '../delta/target.js';
 import { openDisk, type DiskSource } from '../image/disk/open-disk.js';
 import { openRamFile, type RamFile } from '../image/memory/ram-file.js';
-import type { BaseVm } from '../api/vm-images.js';
-import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../api/vm-images.js';
+import type { BaseVm } from '../targets/base-vm.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 import { readManifest, type BaseManifest } from './manifest.js';
 import { ANCHORS_FILE, baseDir, mapFile } from './paths.js';
@@ -59,6 +59,8 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       targets.push({ name: t.name, kind: t.kind, size: t.size, source, map });
     }
     const anchorFile = await readFile(join(dir, ANCHORS_FILE)).catch(() => undefined);
+    const mainRamFile = manifest.memory?.files[manifest.memory.main_block];
+    if (manifest.memory && !mainRamFile) throw new CorruptInputError(`base ${id}: no file for the main RAM block`);
     return {
       id,
       dir,
@@ -71,7 +73,7 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       ramSectionId: manifest.memory?.ram_section_id,
       diskPath: manifest.disk ? join(dir, manifest.disk.file) : undefined,
       diskFormat: manifest.disk?.format,
-      ramFile: manifest.memory ? join(dir, manifest.memory.files[manifest.memory.main_block]!) : undefined,
+      ramFile: mainRamFile ? join(dir, mainRamFile) : undefined,
       async close() {
         await Promise.allSettled(closers.map((c) => c()));
       },

@@ -6,7 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { runCleanup } from '../util/cleanup.js';
 import { ExitCode } from '../util/exit-codes.js';
 import { InterruptedError } from '../util/errors.js';
-import { VERSION } from '../api/version.js';
+import { VERSION } from '../util/version.js';
 import { reportError } from './output.js';
 import { foregroundHandler } from './signals.js';
 import { registerCreate } from './commands/create.js';
@@ -64,7 +64,7 @@ export async function main(argv: string[]): Promise<number> {
     interrupted = true;
     const foreground = foregroundHandler();
     if (foreground) {
-      void foreground(signal);
+      foreground(signal);
       return;
     }
     void runCleanup().finally(() => {

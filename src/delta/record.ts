@@ -84,6 +84,11 @@ export type ChunkRecord =
       payload: Buffer;
     };
 
+/** Where the differ sends records, in order (the overlay writer). */
+export interface RecordSink {
+  push(r: ChunkRecord): Promise<void>;
+}
+
 /** Number of target chunks a record covers. */
 export function recordCount(r: ChunkRecord): number {
   return 'count' in r ? r.count : 1;

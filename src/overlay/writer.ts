@@ -6,8 +6,7 @@
 import { createHash } from 'node:crypto';
 import { AtomicFile } from '../util/atomic.js';
 import { compress } from '../delta/zstd.js';
-import { encodedLength, recordCount, writeRecord, type ChunkRecord } from '../delta/record.js';
-import type { RecordSink } from '../delta/diff.js';
+import { encodedLength, recordCount, writeRecord, type ChunkRecord, type RecordSink } from '../delta/record.js';
 import type { DiffStats } from '../delta/stats.js';
 import type { TargetInfo } from '../delta/target.js';
 import {

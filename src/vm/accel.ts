@@ -13,9 +13,10 @@ import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access, mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 import { writeFileAtomic } from '../util/atomic.js';
 import { UsageError } from '../util/errors.js';
+import { locateProgram } from '../util/programs.js';
 
 export type Accel = 'kvm' | 'tcg';
 export type AccelChoice = Accel | 'auto';
@@ -79,15 +80,11 @@ function cacheFile(): string {
 async function cacheKey(qemuBinary: string): Promise<string | null> {
   try {
     const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
-    const dirs = qemuBinary.includes('/') ? [''] : (process.env['PATH'] ?? '').split(delimiter);
-    for (const dir of dirs) {
-      const path = dir ? join(dir, qemuBinary) : qemuBinary;
-      const st = await stat(path).catch(() => null);
-      if (!st) continue;
-      const kvm = await stat('/dev/kvm').catch(() => null);
-      return [bootId, path, st.size, st.mtimeMs, kvm ? `${kvm.rdev}:${kvm.mode}` : 'none'].join('|');
-    }
-    return null;
+    const path = await locateProgram(qemuBinary);
+    if (!path) return null;
+    const st = await stat(path);
+    const kvm = await stat('/dev/kvm').catch(() => null);
+    return [bootId, path, st.size, st.mtimeMs, kvm ? `${kvm.rdev}:${kvm.mode}` : 'none'].join('|');
   } catch {
     return null;
   }

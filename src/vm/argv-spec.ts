@@ -4,7 +4,7 @@
  * (QMP, serial sockets, -incoming, daemonize, pidfile) is dropped; guest-visible options we do
  * not model are kept verbatim in extraArgs.
  */
-import type { DriveSpec, NetworkSpec, PortForward, VmSpec } from './qemu.js';
+import type { DriveSpec, NetworkSpec, PortForward, VmSpec } from '../spec/vm-spec.js';
 import { UnsupportedError } from '../util/errors.js';
 
 /** Options that only concern the host side of this one process. */

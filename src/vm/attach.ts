@@ -7,7 +7,7 @@ import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient } from './qmp.js';
 import { specFromArgv } from './argv-spec.js';
-import type { VmSpec } from './qemu.js';
+import type { VmSpec } from '../spec/vm-spec.js';
 import { NotFoundError } from '../util/errors.js';
 
 export class AttachedVm {

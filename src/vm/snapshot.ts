@@ -14,7 +14,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { syncDir, tempNameFor, writeFileAtomic } from '../util/atomic.js';
 import { onCleanup } from '../util/cleanup.js';
 import { CloudletError, QemuError, TimeoutError } from '../util/errors.js';
-import { shellQuote, type VmSpec } from './qemu.js';
+import type { VmSpec } from '../spec/vm-spec.js';
+import { shellQuote } from './argv.js';
 import type { QmpClient } from './qmp.js';
 
 /** What a snapshot needs of a VM: one we started (QemuVm) or one we attached to (AttachedVm). */

@@ -13,7 +13,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BusyError, MissingToolError, QemuError, UsageError } from '../../src/util/errors.js';
 import { probeKvm, resolveAccel } from '../../src/vm/accel.js';
-import { findProgram, startQemu } from '../../src/vm/qemu.js';
+import { findProgram } from '../../src/util/programs.js';
+import { startQemu } from '../../src/vm/process.js';
 import { captureSnapshot, copyDiskWhileStopped, copySparse } from '../../src/vm/snapshot.js';
 import {
   bootDemoVm,

@@ -12,7 +12,8 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BusyError } from '../../src/util/errors.js';
 import { SerialConsole } from '../../src/vm/console.js';
-import { resumeSpec, startQemu, type QemuVm, type VmSpec } from '../../src/vm/qemu.js';
+import { resumeSpec, type VmSpec } from '../../src/spec/vm-spec.js';
+import { startQemu, type QemuVm } from '../../src/vm/process.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
 import { captureSnapshot, copySparse, type SnapshotResult, type VmManifest } from '../../src/vm/snapshot.js';
 

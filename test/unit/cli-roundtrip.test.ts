@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { safeName } from '../../src/base/paths.js';
+import { safeName } from '../../src/util/safe-name.js';
 import { openMemorySnapshot } from '../../src/image/memory/snapshot.js';
 import { buildLibvirtHeader } from '../../src/image/memory/libvirt.js';
 import { PAGE, qemuImg, qemuIo, rng, streamOf, textish } from '../helpers/synthetic-vm.js';

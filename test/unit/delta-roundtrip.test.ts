@@ -6,10 +6,11 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
-import { anchorBase, diff, indexBase, type NewTarget } from '../../src/delta/diff.js';
+import { anchorBase, indexBase } from '../../src/delta/base-index.js';
+import { diff } from '../../src/delta/diff.js';
 import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
-import type { BaseTarget } from '../../src/delta/target.js';
+import type { BaseTarget, NewTarget } from '../../src/delta/target.js';
 import { OverlayWriter } from '../../src/overlay/writer.js';
 import { OverlayReader } from '../../src/overlay/reader.js';
 import type { OverlayHeader } from '../../src/overlay/format.js';
@@ -166,7 +167,9 @@ test('a changed base is detected by the digest check', async () => {
   await assert.rejects(
     roundTrip(d, Buffer.alloc(8192), nd, Buffer.alloc(8192), false, (base) => {
       // the base disk's bytes change after the overlay was made
-      const src = base[0]!.source as BufferSource;
+      const disk = base[0];
+      assert.ok(disk && disk.kind !== 'blob');
+      const src = disk.source as BufferSource;
       src.data[4096 + 7] ^= 1; // the chunk the delta record is against
     }),
     HashMismatchError,

@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
-import { diff, indexBase } from '../../src/delta/diff.js';
+import { indexBase } from '../../src/delta/base-index.js';
+import { diff } from '../../src/delta/diff.js';
 import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
 import { baseIdOf, type BaseTarget } from '../../src/delta/target.js';
@@ -45,13 +46,14 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
     newDisk.copy(newDisk, 58 * 4096, 50 * 4096, 54 * 4096);
     newDisk.fill(0, 20 * 4096, 22 * 4096);
     const src = new BufferSource('disk', baseDisk);
+    const baseMap = await ChunkMap.build(src);
     const base: BaseTarget[] = [
       { name: 'tail', kind: 'blob', size: 9, blob: Buffer.from('base tail') },
-      { name: 'disk', kind: 'disk', size: baseDisk.length, source: src, map: await ChunkMap.build(src) },
+      { name: 'disk', kind: 'disk', size: baseDisk.length, source: src, map: baseMap },
     ];
     const infos = [
       { name: 'tail', kind: 'blob' as const, size: 9, digest: '0'.repeat(64) },
-      { name: 'disk', kind: 'disk' as const, size: baseDisk.length, digest: base[1]!.map!.digest() },
+      { name: 'disk', kind: 'disk' as const, size: baseDisk.length, digest: baseMap.digest() },
     ];
     const path = join(dir, 'good.overlay');
     const w = await OverlayWriter.create(path, {

@@ -9,16 +9,8 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  buildQemuArgs,
-  incomingUri,
-  qemuOptValue,
-  resumeSpec,
-  runPaths,
-  shellQuote,
-  validateSpec,
-  type VmSpec,
-} from '../../src/vm/qemu.js';
+import { resumeSpec, validateSpec, type VmSpec } from '../../src/spec/vm-spec.js';
+import { buildQemuArgs, incomingUri, qemuOptValue, runPaths, shellQuote } from '../../src/vm/argv.js';
 import { kvmProbeFirmware } from '../../src/vm/accel.js';
 import { QmpClient, type QmpEvent } from '../../src/vm/qmp.js';
 import { QemuError, TimeoutError, UsageError } from '../../src/util/errors.js';

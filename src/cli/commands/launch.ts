@@ -1,8 +1,7 @@
 import { Command, Option } from 'commander';
 import { launchBase } from '../../api/launch.js';
-import { libraryRoot } from '../../base/paths.js';
-import type { PortForward } from '../../vm/qemu.js';
-import type { AccelChoice } from '../../vm/accel.js';
+import { libraryRoot } from '../../api/base.js';
+import type { AccelChoice, PortForward } from '../../api/types.js';
 import { printResult, type GlobalOptions } from '../output.js';
 import { forwardArg } from '../parse.js';
 

@@ -1,6 +1,6 @@
 import { Command, Option } from 'commander';
 import { snapshotVm } from '../../api/snapshot.js';
-import { libraryRoot } from '../../base/paths.js';
+import { libraryRoot } from '../../api/base.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, type GlobalOptions } from '../output.js';
 

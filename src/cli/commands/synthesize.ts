@@ -1,9 +1,7 @@
 import { Command, Option } from 'commander';
-import { rm } from 'node:fs/promises';
-import { synthesize } from '../../api/synthesize.js';
-import { libraryRoot } from '../../base/paths.js';
-import type { PortForward } from '../../vm/qemu.js';
-import type { AccelChoice } from '../../vm/accel.js';
+import { libraryRoot } from '../../api/base.js';
+import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
+import type { AccelChoice, PortForward } from '../../api/types.js';
 import { makeProgress } from '../progress.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
 import { durationArg, forwardArg, intArg } from '../parse.js';
@@ -66,9 +64,12 @@ Example:
     )
     .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const { result, vm, state } = await synthesize({
-        root,
+      const human = !g.json && !g.quiet;
+      // Ctrl-C in the foreground is the normal end: it stops the VM, it is not an interruption.
+      const stop = new AbortController();
+      onForegroundSignal(() => stop.abort());
+      await runSynthesis({
+        root: libraryRoot(g.library),
         base: flags.base,
         overlay,
         forwards: flags.forward,
@@ -76,35 +77,31 @@ Example:
         waitTcp: flags.waitTcp,
         accel: flags.accel,
         detach: flags.detach,
+        keep: flags.keep,
         readyTimeoutMs: flags.timeout,
         memoryFormat: flags.memory,
         progress: makeProgress(g),
+        signal: stop.signal,
+        onReady(result) {
+          if (human) process.stderr.write(phaseTable(result) + '\n');
+          printResult(g, result, () => summary(result));
+          if (human && !flags.detach) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+        },
       });
-      if (!g.json && !g.quiet) {
-        const rows = [['phase', 'ms']];
-        for (const [k, label] of PHASES) if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
-        process.stderr.write(table(rows) + '\n');
-      }
-      printResult(g, result, () => {
-        const lines = [`instance ${result.instance} running (pid ${result.pid}, ${result.accel}) from base ${result.base_id.slice(0, 12)}`];
-        for (const f of result.forwards) lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
-        if (result.answer) lines.push(`first answer: HTTP ${result.answer.status}`, result.answer.body.trimEnd());
-        return lines.join('\n');
-      });
-      if (flags.detach) {
-        await vm.qmp.close();
-        return;
-      }
-      if (!g.json && !g.quiet) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
-      const stop = async (): Promise<void> => {
-        await vm.stop({ graceMs: 3000 });
-        if (!flags.keep) await rm(state.dir, { recursive: true, force: true });
-      };
-      onForegroundSignal(async () => {
-        await stop();
-        process.exit(0);
-      });
-      await vm.exited;
-      await stop();
     });
+}
+
+function phaseTable(result: SynthesizeResult): string {
+  const rows = [['phase', 'ms']];
+  for (const [k, label] of PHASES) if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
+  return table(rows);
+}
+
+function summary(result: SynthesizeResult): string {
+  const lines = [
+    `instance ${result.instance} running (pid ${result.pid}, ${result.accel}) from base ${result.base_id.slice(0, 12)}`,
+  ];
+  for (const f of result.forwards) lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
+  if (result.answer) lines.push(`first answer: HTTP ${result.answer.status}`, result.answer.body.trimEnd());
+  return lines.join('\n');
 }

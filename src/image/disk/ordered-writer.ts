@@ -6,12 +6,12 @@
  * before the file is committed).
  */
 import type { OutputFile } from './output-file.js';
-import { SerialQueue } from './serial.js';
+import { OpQueue } from './op-queue.js';
 import { DISK_CHUNK, checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
 
 export abstract class OrderedWriter implements DiskWriter {
   abstract readonly format: 'qcow2' | 'raw';
-  private readonly queue = new SerialQueue();
+  private readonly queue = new OpQueue();
   private state: 'open' | 'finished' | 'aborted' | 'failed' = 'open';
   private nextOffset = 0;
   protected writtenBytes = 0;
