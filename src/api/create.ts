@@ -17,7 +17,7 @@ import { UsageError } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
-import { openVmImages, vmTargets, mainBlockOf } from '../targets/vm-images.js';
+import { openVmImages, vmTargets, mainBlockOf, type TargetOrder } from '../targets/vm-images.js';
 import { TOOL } from '../util/version.js';
 import { withBase, type BaseRef } from './base-ref.js';
 
@@ -34,6 +34,8 @@ export interface CreateOptions {
   progress?: Progress;
   /** Switch encoders off (benchmarks). */
   encoders?: Partial<DiffOptions>;
+  /** Default memory-first: what a synthesizing QEMU loads first comes first. */
+  order?: TargetOrder;
 }
 
 export interface CreateResult {
@@ -74,7 +76,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
           'take the customized snapshot from a resume of the base snapshot',
       );
     }
-    const targets = vmTargets(vm);
+    const targets = vmTargets(vm, opts.order ?? 'memory-first');
     const header: OverlayHeader = {
       format: 'cloudlet-overlay',
       version: [VERSION_MAJOR, VERSION_MINOR],

@@ -3,9 +3,10 @@
  * configuration) and ram START section taken from a real stream, then one ram END section with
  * the page records given to writePage(), EOS, footer, and the original device-state tail.
  * QEMU accepts pages in any order and lets a later copy of a page win; records reuse the
- * previous record's block through CONTINUE exactly as ram.c does. The file appears atomically.
+ * previous record's block through CONTINUE exactly as ram.c does. It writes to a sink: a file
+ * that appears atomically, or a socket into a QEMU waiting for it (stream-sink.ts).
  */
-import { AtomicFile } from '../../util/atomic.js';
+import { fileSink, type StreamSink } from './stream-sink.js';
 import { CloudletError, check } from '../../util/errors.js';
 import { BufferByteSource } from './byte-source.js';
 import { PAGE_SIZE, RamFlag, Section } from './format.js';
@@ -34,7 +35,7 @@ type State = 'new' | 'open' | 'done' | 'failed';
 
 export class MigrationStreamWriter {
   private state: State = 'new';
-  private file: AtomicFile | null = null;
+  private file: StreamSink | null = null;
   private out = Buffer.allocUnsafe(OUT_BUFFER);
   /** Double buffering: one buffer fills while the other is being written. */
   private spare = Buffer.allocUnsafe(OUT_BUFFER);
@@ -46,7 +47,12 @@ export class MigrationStreamWriter {
   private ramSectionId = 0;
   private readonly stats: WriterStats = { dataPages: 0, zeroPages: 0, bytes: 0 };
 
-  constructor(readonly path: string) {}
+  /** `to`: a file path (written atomically) or a sink. */
+  constructor(private readonly to: string | StreamSink) {}
+
+  get path(): string {
+    return typeof this.to === 'string' ? this.to : this.to.name;
+  }
 
   /**
    * Starts the stream. `prefix` and `startSection` are MemorySnapshot.prefixBytes() and
@@ -71,7 +77,7 @@ export class MigrationStreamWriter {
     }
     this.ramSectionId = ramSectionId;
 
-    this.file = await AtomicFile.create(this.path);
+    this.file = typeof this.to === 'string' ? await fileSink(this.to) : this.to;
     this.state = 'open';
     await this.guard(async () => {
       await this.put(head);
@@ -113,6 +119,15 @@ export class MigrationStreamWriter {
       this.used += data!.copy(this.out, this.used);
       this.stats.dataPages++;
     }
+  }
+
+  /** Sends every page given so far on to the sink (a QEMU loading it can go on meanwhile). */
+  async push(): Promise<void> {
+    if (this.state !== 'open') throw new CloudletError(`MigrationStreamWriter.push in state ${this.state}`);
+    await this.guard(async () => {
+      await this.flush();
+      await this.inflight;
+    });
   }
 
   /** Ends the ram section, appends the device-state tail unchanged, and commits the file. */
@@ -179,10 +194,6 @@ export class MigrationStreamWriter {
   }
 
   private async writeAt(data: Buffer, position: number): Promise<void> {
-    const handle = this.file!.handle;
-    for (let done = 0; done < data.length; ) {
-      const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
-      done += bytesWritten;
-    }
+    await this.file!.write(data, position);
   }
 }
