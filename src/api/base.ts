@@ -82,7 +82,7 @@ async function importSnapshotDir(
   return importBase({ root, disk, diskFormat, memory, vm, name, qemuVersion, progress });
 }
 
-export interface CaptureOptions {
+export interface CaptureBaseOptions {
   root: string;
   /** One of: an instance id, or a QMP socket. */
   instance?: string;
@@ -94,7 +94,7 @@ export interface CaptureOptions {
 }
 
 /** Captures a running VM into the library: `snapshot` into a temporary directory, then import it. */
-export async function captureBase(opts: CaptureOptions): Promise<ImportResult> {
+export async function captureBase(opts: CaptureBaseOptions): Promise<ImportResult> {
   const progress = opts.progress ?? silent;
   await mkdir(tmpDir(opts.root), { recursive: true });
   const dir = join(tmpDir(opts.root), `capture-${process.pid}-${Date.now()}`);

@@ -86,9 +86,9 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     const file: SnapshotVmFile = {
       vm: vmSpec,
       disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,
-      qemu_version: r.manifest.qemuVersion,
+      qemu_version: r.info.qemuVersion,
       captured_at: new Date().toISOString(),
-      argv: r.manifest.argv,
+      argv: r.info.argv,
     };
     await writeFileAtomic(join(work, SNAPSHOT_VM), JSON.stringify(file, null, 2) + '\n');
     await rename(work, outDir);

@@ -3,6 +3,7 @@
  * these turn it into typed values or a CorruptInputError that names the field.
  */
 import { CorruptInputError } from '../util/errors.js';
+import { CHUNK_SIZE } from '../delta/chunk.js';
 import type { TargetKind } from '../delta/target.js';
 import type { DiffStats } from '../delta/stats.js';
 import { MAX_SEGMENT_RAW, type OverlayHeader, type OverlayIndex, type OverlayTarget, type SegmentEntry } from './format.js';
@@ -59,7 +60,7 @@ export function parseHeader(buf: Buffer): OverlayHeader {
   const version = arr(o.version, 'header.version').map((x, i) => int(x, `header.version[${i}]`));
   if (version.length !== 2) fail('header.version', 'expected [major, minor]');
   const chunkSize = int(o.chunkSize, 'header.chunkSize');
-  if (chunkSize !== 4096) fail('header.chunkSize', `unsupported chunk size ${chunkSize}`);
+  if (chunkSize !== CHUNK_SIZE) fail('header.chunkSize', `unsupported chunk size ${chunkSize}`);
   const base = obj(o.base, 'header.base');
   const baseId = str(base.id, 'header.base.id');
   if (!HEX64.test(baseId)) fail('header.base.id', 'expected 64 hex digits');

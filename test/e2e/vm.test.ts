@@ -101,15 +101,15 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     const snap = await captureSnapshot(vm.vm, {
       memPath: join(work, 'boot.mem'),
       disks: [{ from: vm.disk, to: join(work, 'boot.disk.raw') }],
-      manifestPath: join(work, 'boot.json'),
+      infoPath: join(work, 'boot.json'),
       then: 'resume',
     });
     assert.ok(await streamLooksComplete(snap.memPath), 'complete migration stream');
-    assert.equal(snap.manifest.machine, 'pc-q35-7.2');
-    assert.equal(snap.manifest.memoryMiB, 128);
-    assert.equal(snap.manifest.cpuModel, 'qemu64');
-    assert.equal(snap.manifest.smp, 1);
-    assert.ok(snap.manifest.argv.includes('-kernel'));
+    assert.equal(snap.info.machine, 'pc-q35-7.2');
+    assert.equal(snap.info.memoryMiB, 128);
+    assert.equal(snap.info.cpuModel, 'qemu64');
+    assert.equal(snap.info.smp, 1);
+    assert.ok(snap.info.argv.includes('-kernel'));
     assert.equal((await stat(join(work, 'boot.disk.raw'))).size, 64 * 2 ** 20);
     console.error(`snapshot ${(snap.memBytes / 2 ** 20).toFixed(1)} MiB in ${snap.timings.migrateMs.toFixed(0)} ms`);
 
@@ -122,7 +122,7 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
 
     const disk = join(work, 'resume1', 'disk.raw');
     await copySparse(join(work, 'boot.disk.raw'), disk, { fsync: false });
-    const resumed = await resumeVm({ workDir: join(work, 'resume1'), incoming: snap.memPath, disk, spec: snap.manifest.spec });
+    const resumed = await resumeVm({ workDir: join(work, 'resume1'), incoming: snap.memPath, disk, spec: snap.info.spec });
     try {
       assert.notEqual(resumed.port, vm.port);
       const s = await getStatus(resumed);
@@ -148,16 +148,16 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     assert.equal(r.statuses.custom.marker, r.customization.marker);
     assert.match(r.statuses.custom.app, /^demo-app-v1 ticks=\d+$/);
     assert.ok(r.customization.bytesWritten > 3 * 2 ** 20, `wrote ${r.customization.bytesWritten} bytes`);
-    for (const f of [r.base.mem, r.base.disk, r.custom.mem, r.custom.disk, r.base.manifestPath, r.custom.manifestPath]) {
+    for (const f of [r.base.mem, r.base.disk, r.custom.mem, r.custom.disk, r.base.infoPath, r.custom.infoPath]) {
       assert.ok((await stat(f)).size > 0, f);
     }
-    assert.deepEqual(r.custom.manifest.spec.kernel, r.base.manifest.spec.kernel);
+    assert.deepEqual(r.custom.info.spec.kernel, r.base.info.spec.kernel);
     console.error(`flow timings ${JSON.stringify(Object.fromEntries(Object.entries(r.timings).map(([k, v]) => [k, Math.round(v)])))}`);
 
     // The customized snapshot resumes with its disk: new marker, app still ticking, same token.
     const disk = join(dir, 'check', 'disk.raw');
     await copySparse(r.custom.disk, disk, { fsync: false });
-    const vm = await resumeVm({ workDir: join(dir, 'check'), incoming: r.custom.mem, disk, spec: r.custom.manifest.spec });
+    const vm = await resumeVm({ workDir: join(dir, 'check'), incoming: r.custom.mem, disk, spec: r.custom.info.spec });
     try {
       const s = await getStatus(vm);
       assert.equal(s.token, r.tokens.base);

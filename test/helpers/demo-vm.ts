@@ -15,7 +15,7 @@ import { SerialConsole } from '../../src/vm/console.js';
 import { resumeSpec, type VmSpec } from '../../src/spec/vm-spec.js';
 import { startQemu, type QemuVm } from '../../src/vm/process.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
-import { captureSnapshot, copySparse, type SnapshotResult, type VmManifest } from '../../src/vm/snapshot.js';
+import { captureSnapshot, copySparse, type CapturedSnapshot, type CaptureInfo } from '../../src/vm/snapshot.js';
 
 /** demo-vm.json as written by build.sh. */
 export interface DemoVm {
@@ -293,8 +293,8 @@ export async function customize(
 export interface CapturedVm {
   mem: string;
   disk: string;
-  manifestPath: string;
-  manifest: VmManifest;
+  infoPath: string;
+  info: CaptureInfo;
 }
 
 export interface CaptureResult {
@@ -322,13 +322,13 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
   await mkdir(workDir, { recursive: true });
   const base = await bootDemoVm({ workDir: join(workDir, 'base-run') });
   let baseStatus: DemoStatus;
-  let baseSnap: SnapshotResult;
+  let baseSnap: CapturedSnapshot;
   try {
     baseStatus = await getStatus(base);
     baseSnap = await captureSnapshot(base.vm, {
       memPath: join(workDir, 'base.mem'),
       disks: [{ from: base.disk, to: join(workDir, 'base.disk.raw') }],
-      manifestPath: join(workDir, 'base.json'),
+      infoPath: join(workDir, 'base.json'),
       then: 'quit',
     });
   } finally {
@@ -343,7 +343,7 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
     workDir: customRun,
     incoming: baseSnap.memPath,
     disk: customDisk,
-    spec: baseSnap.manifest.spec,
+    spec: baseSnap.info.spec,
   });
   try {
     const resumedStatus = await getStatus(resumed);
@@ -354,21 +354,21 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
     const customSnap = await captureSnapshot(resumed.vm, {
       memPath: join(workDir, 'custom.mem'),
       disks: [{ from: customDisk, to: join(workDir, 'custom.disk.raw') }],
-      manifestPath: join(workDir, 'custom.json'),
+      infoPath: join(workDir, 'custom.json'),
       then: 'quit',
     });
     return {
       base: {
         mem: baseSnap.memPath,
         disk: join(workDir, 'base.disk.raw'),
-        manifestPath: join(workDir, 'base.json'),
-        manifest: baseSnap.manifest,
+        infoPath: join(workDir, 'base.json'),
+        info: baseSnap.info,
       },
       custom: {
         mem: customSnap.memPath,
         disk: join(workDir, 'custom.disk.raw'),
-        manifestPath: join(workDir, 'custom.json'),
-        manifest: customSnap.manifest,
+        infoPath: join(workDir, 'custom.json'),
+        info: customSnap.info,
       },
       customization,
       tokens: { base: baseStatus.token, resumed: resumedStatus.token },

@@ -5,7 +5,6 @@
  */
 import {
   ConfigSubsection,
-  PAGE_SIZE,
   RAM_SECTION_NAME,
   RAM_SECTION_VERSION,
   RamFlag,
@@ -13,6 +12,7 @@ import {
   STREAM_VERSION,
   Section,
 } from '../../src/image/memory/format.js';
+import { PAGE_SIZE } from '../../src/util/page.js';
 
 export interface SyntheticBlock {
   name: string;

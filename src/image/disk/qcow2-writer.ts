@@ -13,12 +13,13 @@
  * is completed from `base` (the backing file's contents), since a qcow2 cluster is all or
  * nothing.
  */
+import { PAGE_SIZE } from '../../util/page.js';
 import type { ChunkSource } from '../../delta/source.js';
 import { CloudletError, UnsupportedError } from '../../util/errors.js';
 import { decodeHeader, encodeHeader, type Qcow2Header } from './qcow2-header.js';
 import { OrderedWriter } from './ordered-writer.js';
 import { OutputFile } from './output-file.js';
-import { DISK_CHUNK, type WriterStats } from './writer.js';
+import type { WriterStats } from './writer.js';
 
 export interface Qcow2WriterOptions {
   /** Guest-visible size; may be larger or smaller than the backing file. */
@@ -33,7 +34,7 @@ export interface Qcow2WriterOptions {
   clusterSize?: number;
 }
 
-const MIN_CLUSTER = 4096;
+const MIN_CLUSTER = PAGE_SIZE;
 const MAX_CLUSTER = 2 * 1024 * 1024;
 /** Completed data clusters are gathered into writes of this size. */
 const WRITE_BEHIND = 4 * 1024 * 1024;
@@ -77,7 +78,7 @@ export class Qcow2Writer extends OrderedWriter {
     super(file, path, virtualSize);
     this.clusterBits = Math.log2(clusterSize);
     this.pending = Buffer.alloc(clusterSize);
-    this.covered = new Uint8Array(clusterSize / DISK_CHUNK);
+    this.covered = new Uint8Array(clusterSize / PAGE_SIZE);
     this.wb = Buffer.allocUnsafe(Math.max(WRITE_BEHIND, clusterSize));
     this.wbHost = clusterSize;
     this.zeros = Buffer.alloc(clusterSize);
@@ -137,7 +138,7 @@ export class Qcow2Writer extends OrderedWriter {
       const at = pos - cStart;
       if (data) this.pending.set(data.subarray(pos - offset, pos - offset + n), at);
       else this.pending.fill(0, at, at + n);
-      this.covered.fill(1, at / DISK_CHUNK, Math.ceil((at + n) / DISK_CHUNK));
+      this.covered.fill(1, at / PAGE_SIZE, Math.ceil((at + n) / PAGE_SIZE));
       pos += n;
     }
   }
@@ -184,8 +185,8 @@ export class Qcow2Writer extends OrderedWriter {
       }
       let j = i;
       while (j < this.covered.length && !this.covered[j]) j++;
-      const from = i * DISK_CHUNK;
-      const to = Math.min(j * DISK_CHUNK, limit);
+      const from = i * PAGE_SIZE;
+      const to = Math.min(j * PAGE_SIZE, limit);
       if (to > from) runs.push({ from, to });
       i = j;
     }
@@ -204,8 +205,8 @@ export class Qcow2Writer extends OrderedWriter {
     if (ci === this.pendingIndex) {
       // Covered chunks come from the cluster being assembled, the others from the base.
       for (let pos = at; pos < at + n; ) {
-        const chunk = Math.floor(pos / DISK_CHUNK);
-        const stop = Math.min(at + n, (chunk + 1) * DISK_CHUNK);
+        const chunk = Math.floor(pos / PAGE_SIZE);
+        const stop = Math.min(at + n, (chunk + 1) * PAGE_SIZE);
         const dst = out.subarray(pos - at, stop - at);
         if (this.covered[chunk]) this.pending.copy(dst, 0, pos, stop);
         else await this.readBase(cStart + pos, dst);

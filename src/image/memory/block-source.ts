@@ -5,8 +5,8 @@
  */
 import type { ChunkSource, Extent } from '../../delta/source.js';
 import { CloudletError, CorruptInputError } from '../../util/errors.js';
-import type { ByteSource } from './byte-source.js';
-import { PAGE_SIZE } from './format.js';
+import type { SnapshotBytes } from './snapshot-bytes.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { ZERO_PAGE_ENTRY, type PageTable } from './page-table.js';
 
 /** Data pages at most this far apart in the file are fetched with one read. */
@@ -26,7 +26,7 @@ export class BlockSource implements ChunkSource {
   constructor(
     readonly name: string,
     private readonly table: PageTable,
-    private readonly source: ByteSource,
+    private readonly source: SnapshotBytes,
   ) {
     this.size = table.pages * PAGE_SIZE;
   }

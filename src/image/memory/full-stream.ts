@@ -2,7 +2,7 @@
  * Full streams: every page of every block re-emitted through MigrationStreamWriter (zero pages as
  * ZERO records). What synthesis writes when no base RAM file is used, and the round-trip test.
  */
-import { PAGE_SIZE } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import type { MemorySnapshot } from './snapshot.js';
 import { MigrationStreamWriter } from './writer.js';
 

@@ -6,20 +6,10 @@
  * read faithfully is refused with the capability to turn off.
  */
 import { CorruptInputError, UnsupportedError, check } from '../../util/errors.js';
-import type { ByteSource } from './byte-source.js';
+import type { SnapshotBytes } from './snapshot-bytes.js';
 import { readConfiguration, readPrintable, type Configuration } from './configuration.js';
-import {
-  FLAG_MASK,
-  MAX_RAM_BYTES,
-  PAGE_SIZE,
-  RAM_SECTION_NAME,
-  RAM_SECTION_VERSION,
-  RamFlag,
-  STREAM_MAGIC,
-  STREAM_VERSION,
-  STREAM_VERSION_COMPAT,
-  Section,
-} from './format.js';
+import { FLAG_MASK, MAX_RAM_BYTES, RAM_SECTION_NAME, RAM_SECTION_VERSION, RamFlag, STREAM_MAGIC, STREAM_VERSION, STREAM_VERSION_COMPAT, Section } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { PageTable, fillEntry } from './page-table.js';
 import { SequentialReader } from './reader.js';
 
@@ -83,7 +73,7 @@ export interface ParseOptions {
 
 /** Parses [start, end) of `source` (end defaults to its size). */
 export async function parseStream(
-  source: ByteSource,
+  source: SnapshotBytes,
   start = 0,
   end = source.size,
   options: ParseOptions = {},
@@ -111,7 +101,7 @@ class StreamParser {
   private config: Configuration | null = null;
 
   constructor(
-    private readonly source: ByteSource,
+    private readonly source: SnapshotBytes,
     private readonly start: number,
     private readonly end: number,
     chunkSize?: number,

@@ -8,7 +8,7 @@ import type { ChunkSource, Extent } from '../../delta/source.js';
 import { AtomicFile } from '../../util/atomic.js';
 import { pread } from '../disk/io.js';
 import { CloudletError, NotFoundError, UnsupportedError } from '../../util/errors.js';
-import { PAGE_SIZE } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { ZERO_PAGE_ENTRY } from './page-table.js';
 import type { MemorySnapshot } from './snapshot.js';
 

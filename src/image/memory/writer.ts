@@ -7,8 +7,9 @@
  */
 import { AtomicFile } from '../../util/atomic.js';
 import { CloudletError, check } from '../../util/errors.js';
-import { BufferByteSource } from './byte-source.js';
-import { PAGE_SIZE, RamFlag, Section } from './format.js';
+import { BufferSnapshotBytes } from './snapshot-bytes.js';
+import { RamFlag, Section } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { parseStream } from './parse.js';
 
 const OUT_BUFFER = 8 * 1024 * 1024;
@@ -56,7 +57,7 @@ export class MigrationStreamWriter {
   async begin(prefix: Buffer, startSection: Buffer, ramSectionId: number): Promise<void> {
     if (this.state !== 'new') throw new CloudletError('MigrationStreamWriter.begin called twice');
     const head = Buffer.concat([prefix, startSection]);
-    const index = await parseStream(new BufferByteSource(head), 0, head.length, { headOnly: true });
+    const index = await parseStream(new BufferSnapshotBytes(head), 0, head.length, { headOnly: true });
     check(index.startSection.offset === prefix.length, 'stream prefix does not end where the ram START section begins', {
       offset: index.startSection.offset,
     });
@@ -91,7 +92,7 @@ export class MigrationStreamWriter {
       throw new CloudletError(`page ${pageIndex} outside RAM block ${blockName}`, { block: blockName, pageIndex });
     }
     if (data !== null && data.length !== PAGE_SIZE) {
-      throw new CloudletError('page data must be 4096 bytes', { length: data.length });
+      throw new CloudletError(`page data must be ${PAGE_SIZE} bytes`, { length: data.length });
     }
     const zero = data === null || data.equals(ZERO);
     if (this.used + 8 + 256 + PAGE_SIZE > this.out.length) await this.guard(() => this.flush());
