@@ -151,10 +151,10 @@ async function applyWith(
   try {
     const outputs: Array<TargetOutput | undefined> = header.targets.map(() => undefined);
     // The stream output needs the blobs the patcher rebuilds first (they precede every page).
-    let patcher: Patcher | undefined;
+    const made: { patcher?: Patcher } = {};
     const blob = (name: string): Buffer => {
-      if (!patcher) throw new Error('apply: a stream blob was asked for before the patcher exists');
-      return patcher.blob(name);
+      if (!made.patcher) throw new Error('apply: a stream blob was asked for before the patcher exists');
+      return made.patcher.blob(name);
     };
     if (diskTarget && baseDisk?.kind === 'disk' && baseDiskFile) {
       const path = join(staging, names.disk);
@@ -195,8 +195,8 @@ async function applyWith(
       }
     }
 
-    patcher = new Patcher(base.targets, header.targets, outputs, reader);
-    const running = patcher;
+    const patcher = new Patcher(base.targets, header.targets, outputs, reader);
+    made.patcher = patcher;
     progress.step('rebuilding VM from overlay', reader.fileSize);
     let seg = -1;
     const result = await timings.time('rebuild', async () => {
@@ -205,13 +205,13 @@ async function applyWith(
           seg = at.segment;
           progress.advance(reader.index.segments[seg]?.length ?? 0);
         }
-        await running.add(at);
+        await patcher.add(at);
       }
-      return running.finish();
+      return patcher.finish();
     });
     if (memoryFormat === 'raw' && ramTargets.length > 0) {
       for (const name of STREAM_BLOBS) {
-        await writeFileAtomic(join(staging, names.memory, name), running.blob(name));
+        await writeFileAtomic(join(staging, names.memory, name), patcher.blob(name));
       }
     }
     progress.done('rebuilt and verified');

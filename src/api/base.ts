@@ -89,7 +89,7 @@ export interface CaptureBaseOptions {
   qmp?: string;
   disk?: string;
   name?: string;
-  then: 'resume' | 'quit';
+  afterCapture: 'resume' | 'quit';
   progress?: Progress;
 }
 
@@ -99,8 +99,8 @@ export async function captureBase(opts: CaptureBaseOptions): Promise<ImportResul
   await mkdir(tmpDir(opts.root), { recursive: true });
   const dir = join(tmpDir(opts.root), `capture-${process.pid}-${Date.now()}`);
   try {
-    const { root, instance, qmp, disk, then } = opts;
-    await snapshotVm({ root, instance, qmp, disk, outDir: dir, then, progress });
+    const { root, instance, qmp, disk, afterCapture } = opts;
+    await snapshotVm({ root, instance, qmp, disk, outDir: dir, afterCapture, progress });
     return await importSnapshotDir(root, dir, opts.name, progress);
   } finally {
     await rm(dir, { recursive: true, force: true });

@@ -8,6 +8,7 @@ import { rm } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { Readable, Transform } from 'node:stream';
 import { join } from 'node:path';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { randomBytes } from 'node:crypto';
 import { NetworkError, NotFoundError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
@@ -52,7 +53,7 @@ export async function fetchToFile(url: string, dir: string, progress: Progress =
     },
   });
   try {
-    await pipeline(Readable.fromWeb(res.body as import('node:stream/web').ReadableStream<Uint8Array>), count, createWriteStream(path, { flags: 'wx' }));
+    await pipeline(Readable.fromWeb(res.body as WebReadableStream<Uint8Array>), count, createWriteStream(path, { flags: 'wx' }));
   } catch (err) {
     await rm(path, { force: true });
     unregister();

@@ -60,7 +60,7 @@ export interface CaptureSnapshotOptions {
   /** Final path of the memory snapshot (migration stream). */
   memPath: string;
   /** After capture: keep running (`cont`), `quit` QEMU, or stay stopped. Default 'resume'. */
-  then?: 'resume' | 'quit' | 'stop';
+  afterCapture?: 'resume' | 'quit' | 'stop';
   /** Disk images to copy while the VM is stopped. */
   disks?: DiskCopy[];
   /** Where to write the CaptureInfo as JSON (atomically); none when omitted. */
@@ -92,7 +92,7 @@ export async function captureSnapshot(vm: CapturableVm, options: CaptureSnapshot
     return await captureStopped(vm, options, infoBase, t0);
   } catch (err) {
     // Leave the VM as the caller expects it: running again when it asked for 'resume'.
-    if ((options.then ?? 'resume') === 'resume' && vm.running) {
+    if ((options.afterCapture ?? 'resume') === 'resume' && vm.running) {
       await qmp.execute('cont').catch(() => undefined);
     }
     throw err;
@@ -153,9 +153,9 @@ async function captureStopped(
   };
   if (options.infoPath) await writeFileAtomic(options.infoPath, JSON.stringify(info, null, 2) + '\n');
 
-  const then = options.then ?? 'resume';
-  if (then === 'resume') await qmp.execute('cont');
-  else if (then === 'quit') await vm.stop();
+  const after = options.afterCapture ?? 'resume';
+  if (after === 'resume') await qmp.execute('cont');
+  else if (after === 'quit') await vm.stop();
   return { memPath: options.memPath, memBytes, info, timings: { migrateMs, diskCopyMs, totalMs: performance.now() - t0 } };
 }
 

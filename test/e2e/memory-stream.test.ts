@@ -20,6 +20,7 @@ import { mkdtemp, readFile, rm, stat, truncate, writeFile } from 'node:fs/promis
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { xorByte } from '../helpers/bytes.js';
 import {
   MigrationStreamWriter,
   buildLibvirtHeader,
@@ -124,7 +125,7 @@ test('QEMU 7.2 memory snapshots: parse, full re-emit, sparse resume, libvirt wra
     t.diagnostic(`parsed ${size} bytes in ${ms.toFixed(1)} ms; records ${JSON.stringify(a.records)}`);
     assert.equal(a.machineType, 'pc-q35-7.2');
     const names = a.blocks.map((b) => b.name);
-    for (const n of ['pc.ram', 'pc.bios', 'pc.rom', '/rom@etc/acpi/tables']) assert.ok(names.includes(n), `${n} in ${names}`);
+    for (const n of ['pc.ram', 'pc.bios', 'pc.rom', '/rom@etc/acpi/tables']) assert.ok(names.includes(n), `${n} in ${names.join(', ')}`);
     assert.equal(a.blocks.find((b) => b.name === 'pc.ram')!.length, RAM_MIB * MiB);
     a.assertComplete();
     assert.equal(a.records.page, countersA.normal, 'PAGE records = QEMU "normal" pages');
@@ -175,7 +176,7 @@ test('QEMU 7.2 memory snapshots: parse, full re-emit, sparse resume, libvirt wra
   const changedPages = dataPages.slice(-6);
   const zeroed = dataPages.slice(-12, -6);
   for (const p of added) patternPage(1, p).copy(ramB, p * PAGE);
-  for (const p of changedPages) ramB[p * PAGE + 100] ^= 0x5a;
+  for (const p of changedPages) xorByte(ramB, p * PAGE + 100, 0x5a);
   for (const p of zeroed) ramB.fill(0, p * PAGE, (p + 1) * PAGE);
   const expectedDiff = [...added, ...changedPages, ...zeroed].sort((x, y) => x - y);
 

@@ -16,6 +16,7 @@ import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
 import { cli, type CliResult } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
+import { xorByte } from '../helpers/bytes.js';
 
 const hasQemu = findQemu() !== null;
 if (!hasQemu && process.env.CI) throw new Error('QEMU is required in CI (apt-get install qemu-system-x86 qemu-utils)');
@@ -102,7 +103,7 @@ test('capture a base, customize it, create an overlay, synthesize it', { skip: !
   // 3. The overlay.
   const overlay = join(work, 'app.overlay');
   const created = ok(await cli(['create', '--base', 'demo', '--disk', join(snapDir, 'disk.qcow2'), '--memory', join(snapDir, 'memory.stream'), '-o', overlay], env), 'create');
-  t.diagnostic(`overlay ${created.size} bytes; encodings ${JSON.stringify((created.stats as { encodings: unknown }).encodings)}`);
+  t.diagnostic(`overlay ${String(created.size)} bytes; encodings ${JSON.stringify((created.stats as { encodings: unknown }).encodings)}`);
   ok(await cli(['verify', overlay], env), 'verify');
 
   // 4. Two instances of one base at once, on different ports.
@@ -200,7 +201,7 @@ test('failures: one line, a distinct exit code, no QEMU and no instance left', {
 
   // A corrupt overlay (one flipped bit in the body).
   const bad = Buffer.from(good);
-  bad[Math.floor(bad.length / 2)] ^= 0x10;
+  xorByte(bad, Math.floor(bad.length / 2), 0x10);
   await writeFile(join(work, 'corrupt.overlay'), bad);
   await expectFail(syn(join(work, 'corrupt.overlay')), 4, /checksum|damaged/);
   // A truncated one.

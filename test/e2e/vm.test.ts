@@ -91,7 +91,7 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
 
     // A snapshot that cannot be written fails clearly and leaves the VM running.
     await assert.rejects(
-      captureSnapshot(vm.vm, { memPath: join(work, 'no-such-dir', 'x.mem'), then: 'resume', timeoutMs: 20_000 }),
+      captureSnapshot(vm.vm, { memPath: join(work, 'no-such-dir', 'x.mem'), afterCapture: 'resume', timeoutMs: 20_000 }),
       (err: unknown) => err instanceof QemuError && /snapshot failed/.test(err.message),
     );
     assert.equal(await vm.vm.status(), 'running');
@@ -102,7 +102,7 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
       memPath: join(work, 'boot.mem'),
       disks: [{ from: vm.disk, to: join(work, 'boot.disk.raw') }],
       infoPath: join(work, 'boot.json'),
-      then: 'resume',
+      afterCapture: 'resume',
     });
     assert.ok(await streamLooksComplete(snap.memPath), 'complete migration stream');
     assert.equal(snap.info.machine, 'pc-q35-7.2');
@@ -113,7 +113,7 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     assert.equal((await stat(join(work, 'boot.disk.raw'))).size, 64 * 2 ** 20);
     console.error(`snapshot ${(snap.memBytes / 2 ** 20).toFixed(1)} MiB in ${snap.timings.migrateMs.toFixed(0)} ms`);
 
-    // `then: 'resume'` continued the source: it still answers, same token, next counter.
+    // `afterCapture: 'resume'` continued the source: it still answers, same token, next counter.
     const after = await getStatus(vm);
     assert.equal(after.token, firstStatus.token);
     const counterAtSnapshot = after.counter - 1;

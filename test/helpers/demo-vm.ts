@@ -82,7 +82,10 @@ export function ensureDemoVm(): Promise<DemoVm> {
     }).then(
       () =>
         new Promise<string>((resolve, reject) =>
-          execFile('bash', [script, '--print-dir'], (err, stdout) => (err ? reject(err) : resolve(stdout.trim()))),
+          execFile('bash', [script, '--print-dir'], (err, stdout) => {
+            if (err) reject(new Error(`demo VM build --print-dir failed: ${err.message}`, { cause: err }));
+            else resolve(stdout.trim());
+          }),
         ),
     );
     return JSON.parse(await readFile(join(dir, 'demo-vm.json'), 'utf8')) as DemoVm;
@@ -329,7 +332,7 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
       memPath: join(workDir, 'base.mem'),
       disks: [{ from: base.disk, to: join(workDir, 'base.disk.raw') }],
       infoPath: join(workDir, 'base.json'),
-      then: 'quit',
+      afterCapture: 'quit',
     });
   } finally {
     await base.vm.stop();
@@ -355,7 +358,7 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
       memPath: join(workDir, 'custom.mem'),
       disks: [{ from: customDisk, to: join(workDir, 'custom.disk.raw') }],
       infoPath: join(workDir, 'custom.json'),
-      then: 'quit',
+      afterCapture: 'quit',
     });
     return {
       base: {

@@ -208,7 +208,7 @@ export class TinyQemu {
         }
       });
     });
-    this.socket!.on('error', () => undefined);
+    this.socket.on('error', () => undefined);
     const died = this.exited.then((code) => {
       throw new Error(`QEMU ${this.name} exited (${code}) before QMP was ready: ${this.stderr}`);
     });

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { cli } from '../helpers/cli.js';
 import { PAGE, rng, streamOf, textish } from '../helpers/synthetic-vm.js';
+import { xorByte } from '../helpers/bytes.js';
 
 let dir: string;
 let env: NodeJS.ProcessEnv;
@@ -85,7 +86,7 @@ test('export a package, import it into another library (verified), refuse a dama
   execFileSync('tar', ['-xf', pkg, '-C', work]);
   const ramFile = join(work, id, 'ram', 'pc.ram.raw');
   const ram = await readFile(ramFile);
-  ram[100] ^= 1;
+  xorByte(ram, 100, 1);
   await writeFile(ramFile, ram);
   execFileSync('tar', ['-cf', join(dir, 'bad.tar'), '-C', work, id]);
   const env3 = { ...process.env, CLOUDLET_LIBRARY: join(dir, 'lib3') };

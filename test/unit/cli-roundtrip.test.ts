@@ -15,6 +15,7 @@ import { safeName } from '../../src/util/safe-name.js';
 import { openMemorySnapshot } from '../../src/image/memory/snapshot.js';
 import { buildLibvirtHeader } from '../../src/image/memory/libvirt.js';
 import { PAGE, qemuImg, qemuIo, rng, streamOf, textish } from '../helpers/synthetic-vm.js';
+import { xorByte } from '../helpers/bytes.js';
 
 const run = promisify(execFile);
 const BIN = fileURLToPath(new URL('../../../bin/cloudlet-overlay.js', import.meta.url));
@@ -71,7 +72,7 @@ before(async () => {
   qemuImg('dd', '-f', 'raw', '-O', 'raw', `if=${join(dir, 'file.bin')}`, `of=${join(dir, 'file.raw')}`, 'bs=4096');
   // Customized memory: edits, moved pages, data→zero, zero→data, the file's pages.
   const cram = Buffer.from(ram);
-  for (let i = 0; i < 300; i++) cram[Math.floor(rand() * (2 << 20))] ^= 0x20;
+  for (let i = 0; i < 300; i++) xorByte(cram, Math.floor(rand() * (2 << 20)), 0x20);
   ram.copy(cram, 3 << 20, 100 * PAGE, 120 * PAGE);
   cram.fill(0, 10 * PAGE, 14 * PAGE);
   cram.fill(0x11, (2 << 20) + PAGE, (2 << 20) + 2 * PAGE);
@@ -198,7 +199,7 @@ test('bad input: wrong base, truncated, bit-flipped, unknown version, missing fi
   await writeFile(join(dir, 'trunc.overlay'), good.subarray(0, good.length - 100));
   await expectFail(join(dir, 'trunc.overlay'), 4, /truncated|footer/);
   const flipped = Buffer.from(good);
-  flipped[Math.floor(good.length / 2)] ^= 0x04;
+  xorByte(flipped, Math.floor(good.length / 2), 0x04);
   await writeFile(join(dir, 'flip.overlay'), flipped);
   await expectFail(join(dir, 'flip.overlay'), 4, /checksum|damaged/);
   const v2 = Buffer.from(good);

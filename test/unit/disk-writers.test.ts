@@ -287,7 +287,7 @@ describe('disk writers', { skip: noQemu }, () => {
       const w = await Qcow2Writer.create(out, { virtualSize: size, backingFile: 'big-base.raw', backingFormat: 'raw', base: src, clusterSize });
       const offsets = Array.from({ length: 10 }, () => Math.floor(r() * (size / CHUNK)) * CHUNK).sort((a, b) => a - b);
       const changes = new Map<number, Buffer>();
-      for (const off of [...new Set(offsets)]) {
+      for (const off of new Set(offsets)) {
         const data = randomBytes(r, CHUNK);
         changes.set(off, data);
         await w.writeChunk(off, data);

@@ -20,7 +20,8 @@ import {
   zeroRecord,
   type SyntheticBlock,
 } from '../helpers/synthetic-stream.js';
-import { CloudletError, CorruptInputError, NotFoundError, UnsupportedError } from '../../src/util/errors.js';
+import type { CloudletError} from '../../src/util/errors.js';
+import { CorruptInputError, NotFoundError, UnsupportedError } from '../../src/util/errors.js';
 
 const PAGE = 4096;
 

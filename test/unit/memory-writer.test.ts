@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { xorByte } from '../helpers/bytes.js';
 import {
   MigrationStreamWriter,
   memorySnapshotFromBuffer,
@@ -52,7 +53,7 @@ function customize(base: Buffer): { ram: Buffer; changed: number[]; zeroed: numb
   for (const p of changed) patternPage(99, p).copy(ram, p * PAGE);
   const zeroed = [1, 16]; // data pages of the sample
   for (const p of zeroed) ram.fill(0, p * PAGE, (p + 1) * PAGE);
-  ram[21 * PAGE + 5] ^= 0xff; // page 21 was data: one byte differs
+  xorByte(ram, 21 * PAGE + 5, 0xff); // page 21 was data: one byte differs
   changed.push(21);
   return { ram, changed: [...changed, ...zeroed].sort((x, y) => x - y), zeroed };
 }

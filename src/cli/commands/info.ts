@@ -1,4 +1,4 @@
-import { Command } from 'commander';
+import type { Command } from 'commander';
 import { overlayInfo } from '../../api/inspect.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
 

@@ -1,4 +1,5 @@
-import { Command, Option } from 'commander';
+import type { Command} from 'commander';
+import { Option } from 'commander';
 import { launchBase } from '../../api/launch.js';
 import { libraryRoot } from '../../api/base.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';

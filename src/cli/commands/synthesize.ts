@@ -1,4 +1,5 @@
-import { Command, Option } from 'commander';
+import type { Command} from 'commander';
+import { Option } from 'commander';
 import { libraryRoot } from '../../api/base.js';
 import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';

@@ -1,4 +1,4 @@
-import { Command } from 'commander';
+import type { Command } from 'commander';
 import { verifyOverlay } from '../../api/inspect.js';
 import { CorruptInputError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';

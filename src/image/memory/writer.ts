@@ -111,7 +111,7 @@ export class MigrationStreamWriter {
       this.out[this.used++] = 0;
       this.stats.zeroPages++;
     } else {
-      this.used += data!.copy(this.out, this.used);
+      this.used += data.copy(this.out, this.used);
       this.stats.dataPages++;
     }
   }
