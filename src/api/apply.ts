@@ -116,15 +116,21 @@ async function applyWith(
   const mainSize = ramTargets.find((t) => t.name === mem?.mainBlock)?.size ?? 0;
   if (ramTargets.length > 0 && memoryFormat === 'sparse') {
     if (!baseRamFile) {
-      throw new UsageError('sparse memory resumes on top of the base RAM file: use a library base or --base-ram FILE (or --memory-format stream)');
+      throw new UsageError(
+        'sparse memory resumes on top of the base RAM file: ' +
+          'use a library base or --base-ram FILE (or --memory-format stream)',
+      );
     }
     const st = await stat(baseRamFile).catch(() => undefined);
     if (!st || st.size !== mainSize) {
-      throw new UsageError(`base RAM file ${baseRamFile} is missing or not ${mainSize} bytes (the ${mem?.mainBlock} block)`);
+      throw new UsageError(
+        `base RAM file ${baseRamFile} is missing or not ${mainSize} bytes (the ${mem?.mainBlock} block)`,
+      );
     }
   }
   const baseDisk = base.targets.find((t) => t.kind === 'disk');
-  const baseDiskFile = base.diskPath && base.diskFormat ? { path: resolve(base.diskPath), format: base.diskFormat } : undefined;
+  const baseDiskFile =
+    base.diskPath && base.diskFormat ? { path: resolve(base.diskPath), format: base.diskFormat } : undefined;
   if (diskTarget && (!baseDisk || baseDisk.kind !== 'disk' || !baseDiskFile)) {
     throw new UsageError('the overlay rebuilds a disk: the base needs its disk');
   }
@@ -134,9 +140,11 @@ async function applyWith(
     memory: memoryFormat === 'sparse' ? 'memory.sparse' : memoryFormat === 'stream' ? 'memory.stream' : 'memory',
   };
   await mkdir(outDir, { recursive: true });
-  const finals = [diskTarget ? names.disk : undefined, ramTargets.length ? names.memory : undefined, 'manifest.json'].filter(
-    (n): n is string => n !== undefined,
-  );
+  const finals = [
+    diskTarget ? names.disk : undefined,
+    ramTargets.length ? names.memory : undefined,
+    'manifest.json',
+  ].filter((n): n is string => n !== undefined);
   if (!opts.force) {
     for (const n of finals) {
       if (await stat(join(outDir, n)).catch(() => undefined)) {

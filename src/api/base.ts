@@ -55,7 +55,8 @@ export async function importBaseFrom(opts: BaseImportOptions): Promise<BaseImpor
   const root = opts.root;
   if (opts.input) {
     const input = opts.input;
-    if (opts.disk || opts.memory || opts.vmFile) throw new UsageError('give a source or --disk/--memory/--vm, not both');
+    if (opts.disk || opts.memory || opts.vmFile)
+      throw new UsageError('give a source or --disk/--memory/--vm, not both');
     const st = await stat(input).catch(() => {
       throw new NotFoundError(`${input} does not exist`, { path: input });
     });

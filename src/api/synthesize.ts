@@ -74,7 +74,9 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   try {
     if (!base.manifest.vm) {
-      throw new UsageError(`base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
+      throw new UsageError(
+        `base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
+      );
     }
     let overlayPath = opts.overlay;
     if (isUrl(opts.overlay)) {
@@ -86,13 +88,22 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     try {
       checkBase(reader.header, base);
       if (!reader.header.targets.some((t) => t.kind === 'ram')) {
-        throw new UsageError('this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)');
+        throw new UsageError(
+          'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
+        );
       }
       await mkdir(dir, { recursive: true });
       // Instance files are scratch: written atomically, but not fsynced (see scratchWrites).
       await timings.time('apply', () =>
         scratchWrites(() =>
-          applyOverlay({ overlay: reader, base, outDir: dir, diskFormat: 'qcow2', memoryFormat: sparse ? 'sparse' : 'stream', progress }),
+          applyOverlay({
+            overlay: reader,
+            base,
+            outDir: dir,
+            diskFormat: 'qcow2',
+            memoryFormat: sparse ? 'sparse' : 'stream',
+            progress,
+          }),
         ),
       );
     } finally {

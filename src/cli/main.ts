@@ -30,7 +30,9 @@ export function buildProgram(): Command {
     .addOption(new Option('--json', 'machine-readable output: one JSON object on stdout'))
     .addOption(new Option('-q, --quiet', 'no progress and no summary; errors still go to stderr'))
     .addOption(
-      new Option('--library <dir>', 'base library directory').env('CLOUDLET_LIBRARY').default(undefined, '$XDG_DATA_HOME/cloudlet-overlay'),
+      new Option('--library <dir>', 'base library directory')
+        .env('CLOUDLET_LIBRARY')
+        .default(undefined, '$XDG_DATA_HOME/cloudlet-overlay'),
     )
     .showHelpAfterError('(run with --help for usage)')
     .addHelpText('after', `\n${exitCodesHelp()}`);
@@ -78,7 +80,8 @@ export async function main(argv: string[]): Promise<number> {
     return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.ok;
   } catch (err) {
     if (err instanceof CommanderError) {
-      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0) return ExitCode.ok;
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0)
+        return ExitCode.ok;
       return ExitCode.usage;
     }
     await runCleanup();

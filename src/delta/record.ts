@@ -16,7 +16,7 @@
  *                                             target (from 0) or of a target rebuilt earlier (1)
  *   SHIFT_DELTA from, srcTarget, srcOffset, len, bytes   zstd frame with those bytes as dictionary
  */
-import type { ByteReader} from './varint.js';
+import type { ByteReader } from './varint.js';
 import { uvarintLength, writeUvarint } from './varint.js';
 import { CorruptInputError } from '../util/errors.js';
 
@@ -107,7 +107,12 @@ export function encodedLength(r: ChunkRecord): number {
       return n + uvarintLength(r.from) + uvarintLength(r.srcTarget) + uvarintLength(r.srcOffset);
     case Encoding.shiftDelta:
       return (
-        n + uvarintLength(r.from) + uvarintLength(r.srcTarget) + uvarintLength(r.srcOffset) + uvarintLength(r.payload.length) + r.payload.length
+        n +
+        uvarintLength(r.from) +
+        uvarintLength(r.srcTarget) +
+        uvarintLength(r.srcOffset) +
+        uvarintLength(r.payload.length) +
+        r.payload.length
       );
     default:
       return n + uvarintLength(r.payload.length) + r.payload.length;

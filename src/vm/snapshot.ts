@@ -156,7 +156,12 @@ async function captureStopped(
   const after = options.afterCapture ?? 'resume';
   if (after === 'resume') await qmp.execute('cont');
   else if (after === 'quit') await vm.stop();
-  return { memPath: options.memPath, memBytes, info, timings: { migrateMs, diskCopyMs, totalMs: performance.now() - t0 } };
+  return {
+    memPath: options.memPath,
+    memBytes,
+    info,
+    timings: { migrateMs, diskCopyMs, totalMs: performance.now() - t0 },
+  };
 }
 
 /**

@@ -91,7 +91,11 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
 
     // A snapshot that cannot be written fails clearly and leaves the VM running.
     await assert.rejects(
-      captureSnapshot(vm.vm, { memPath: join(work, 'no-such-dir', 'x.mem'), afterCapture: 'resume', timeoutMs: 20_000 }),
+      captureSnapshot(vm.vm, {
+        memPath: join(work, 'no-such-dir', 'x.mem'),
+        afterCapture: 'resume',
+        timeoutMs: 20_000,
+      }),
       (err: unknown) => err instanceof QemuError && /snapshot failed/.test(err.message),
     );
     assert.equal(await vm.vm.status(), 'running');
@@ -122,7 +126,12 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
 
     const disk = join(work, 'resume1', 'disk.raw');
     await copySparse(join(work, 'boot.disk.raw'), disk, { fsync: false });
-    const resumed = await resumeVm({ workDir: join(work, 'resume1'), incoming: snap.memPath, disk, spec: snap.info.spec });
+    const resumed = await resumeVm({
+      workDir: join(work, 'resume1'),
+      incoming: snap.memPath,
+      disk,
+      spec: snap.info.spec,
+    });
     try {
       assert.notEqual(resumed.port, vm.port);
       const s = await getStatus(resumed);
@@ -134,7 +143,9 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
         `counter ${s.counter} after ${counterAtSnapshot} at the snapshot`,
       );
       assert.equal(s.marker, 'base');
-      console.error(`resume → HTTP ${resumed.readyMs.toFixed(0)} ms (load ${resumed.vm.timings.incomingMs.toFixed(0)} ms)`);
+      console.error(
+        `resume → HTTP ${resumed.readyMs.toFixed(0)} ms (load ${resumed.vm.timings.incomingMs.toFixed(0)} ms)`,
+      );
     } finally {
       await resumed.vm.stop();
     }
@@ -152,7 +163,10 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
       assert.ok((await stat(f)).size > 0, f);
     }
     assert.deepEqual(r.custom.info.spec.kernel, r.base.info.spec.kernel);
-    console.error(`flow timings ${JSON.stringify(Object.fromEntries(Object.entries(r.timings).map(([k, v]) => [k, Math.round(v)])))}`);
+    console.error(
+      `flow timings ` +
+        JSON.stringify(Object.fromEntries(Object.entries(r.timings).map(([k, v]) => [k, Math.round(v)]))),
+    );
 
     // The customized snapshot resumes with its disk: new marker, app still ticking, same token.
     const disk = join(dir, 'check', 'disk.raw');
@@ -190,7 +204,11 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     }
 
     // A snapshot of a 128 MiB guest cannot load into a 256 MiB one: QemuError with QEMU's words.
-    const spec = { ...demoVmSpec(demo, join(work, 'boot.disk.raw'), 1), memoryMiB: 256, incoming: join(work, 'boot.mem') };
+    const spec = {
+      ...demoVmSpec(demo, join(work, 'boot.disk.raw'), 1),
+      memoryMiB: 256,
+      incoming: join(work, 'boot.mem'),
+    };
     delete spec.network;
     await assert.rejects(startQemu(spec, { runDir, accel: 'tcg' }), (err: unknown) => {
       assert.ok(err instanceof QemuError, String(err));

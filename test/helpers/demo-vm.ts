@@ -182,7 +182,8 @@ async function startAndWait(
       const serial = await readFile(vm.paths.serialLog, 'utf8').catch(() => '');
       const stderr = await vm.stderrTail(5);
       throw new Error(
-        `demo VM never answered HTTP: ${(err as Error).message}\n--- serial (end) ---\n${serial.slice(-1500)}\n--- qemu stderr ---\n${stderr}`,
+        `demo VM never answered HTTP: ${(err as Error).message}\n` +
+          `--- serial (end) ---\n${serial.slice(-1500)}\n--- qemu stderr ---\n${stderr}`,
         { cause: err },
       );
     }
@@ -267,7 +268,8 @@ export async function customize(
       'dd if=/dev/urandom of=/mnt/app/random.bin bs=64k count=32 2>/dev/null',
       'cp /bin/busybox /mnt/app/busybox.copy',
       'seq 1 120000 > /mnt/app/numbers.txt',
-      `printf '%s\\n' 'n=0' 'while :; do n=$((n+1)); echo "$1 ticks=$n" > /tmp/app-state.new; mv /tmp/app-state.new /tmp/app-state; sleep 1; done' > /mnt/app/run.sh`,
+      `printf '%s\\n' 'n=0' 'while :; do n=$((n+1)); echo "$1 ticks=$n" > /tmp/app-state.new; ` +
+        `mv /tmp/app-state.new /tmp/app-state; sleep 1; done' > /mnt/app/run.sh`,
       `setsid sh /mnt/app/run.sh '${appId}' </dev/null >/dev/null 2>&1 &`,
       'sync',
     ];

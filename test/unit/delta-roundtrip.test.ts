@@ -75,7 +75,10 @@ async function roundTrip(
       createdAt: new Date().toISOString(),
       creator: 'test',
       chunkSize: 4096,
-      base: { id: 'a'.repeat(64), targets: base.map((b) => ({ name: b.name, kind: b.kind, size: b.size, digest: 'b'.repeat(64) })) },
+      base: {
+        id: 'a'.repeat(64),
+        targets: base.map((b) => ({ name: b.name, kind: b.kind, size: b.size, digest: 'b'.repeat(64) })),
+      },
       targets: [
         { name: 'tail', kind: 'blob', size: 11, digest: '' },
         { name: 'disk', kind: 'disk', size: newDisk.length, digest: '' },

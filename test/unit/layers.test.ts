@@ -88,7 +88,8 @@ function allows(rule: Rule, target: string): boolean {
 test('layers: every folder under src/ has a rule', async () => {
   const folders = (await readdir(SRC, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => e.name);
   const ruled = RULES.map((r) => r.folder);
-  for (const f of folders) assert.ok(ruled.includes(f), `src/${f}/ has no row in the layer rules (test/unit/layers.test.ts)`);
+  for (const f of folders)
+    assert.ok(ruled.includes(f), `src/${f}/ has no row in the layer rules (test/unit/layers.test.ts)`);
   for (const r of ruled) assert.ok(folders.includes(r), `the layer rules name src/${r}/, which does not exist`);
   const loose = (await readdir(SRC, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
   assert.deepEqual(loose, [], 'every module sits in a folder');
@@ -114,7 +115,9 @@ test('layers: every import obeys its folder rule', async () => {
       continue;
     }
     if (!allows(rule, target)) {
-      broken.push(`rule "${rule.folder} may import ${rule.may.join(', ') || 'nothing'}" (${rule.why}): ${file} imports ${target}`);
+      broken.push(
+        `rule "${rule.folder} may import ${rule.may.join(', ') || 'nothing'}" (${rule.why}): ${file} imports ${target}`,
+      );
     }
   }
   assert.deepEqual(broken, []);

@@ -43,7 +43,8 @@ async function blockBytes(s: MemorySnapshot, name: string): Promise<Buffer> {
 
 async function assertSameMemory(a: MemorySnapshot, b: MemorySnapshot): Promise<void> {
   assert.deepEqual(a.blocks, b.blocks);
-  for (const blk of a.blocks) assert.ok((await blockBytes(a, blk.name)).equals(await blockBytes(b, blk.name)), blk.name);
+  for (const blk of a.blocks)
+    assert.ok((await blockBytes(a, blk.name)).equals(await blockBytes(b, blk.name)), blk.name);
 }
 
 /** A customized version of the sample: changed, new, and zeroed pages of pc.ram. */
@@ -109,7 +110,10 @@ describe('MigrationStreamWriter', () => {
     try {
       await assertSameMemory(src, back);
       const pages = src.blocks.reduce((n, b) => n + b.pages, 0);
-      const nonZero = src.blocks.reduce((n, b) => n + src.pages(b.name).counts().data + src.pages(b.name).counts().fill, 0);
+      const nonZero = src.blocks.reduce(
+        (n, b) => n + src.pages(b.name).counts().data + src.pages(b.name).counts().fill,
+        0,
+      );
       assert.equal(back.records.page, nonZero, 'fill pages become data pages, zero pages stay ZERO');
       assert.equal(back.records.zero, pages - nonZero);
     } finally {

@@ -70,10 +70,15 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
       ],
       compression: { codec: 'zstd', level: 3 },
     });
-    const res = await diff(base, indexBase(base), [
-      { name: 'tail', kind: 'blob', blob: Buffer.from('custom tail!') },
-      { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
-    ], w);
+    const res = await diff(
+      base,
+      indexBase(base),
+      [
+        { name: 'tail', kind: 'blob', blob: Buffer.from('custom tail!') },
+        { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
+      ],
+      w,
+    );
     await w.finish(res.targets, res.stats);
     const good = await readFile(path);
 

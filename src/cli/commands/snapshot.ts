@@ -1,4 +1,4 @@
-import type { Command} from 'commander';
+import type { Command } from 'commander';
 import { Option } from 'commander';
 import { snapshotVm } from '../../api/snapshot.js';
 import { libraryRoot } from '../../api/base.js';
@@ -39,6 +39,12 @@ export function registerSnapshot(program: Command): void {
         afterCapture: flags.then,
         progress: makeProgress(g),
       });
-      printResult(g, r, () => `snapshot in ${r.dir}: memory ${bytes(r.memory_bytes)}${r.disk ? `, disk ${r.disk}` : ''} (${r.timings_ms.total} ms)`);
+      printResult(
+        g,
+        r,
+        () =>
+          `snapshot in ${r.dir}: memory ${bytes(r.memory_bytes)}` +
+          `${r.disk ? `, disk ${r.disk}` : ''} (${r.timings_ms.total} ms)`,
+      );
     });
 }

@@ -97,7 +97,11 @@ export class Qcow2Writer extends OrderedWriter {
       throw new UnsupportedError(`a ${opts.virtualSize}-byte disk needs a larger cluster size than ${clusterSize}`);
     }
     // Fails early on a name that cannot be stored.
-    encodeHeader({ ...emptyHeader(clusterSize, opts.virtualSize), backingFile: opts.backingFile, backingFormat: opts.backingFormat });
+    encodeHeader({
+      ...emptyHeader(clusterSize, opts.virtualSize),
+      backingFile: opts.backingFile,
+      backingFormat: opts.backingFormat,
+    });
     const file = await OutputFile.create(path);
     return new Qcow2Writer(file, path, opts.virtualSize, clusterSize, opts.backingFile, opts.backingFormat, opts.base);
   }
@@ -178,7 +182,7 @@ export class Qcow2Writer extends OrderedWriter {
   /** Byte ranges of the pending cluster (below `limit`) that no chunk has set. */
   private uncoveredRuns(limit: number): { from: number; to: number }[] {
     const runs: { from: number; to: number }[] = [];
-    for (let i = 0; i < this.covered.length; ) {
+    for (let i = 0; i < this.covered.length;) {
       if (this.covered[i]) {
         i++;
         continue;
@@ -204,7 +208,7 @@ export class Qcow2Writer extends OrderedWriter {
     const cStart = ci * this.clusterSize;
     if (ci === this.pendingIndex) {
       // Covered chunks come from the cluster being assembled, the others from the base.
-      for (let pos = at; pos < at + n; ) {
+      for (let pos = at; pos < at + n;) {
         const chunk = Math.floor(pos / PAGE_SIZE);
         const stop = Math.min(at + n, (chunk + 1) * PAGE_SIZE);
         const dst = out.subarray(pos - at, stop - at);
@@ -344,7 +348,9 @@ export class Qcow2Writer extends OrderedWriter {
     const got = decodeHeader(buf);
     for (const key of Object.keys(expected) as (keyof Qcow2Header)[]) {
       if (got[key] !== expected[key]) {
-        throw new CloudletError(`qcow2 header re-read mismatch in ${key}: wrote ${String(expected[key])}, read ${String(got[key])}`);
+        throw new CloudletError(
+          `qcow2 header re-read mismatch in ${key}: wrote ${String(expected[key])}, read ${String(got[key])}`,
+        );
       }
     }
   }
@@ -390,7 +396,6 @@ function emptyHeader(clusterSize: number, virtualSize: number): Qcow2Header {
     refcountTableClusters: 0,
   };
 }
-
 
 /** Gathers contiguous cluster writes into large ones (metadata is written in ascending order). */
 class Batch {

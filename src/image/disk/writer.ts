@@ -8,7 +8,6 @@
 import { PAGE_SIZE } from '../../util/page.js';
 import { CloudletError } from '../../util/errors.js';
 
-
 export interface DiskWriter {
   readonly path: string;
   readonly format: 'qcow2' | 'raw';

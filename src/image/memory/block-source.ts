@@ -48,7 +48,7 @@ export class BlockSource implements ChunkSource {
       group = [];
     };
 
-    for (let pos = offset; pos < stop; ) {
+    for (let pos = offset; pos < stop;) {
       const page = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - page * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, stop - pos);

@@ -19,7 +19,11 @@ export async function copyBlock(snapshot: MemorySnapshot, name: string, writer: 
     await source.read(first * PAGE_SIZE, count * PAGE_SIZE, window);
     for (let i = 0; i < count; i++) {
       const page = first + i;
-      await writer.writePage(name, page, states.isZero(page) ? null : window.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+      await writer.writePage(
+        name,
+        page,
+        states.isZero(page) ? null : window.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE),
+      );
     }
   }
 }

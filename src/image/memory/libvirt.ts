@@ -33,10 +33,9 @@ export async function readLibvirtHeader(source: SnapshotBytes): Promise<LibvirtS
   await source.readAt(magicBuf, 0, 16, 0);
   const magic = magicBuf.toString('latin1');
   if (magic === LIBVIRT_PARTIAL_MAGIC) {
-    throw new CorruptInputError(
-      'libvirt save image is unfinished (magic LibvirtQemudPart): the save was interrupted',
-      { offset: 0 },
-    );
+    throw new CorruptInputError('libvirt save image is unfinished (magic LibvirtQemudPart): the save was interrupted', {
+      offset: 0,
+    });
   }
   if (magic !== LIBVIRT_MAGIC) return null;
 

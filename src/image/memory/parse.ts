@@ -8,7 +8,17 @@
 import { CorruptInputError, UnsupportedError, check } from '../../util/errors.js';
 import type { SnapshotBytes } from './snapshot-bytes.js';
 import { readConfiguration, readPrintable, type Configuration } from './configuration.js';
-import { FLAG_MASK, MAX_RAM_BYTES, RAM_SECTION_NAME, RAM_SECTION_VERSION, RamFlag, STREAM_MAGIC, STREAM_VERSION, STREAM_VERSION_COMPAT, Section } from './format.js';
+import {
+  FLAG_MASK,
+  MAX_RAM_BYTES,
+  RAM_SECTION_NAME,
+  RAM_SECTION_VERSION,
+  RamFlag,
+  STREAM_MAGIC,
+  STREAM_VERSION,
+  STREAM_VERSION_COMPAT,
+  Section,
+} from './format.js';
 import { PAGE_SIZE } from '../../util/page.js';
 import { PageTable, fillEntry } from './page-table.js';
 import { SequentialReader } from './reader.js';
@@ -132,7 +142,9 @@ class StreamParser {
       } else if (type === Section.full || type === Section.eof) {
         throw new UnsupportedError('stream has no ram START section before its device state', { offset: at });
       } else if (type === -1) {
-        throw new CorruptInputError(`memory snapshot truncated: stream ends at offset ${at} before any RAM`, { offset: at });
+        throw new CorruptInputError(`memory snapshot truncated: stream ends at offset ${at} before any RAM`, {
+          offset: at,
+        });
       } else {
         throw new CorruptInputError(`expected a section at offset ${at}, found byte 0x${hex(type)}`, { offset: at });
       }
@@ -374,10 +386,10 @@ class StreamParser {
         : cmd === 3
           ? 'postcopy-ram (or dirty-bitmaps)'
           : 'postcopy-ram, return-path and x-colo';
-    throw new UnsupportedError(
-      `stream carries migration command ${cmd}: turn off the ${what} capability when saving`,
-      { offset: at, command: cmd },
-    );
+    throw new UnsupportedError(`stream carries migration command ${cmd}: turn off the ${what} capability when saving`, {
+      offset: at,
+      command: cmd,
+    });
   }
 
   /**

@@ -58,9 +58,13 @@ export class MigrationStreamWriter {
     if (this.state !== 'new') throw new CloudletError('MigrationStreamWriter.begin called twice');
     const head = Buffer.concat([prefix, startSection]);
     const index = await parseStream(new BufferSnapshotBytes(head), 0, head.length, { headOnly: true });
-    check(index.startSection.offset === prefix.length, 'stream prefix does not end where the ram START section begins', {
-      offset: index.startSection.offset,
-    });
+    check(
+      index.startSection.offset === prefix.length,
+      'stream prefix does not end where the ram START section begins',
+      {
+        offset: index.startSection.offset,
+      },
+    );
     check(index.ramSectionId === ramSectionId, 'ram section id does not match the START section', {
       expected: ramSectionId,
       found: index.ramSectionId,
@@ -181,7 +185,7 @@ export class MigrationStreamWriter {
 
   private async writeAt(data: Buffer, position: number): Promise<void> {
     const handle = this.file!.handle;
-    for (let done = 0; done < data.length; ) {
+    for (let done = 0; done < data.length;) {
       const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
       done += bytesWritten;
     }
