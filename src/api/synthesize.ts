@@ -124,33 +124,32 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         overlay: isUrl(opts.overlay) ? opts.overlay : resolve(opts.overlay),
       }),
     );
-    vm = started.vm;
-    timings.phases['qemu_start'] = Math.round(vm.timings.qmpReadyMs);
-    timings.phases['incoming_load'] = Math.round(vm.timings.incomingMs);
+    const running = started.vm;
+    vm = running;
+    timings.phases['qemu_start'] = Math.round(running.timings.qmpReadyMs);
+    timings.phases['incoming_load'] = Math.round(running.timings.incomingMs);
     let answer: SynthesizeResult['answer'];
-    if (opts.waitHttp) {
-      progress.step(`waiting for ${opts.waitHttp}`);
-      const a = await timings.time('first_response', () =>
-        waitHttp(opts.waitHttp!, { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: vm!.exitSignal }),
-      );
+    const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
+    const { waitHttp: url, waitTcp: port } = opts;
+    if (url) {
+      progress.step(`waiting for ${url}`);
+      const a = await timings.time('first_response', () => waitHttp(url, wait));
       answer = { status: a.status, body: a.body };
-    } else if (opts.waitTcp) {
-      await timings.time('first_response', () =>
-        waitTcp('127.0.0.1', opts.waitTcp!, { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: vm!.exitSignal }),
-      );
+    } else if (port) {
+      await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
     }
     progress.done('VM resumed');
     timings.phases['total'] = timings.total();
     unregister();
     return {
-      vm,
+      vm: running,
       state: started.state,
       result: {
         message_type: 'synthesize',
         instance: iid,
         base_id: id,
-        pid: vm.pid,
-        accel: vm.accel,
+        pid: running.pid,
+        accel: running.accel,
         dir,
         forwards: opts.forwards,
         answer,

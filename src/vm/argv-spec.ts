@@ -111,8 +111,9 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
       case '-device': {
         const o = opts(v);
         const model = o.get('') ?? '';
-        if (o.has('netdev') && !network) {
-          network = { model, romfile: o.get('romfile') ?? undefined, forwards: netdevs.get(o.get('netdev')!) ?? [] };
+        const netdev = o.get('netdev');
+        if (netdev !== undefined && !network) {
+          network = { model, romfile: o.get('romfile') ?? undefined, forwards: netdevs.get(netdev) ?? [] };
           if (o.get('mac')) network.mac = o.get('mac');
         } else {
           spec.extraArgs.push('-device', v);

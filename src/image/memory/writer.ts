@@ -136,7 +136,7 @@ export class MigrationStreamWriter {
       await this.put(tail);
       await this.flush();
       await this.inflight;
-      await this.file!.commit();
+      await this.openFile().commit();
     });
     this.state = 'done';
     this.stats.bytes = this.position;
@@ -183,8 +183,14 @@ export class MigrationStreamWriter {
     this.used = 0;
   }
 
+  /** The output file; only called between begin() and finish(). */
+  private openFile(): AtomicFile {
+    if (!this.file) throw new CloudletError('MigrationStreamWriter used before begin()');
+    return this.file;
+  }
+
   private async writeAt(data: Buffer, position: number): Promise<void> {
-    const handle = this.file!.handle;
+    const handle = this.openFile().handle;
     for (let done = 0; done < data.length;) {
       const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
       done += bytesWritten;
