@@ -6,15 +6,17 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm, writeFile, mkdir, symlink } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile, mkdir, stat, symlink } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, type CliResult } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 import { xorByte } from '../helpers/bytes.js';
 
@@ -250,6 +252,35 @@ test(
       [],
       'no download left behind',
     );
+
+    // 6. In the foreground (no --detach): the result once the VM answers, then Ctrl-C stops the
+    // VM, removes its instance directory, and exits 0.
+    const p5 = await freePort();
+    const url5 = `http://127.0.0.1:${p5}/cgi-bin/status`;
+    const fg = spawn(
+      process.execPath,
+      [BIN, '--json', 'synthesize', overlay, '--base', 'demo', '--forward', `${p5}:8080`, '--wait-http', url5],
+      { env, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let fgOut = '';
+    let fgErr = '';
+    fg.stderr.on('data', (d: Buffer) => (fgErr += d.toString()));
+    const fgExit = once(fg, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
+    const line = await new Promise<string>((resolve, reject) => {
+      fg.stdout.on('data', (d: Buffer) => {
+        fgOut += d.toString();
+        const nl = fgOut.indexOf('\n');
+        if (nl >= 0) resolve(fgOut.slice(0, nl));
+      });
+      void fgExit.then(([code]) => reject(new Error(`foreground synthesize ended (${code}) early: ${fgErr}`)));
+    });
+    const fgResult = JSON.parse(line) as { instance: string; pid: number; dir: string };
+    assert.equal(parseStatus(await (await fetch(url5)).text()).marker, marker, 'the foreground VM answers');
+    fg.kill('SIGINT');
+    const [fgCode] = await fgExit;
+    assert.equal(fgCode, 0, `Ctrl-C ends a foreground synthesize normally: ${fgErr}`);
+    assert.equal(await stat(fgResult.dir).catch(() => undefined), undefined, 'its instance directory is removed');
+    assert.ok(!(await qemuPids()).includes(fgResult.pid), 'its QEMU is stopped');
 
     const logs = await cli(['logs', ids[1]!], env);
     assert.equal(logs.code, 0);

@@ -83,9 +83,7 @@ Example:
     .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const human = !g.json && !g.quiet;
-      // Ctrl-C in the foreground is the normal end: it stops the VM, it is not an interruption.
       const stop = new AbortController();
-      onForegroundSignal(() => stop.abort());
       await runSynthesis({
         root: libraryRoot(g.library),
         base: flags.base,
@@ -103,7 +101,10 @@ Example:
         onReady(result) {
           if (human) process.stderr.write(phaseTable(result) + '\n');
           printResult(g, result, () => summary(result));
-          if (human && !flags.detach) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+          if (flags.detach) return;
+          // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
+          onForegroundSignal(() => stop.abort());
+          if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
         },
       });
     });
