@@ -5,11 +5,11 @@ import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
 import { syncDir, tempNameFor } from '../util/atomic.js';
-import { BusyError, CorruptInputError, MissingToolError, NotFoundError } from '../util/errors.js';
+import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import { findTool } from '../util/programs.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
-import { listInstances } from './instances.js';
 import { openLibraryBase } from './open.js';
 import { baseDir, basesDir, tmpDir } from './paths.js';
 
@@ -57,27 +57,26 @@ export async function resolveBaseId(root: string, ref: string): Promise<string> 
   const all = await listBases(root);
   const hits = all.filter((b) => b.id.startsWith(ref.toLowerCase()) || b.name === ref);
   if (hits.length === 1) return hits[0]!.id;
-  if (hits.length === 0) throw new NotFoundError(`no base ${ref} in the library ${root} (see: cloudlet-overlay base list)`, { base: ref });
+  if (hits.length === 0)
+    throw new NotFoundError(`no base ${ref} in the library ${root} (see: cloudlet-overlay base list)`, { base: ref });
   throw new NotFoundError(`base ${ref} is ambiguous: ${hits.map((h) => h.id.slice(0, 12)).join(', ')}`, { base: ref });
 }
 
-export async function showBase(root: string, id: string): Promise<BaseManifest & { stored_bytes: number; dir: string }> {
+export async function showBase(
+  root: string,
+  id: string,
+): Promise<BaseManifest & { stored_bytes: number; dir: string }> {
   const dir = baseDir(root, id);
   const m = await readManifest(join(dir, 'manifest.json'));
   return { ...m, stored_bytes: await duBytes(dir), dir };
 }
 
+/** Removes a base; the caller makes sure no running instance uses it (api/base.ts). */
 export async function removeBase(root: string, id: string): Promise<void> {
   const dir = baseDir(root, id);
   await stat(dir).catch(() => {
     throw new NotFoundError(`no base ${id} in the library`, { base: id });
   });
-  const users = (await listInstances(root)).filter((i) => i.base_id === id && i.status === 'running');
-  if (users.length > 0) {
-    throw new BusyError(`base ${id.slice(0, 12)} is in use by instance(s) ${users.map((u) => u.id).join(', ')}: stop them first`, {
-      base: id,
-    });
-  }
   // Rename first so a half-removed base is never visible under its id.
   await mkdir(tmpDir(root), { recursive: true });
   const doomed = join(tmpDir(root), `rm-${id}-${process.pid}`);
@@ -101,13 +100,14 @@ export async function verifyBase(root: string, id: string, progress: Progress = 
     for (const [i, t] of base.targets.entries()) {
       const want = base.infos[i]!;
       let digest: string;
-      if (t.kind === 'blob') digest = sha256Hex(t.blob!);
+      if (t.kind === 'blob') digest = sha256Hex(t.blob);
       else {
         progress.step(`verifying ${t.name}`, t.size);
-        const map = await ChunkMap.build(t.source!, (n) => progress.advance(n));
+        const map = await ChunkMap.build(t.source, (n) => progress.advance(n));
         progress.done(`verified ${t.name}`);
         digest = map.digest();
-        if (!map.toBuffer().equals(t.map!.toBuffer())) problems.push(`${t.name}: stored chunk map differs from the data`);
+        if (!map.toBuffer().equals(t.map.toBuffer()))
+          problems.push(`${t.name}: stored chunk map differs from the data`);
       }
       if (digest !== want.digest) problems.push(`${t.name}: contents changed since import`);
       infos.push({ ...want, digest });
@@ -139,7 +139,11 @@ export async function exportBase(root: string, id: string, output: string): Prom
 }
 
 /** Imports a package made by exportBase, checking every byte against the id before it lands. */
-export async function importPackage(root: string, pkg: string, progress: Progress = silent): Promise<{ id: string; added: boolean }> {
+export async function importPackage(
+  root: string,
+  pkg: string,
+  progress: Progress = silent,
+): Promise<{ id: string; added: boolean }> {
   await stat(pkg).catch(() => {
     throw new NotFoundError(`package not found: ${pkg}`, { path: pkg });
   });
@@ -171,12 +175,12 @@ export async function importPackage(root: string, pkg: string, progress: Progres
 }
 
 async function tar(args: string[]): Promise<void> {
+  const program = await findTool('tar');
   try {
     const { execa } = await import('execa');
-    await execa('tar', args);
+    await execa(program, args);
   } catch (err) {
     const e = err as { code?: string; stderr?: string; message: string };
-    if (e.code === 'ENOENT') throw new MissingToolError('tar is not installed (Debian package tar)');
     throw new CorruptInputError(`tar failed: ${(e.stderr ?? e.message).trim().split('\n').pop()}`);
   }
 }
