@@ -172,7 +172,7 @@ export async function readExt(
       const sum = groups.freeBlocks.reduce((a, b) => a + b, 0);
       if (sum !== sb.freeBlocksCount) {
         notes.push(
-          `superblock free block count ${sb.freeBlocksCount} differs from the groups' ${sum} (the kernel updates it lazily)`,
+          `superblock free block count ${sb.freeBlocksCount} differs from the groups' ${sum} (kept lazily)`,
         );
       }
       if (state.journal === 'internal') reasons.push(...(await journalReasons(source, offset, g, groups, state)));
