@@ -164,3 +164,33 @@ export function bufferSource(buf: Buffer, name = 'disk'): ChunkSource {
     },
   };
 }
+
+export interface GroupInfo {
+  group: number;
+  first: number;
+  last: number;
+  blockBitmap: number;
+  inodeTable: number;
+  flags: string;
+}
+
+/** Per-group layout from dumpe2fs (where each group's bitmaps and inode table are). */
+export function groupsOf(image: string, offset = 0): GroupInfo[] {
+  const out = run('dumpe2fs', [dev(image, offset)]);
+  const groups: GroupInfo[] = [];
+  for (const part of out.split(/^(?=Group \d+:)/m).slice(1)) {
+    const head = /^Group (\d+): \(Blocks (\d+)-(\d+)\)(.*)$/m.exec(part);
+    const bb = /Block bitmap at (\d+)/.exec(part);
+    const it = /Inode table at (\d+)/.exec(part);
+    if (!head || !bb || !it) continue;
+    groups.push({
+      group: Number(head[1]),
+      first: Number(head[2]),
+      last: Number(head[3]),
+      blockBitmap: Number(bb[1]),
+      inodeTable: Number(it[1]),
+      flags: head[4] ?? '',
+    });
+  }
+  return groups;
+}
