@@ -36,7 +36,12 @@ export function dev(image: string, offset = 0): string {
 }
 
 /** mke2fs -t TYPE -q -F [options] [-E offset=…] image size (e.g. "300M"). */
-export function mkfs(image: string, size: string, options: string[], opts: { offset?: number; type?: string } = {}): void {
+export function mkfs(
+  image: string,
+  size: string,
+  options: string[],
+  opts: { offset?: number; type?: string } = {},
+): void {
   const ext = opts.offset ? ['-E', `offset=${opts.offset}`] : [];
   run('mke2fs', ['-t', opts.type ?? 'ext4', '-q', '-F', ...options, ...ext, image, size]);
 }

@@ -71,7 +71,11 @@ function inRanges(ranges: BlockRange[], b: number): boolean {
 }
 
 /** Trusted, equal to dumpe2fs, and no file block free. */
-async function expectOracle(image: string, files: string[], offset = 0): Promise<{ dump: DumpInfo; r: FreeSpaceResult }> {
+async function expectOracle(
+  image: string,
+  files: string[],
+  offset = 0,
+): Promise<{ dump: DumpInfo; r: FreeSpaceResult }> {
   const r = await analyse(image);
   const fs = r.filesystems.find((f) => f.offset === offset);
   assert.ok(fs, `no file system found at ${offset}: ${JSON.stringify(r.notes)}`);
@@ -103,7 +107,12 @@ const LAYOUTS: Layout[] = [
   { name: 'ext4 defaults, 4 KiB blocks', size: '1G', options: ['-b', '4096'], uninit: true },
   { name: 'ext4, 1 KiB blocks', size: '200M', options: ['-b', '1024'], uninit: true },
   { name: 'ext4 without journal', size: '300M', options: ['-O', '^has_journal'], uninit: true },
-  { name: '32-bit descriptors, gdt_csum (crc16)', size: '300M', options: ['-O', '^64bit,^metadata_csum,uninit_bg'], uninit: true },
+  {
+    name: '32-bit descriptors, gdt_csum (crc16)',
+    size: '300M',
+    options: ['-O', '^64bit,^metadata_csum,uninit_bg'],
+    uninit: true,
+  },
   { name: 'no flex_bg, 1 KiB blocks', size: '200M', options: ['-b', '1024', '-O', '^flex_bg'], uninit: true },
   {
     name: 'meta_bg, 1 KiB blocks, 1024 blocks per group (200 groups)',
@@ -116,7 +125,11 @@ const LAYOUTS: Layout[] = [
   { name: 'ext3 (block-mapped journal)', size: '200M', options: [], type: 'ext3' },
   { name: 'ext2', size: '200M', options: [], type: 'ext2' },
   { name: 'sparse_super2, one backup', size: '300M', options: ['-O', 'sparse_super2', '-E', 'num_backup_sb=1'] },
-  { name: 'no sparse_super (backups everywhere)', size: '200M', options: ['-b', '1024', '-O', '^sparse_super,^resize_inode'] },
+  {
+    name: 'no sparse_super (backups everywhere)',
+    size: '200M',
+    options: ['-b', '1024', '-O', '^sparse_super,^resize_inode'],
+  },
   {
     name: 'metadata_csum_seed, then a new UUID',
     size: '300M',

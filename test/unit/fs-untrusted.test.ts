@@ -142,7 +142,10 @@ describe('untrusted file systems', () => {
     const image = fresh(['-b', '4096']);
     const j = bmap(image, '<8>', 0);
     await patch(image, j * 4096 + 0x1c, Buffer.from([0, 0, 0, 1]));
-    const fs = await expectUntrusted(image, /journal holds transactions \(s_start 1\) although needs_recovery is clear/);
+    const fs = await expectUntrusted(
+      image,
+      /journal holds transactions \(s_start 1\) although needs_recovery is clear/,
+    );
     assert.equal(fs.state.journalEmpty, false);
   });
 
