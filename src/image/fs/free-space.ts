@@ -84,8 +84,17 @@ export async function freeSpace(source: ChunkSource, opts: FreeSpaceOptions = {}
   for (const p of table.partitions) await read(p.start, p.length, p);
 
   // Ranges two owners claim cannot be trusted to either: a stale whole-disk superblock under a
-  // partition table, or overlapping partition entries.
+  // partition table (mke2fs zeroes sector 0 of a whole disk, so the table came later), or
+  // overlapping partition entries.
   for (const fs of found) {
+    if (!fs.partition && table.scheme !== 'none' && fs.verdict.trusted) {
+      const first = table.partitions[0];
+      const what = first ? `${first.scheme} partition ${first.number}` : `${table.scheme}, no usable partitions`;
+      fs.verdict = { trusted: false, reason: `a partition table (${what}) also describes this disk` };
+      fs.free = [];
+      fs.freeBytes = 0;
+      continue;
+    }
     const end = fs.offset + Math.max(fs.size, 1);
     const clash = table.partitions.find(
       (p) => p !== fs.partition && p.start < end && fs.offset < p.start + p.length,
