@@ -13,7 +13,8 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { copySparse } from '../../src/vm/snapshot.js';
-import { startQemu, type VmSpec } from '../../src/vm/qemu.js';
+import { startQemu } from '../../src/vm/process.js';
+import type { VmSpec } from '../../src/spec/vm-spec.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
 import { cli } from './cli.js';
 import { freePort, parseStatus, repoRoot } from './demo-vm.js';
@@ -103,7 +104,9 @@ export async function ensureBenchPair(log: (s: string) => void = () => undefined
     .update(await readFile(new URL(import.meta.url)))
     .digest('hex')
     .slice(0, 16);
-  const cache = process.env['CLOUDLET_BENCH_PAIR_DIR'] ?? join(process.env['XDG_CACHE_HOME'] ?? join(homedir(), '.cache'), 'cloudlet-overlay', 'bench-pair');
+  const cache =
+    process.env['CLOUDLET_BENCH_PAIR_DIR'] ??
+    join(process.env['XDG_CACHE_HOME'] ?? join(homedir(), '.cache'), 'cloudlet-overlay', 'bench-pair');
   const dir = join(cache, key);
   const cached = await readFile(join(dir, 'pair.json'), 'utf8').catch(() => undefined);
   if (cached) return JSON.parse(cached) as BenchPair;
@@ -131,7 +134,10 @@ export async function ensureBenchPair(log: (s: string) => void = () => undefined
     const first = await waitHttp(status, { timeoutMs: 120_000, signal: booted.exitSignal });
     const token = parseStatus(first.body).token;
     await booted.qmp.close();
-    await must(['snapshot', '--qmp', booted.paths.qmpSocket, '-o', join(work, 'base'), '--then', 'quit'], 'base snapshot');
+    await must(
+      ['snapshot', '--qmp', booted.paths.qmpSocket, '-o', join(work, 'base'), '--then', 'quit'],
+      'base snapshot',
+    );
     await booted.waitExit(20_000).catch(() => booted.kill());
     await rm(bootDisk, { force: true });
     log('base captured; resuming it to install python3-numpy');
@@ -143,10 +149,17 @@ export async function ensureBenchPair(log: (s: string) => void = () => undefined
       server!.listen(0, '127.0.0.1', () => resolve((server!.address() as { port: number }).port)),
     );
     const [p1, p2] = [await freePort(), await freePort()];
-    const launched = await must(['launch', 'bench', '--forward', `${p1}:${vm.guestPort}`, '--forward', `${p2}:${APP_PORT}`], 'launch');
+    const launched = await must(
+      ['launch', 'bench', '--forward', `${p1}:${vm.guestPort}`, '--forward', `${p2}:${APP_PORT}`],
+      'launch',
+    );
     const iid = String(launched['instance']);
     const t0 = performance.now();
-    const out = await must(['console', iid, '--run', installScript(`http://10.0.2.2:${appPort}/server.py`), '--timeout', '1200s'], 'install', 1_300_000);
+    const out = await must(
+      ['console', iid, '--run', installScript(`http://10.0.2.2:${appPort}/server.py`), '--timeout', '1200s'],
+      'install',
+      1_300_000,
+    );
     const installSeconds = (performance.now() - t0) / 1000;
     const summary = String(out['output']).trim().split('\n').pop() ?? '';
     const answer = await waitHttp(`http://127.0.0.1:${p2}/`, {
@@ -157,10 +170,24 @@ export async function ensureBenchPair(log: (s: string) => void = () => undefined
     if (appAnswer.token !== token) throw new Error(`the customized VM has token ${appAnswer.token}, the base ${token}`);
     const st = parseStatus((await httpGet(`http://127.0.0.1:${p1}/cgi-bin/status`, { timeoutMs: 10_000 })).body);
     if (st.marker !== 'bench-app') throw new Error(`marker is ${st.marker}`);
-    await must(['snapshot', '--instance', iid, '-o', join(work, 'custom'), '--then', 'quit'], 'custom snapshot', 600_000);
+    await must(
+      ['snapshot', '--instance', iid, '-o', join(work, 'custom'), '--then', 'quit'],
+      'custom snapshot',
+      600_000,
+    );
     await must(['stop', iid], 'stop');
     // The customized disk is a qcow2 over the library's base disk: point it at the cached one.
-    await exec('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', join(dir, 'base', 'disk.raw'), '-F', 'raw', join(work, 'custom', 'disk.qcow2')]);
+    await exec('qemu-img', [
+      'rebase',
+      '-u',
+      '-f',
+      'qcow2',
+      '-b',
+      join(dir, 'base', 'disk.raw'),
+      '-F',
+      'raw',
+      join(work, 'custom', 'disk.qcow2'),
+    ]);
     await rm(root, { recursive: true, force: true });
     const m = /pkgs=(\d+) used=(\d+)/.exec(summary);
     const memoryStreamBytes = (await exec('stat', ['-c', '%s', join(work, 'custom', 'memory.stream')])).stdout.trim();

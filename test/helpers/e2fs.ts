@@ -121,7 +121,11 @@ export function extentsToBlocks(free: readonly Extent[], offset: number, blockSi
 
 /** Data blocks of a file (debugfs "blocks"), plus its extent-tree/indirect blocks (debugfs "stat"). */
 export function fileBlocks(image: string, path: string, offset = 0): number[] {
-  const data = debugfs(image, [`blocks ${path}`], { offset }).trim().split(/\s+/).filter(Boolean).map(Number);
+  const data = debugfs(image, [`blocks ${path}`], { offset })
+    .trim()
+    .split(/\s+/)
+    .filter(Boolean)
+    .map(Number);
   const stat = debugfs(image, [`stat ${path}`], { offset });
   // "(IND):1234", "(DIND):…", "(ETB0):5678" are metadata blocks of the file.
   const meta = [...stat.matchAll(/\((?:IND|DIND|TIND|ETB\d+)\):(\d+)/g)].map((m) => Number(m[1]));

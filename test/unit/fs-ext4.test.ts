@@ -158,7 +158,11 @@ describe('freeSpace on mke2fs -d images equals dumpe2fs', () => {
 });
 
 describe('after debugfs writes and deletes', () => {
-  for (const opts of [['-b', '4096'], ['-b', '1024', '-O', '^flex_bg'], ['-O', '^64bit,^metadata_csum,uninit_bg']]) {
+  for (const opts of [
+    ['-b', '4096'],
+    ['-b', '1024', '-O', '^flex_bg'],
+    ['-O', '^64bit,^metadata_csum,uninit_bg'],
+  ]) {
     it(`keeps matching dumpe2fs (${opts.join(' ')})`, async () => {
       const image = join(dir, 'churn.img');
       mkfs(image, '300M', opts);
@@ -236,8 +240,10 @@ describe('speed', () => {
       times.sort((a, b) => a - b);
       const fs = r?.filesystems[0];
       assert.ok(fs?.verdict.trusted);
-      console.log(`# 1 GiB ext4, ${bs}-byte blocks, ${fs.groups} groups: freeSpace median ${times[2]?.toFixed(1)} ms ` +
-        `(incl. openDisk; min ${times[0]?.toFixed(1)} ms)`);
+      console.log(
+        `# 1 GiB ext4, ${bs}-byte blocks, ${fs.groups} groups: freeSpace median ${times[2]?.toFixed(1)} ms ` +
+          `(incl. openDisk; min ${times[0]?.toFixed(1)} ms)`,
+      );
       assert.ok((times[2] ?? Infinity) < 2000);
       await rm(image);
     });

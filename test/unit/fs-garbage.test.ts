@@ -81,7 +81,10 @@ describe('not a file system', () => {
     g.write('EFI PART', 512, 'latin1');
     const r = await freeSpace(bufferSource(g));
     nothingFound(r);
-    assert.ok(r.notes.some((s) => /primary header damaged/.test(s)), JSON.stringify(r.notes));
+    assert.ok(
+      r.notes.some((s) => /primary header damaged/.test(s)),
+      JSON.stringify(r.notes),
+    );
   });
 });
 
@@ -237,6 +240,14 @@ describe('random bit flips in real metadata', () => {
     mkfs(image, '10240k', ['-d', tree], { offset: 2048 * 512 });
     const pristine = await readFile(image);
     const end = pristine.length;
-    await mutate(pristine, [[0, 34 * 512], [end - 33 * 512, end]], 300, 7);
+    await mutate(
+      pristine,
+      [
+        [0, 34 * 512],
+        [end - 33 * 512, end],
+      ],
+      300,
+      7,
+    );
   });
 });

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { openDisk } from '../../src/image/disk/open-disk.js';
 import { freeSpace, type FreeSpaceResult } from '../../src/image/fs/free-space.js';
 import { dumpe2fs, extentsToBlocks, fileBlocks, hasTool, mkfs, patch, readAt, run } from '../helpers/e2fs.js';
+import { xorByte } from '../helpers/bytes.js';
 
 let dir = '';
 let tree = '';
@@ -102,13 +103,22 @@ describe('MBR', () => {
     mkfs(image, kib(p5.size), ['-d', tree], { offset: p5.start * 512, type: 'ext2' });
     const r = await analyse(image);
     assert.equal(r.scheme, 'mbr');
-    assert.deepEqual(r.partitions.map((p) => p.number), [1, 2, 5, 6]);
+    assert.deepEqual(
+      r.partitions.map((p) => p.number),
+      [1, 2, 5, 6],
+    );
     assert.equal(r.filesystems.length, 3);
     for (const p of [p1, p2, p5]) expectOracle(r, image, p.start * 512, ['/data']);
     assert.equal(r.filesystems[2]?.type, 'ext2');
     assert.equal(r.filesystems[2]?.partition?.number, 5);
-    assert.ok(r.notes.some((s) => /mbr partition 6 \(type 0x82\): no ext2\/3\/4/.test(s)), JSON.stringify(r.notes));
-    assert.equal(r.freeBytes, r.filesystems.reduce((a, f) => a + f.freeBytes, 0));
+    assert.ok(
+      r.notes.some((s) => /mbr partition 6 \(type 0x82\): no ext2\/3\/4/.test(s)),
+      JSON.stringify(r.notes),
+    );
+    assert.equal(
+      r.freeBytes,
+      r.filesystems.reduce((a, f) => a + f.freeBytes, 0),
+    );
     await rm(image);
   });
 
@@ -136,7 +146,10 @@ describe('MBR', () => {
     await patch(image, 2148 * 512, ebr);
     const r = await analyse(image);
     assert.equal(r.scheme, 'mbr');
-    assert.ok(r.notes.some((s) => /EBR chain loops/.test(s)), JSON.stringify(r.notes));
+    assert.ok(
+      r.notes.some((s) => /EBR chain loops/.test(s)),
+      JSON.stringify(r.notes),
+    );
     assert.deepEqual(r.filesystems, []);
   });
 
@@ -192,20 +205,26 @@ describe('GPT', () => {
   it('both partitions are found and match dumpe2fs', async () => {
     const r = await analyse(image);
     assert.equal(r.scheme, 'gpt');
-    assert.deepEqual(r.partitions.map((p) => [p.number, p.type]), [
-      [1, '0FC63DAF-8483-4772-8E79-3D69D8477DE4'],
-      [2, '0FC63DAF-8483-4772-8E79-3D69D8477DE4'],
-    ]);
+    assert.deepEqual(
+      r.partitions.map((p) => [p.number, p.type]),
+      [
+        [1, '0FC63DAF-8483-4772-8E79-3D69D8477DE4'],
+        [2, '0FC63DAF-8483-4772-8E79-3D69D8477DE4'],
+      ],
+    );
     for (const p of parts) expectOracle(r, image, p.start * 512, ['/data']);
     assert.deepEqual(r.notes, []);
   });
 
   it('a damaged primary header: the backup is used', async () => {
     const h = await readAt(image, 512, 512);
-    h[0x38] = (h[0x38] as number) ^ 1; // a byte of the disk GUID: CRC32 no longer matches
+    xorByte(h, 0x38, 1); // a byte of the disk GUID: CRC32 no longer matches
     await patch(image, 512, h);
     const r = await analyse(image);
-    assert.ok(r.notes.some((s) => /primary header damaged \(header CRC32 mismatch\)/.test(s)), JSON.stringify(r.notes));
+    assert.ok(
+      r.notes.some((s) => /primary header damaged \(header CRC32 mismatch\)/.test(s)),
+      JSON.stringify(r.notes),
+    );
     assert.ok(r.notes.some((s) => /using the backup header/.test(s)));
     assert.equal(r.filesystems.filter((f) => f.verdict.trusted).length, 2);
     await restore();
@@ -213,10 +232,13 @@ describe('GPT', () => {
 
   it('a damaged primary entry array: the backup is used', async () => {
     const e = await readAt(image, 1024, 512);
-    e[0x38] = (e[0x38] as number) ^ 1; // partition 1's name
+    xorByte(e, 0x38, 1); // partition 1's name
     await patch(image, 1024, e);
     const r = await analyse(image);
-    assert.ok(r.notes.some((s) => /primary entry array fails its CRC32/.test(s)), JSON.stringify(r.notes));
+    assert.ok(
+      r.notes.some((s) => /primary entry array fails its CRC32/.test(s)),
+      JSON.stringify(r.notes),
+    );
     assert.equal(r.filesystems.filter((f) => f.verdict.trusted).length, 2);
     await restore();
   });
@@ -233,16 +255,19 @@ describe('GPT', () => {
     const size = 300 * 1024 * 1024;
     const last = await readAt(image, size - 512, 512);
     const h = await readAt(image, 512, 512);
-    h[0x38] = (h[0x38] as number) ^ 1;
-    last[0x38] = (last[0x38] as number) ^ 1;
+    xorByte(h, 0x38, 1);
+    xorByte(last, 0x38, 1);
     await patch(image, 512, h);
     await patch(image, size - 512, last);
     const r = await analyse(image);
     assert.equal(r.scheme, 'gpt');
     assert.deepEqual(r.partitions, []);
     assert.deepEqual(r.filesystems, []);
-    assert.ok(r.notes.some((s) => /no valid GPT/.test(s)), JSON.stringify(r.notes));
-    last[0x38] = (last[0x38] as number) ^ 1;
+    assert.ok(
+      r.notes.some((s) => /no valid GPT/.test(s)),
+      JSON.stringify(r.notes),
+    );
+    xorByte(last, 0x38, 1);
     await patch(image, size - 512, last);
     await restore();
   });

@@ -225,7 +225,10 @@ describe('trusted, with a note', () => {
     const fs = await only(image);
     assert.deepEqual(fs.verdict, { trusted: true });
     assert.equal(fs.state.orphans, true);
-    assert.ok(fs.notes.some((s) => /orphan inodes are recorded/.test(s)), JSON.stringify(fs.notes));
+    assert.ok(
+      fs.notes.some((s) => /orphan inodes are recorded/.test(s)),
+      JSON.stringify(fs.notes),
+    );
   });
 
   it('a stale superblock free count', async () => {
@@ -233,6 +236,9 @@ describe('trusted, with a note', () => {
     debugfs(image, ['ssv free_blocks_count 7'], { write: true });
     const fs = await only(image);
     assert.deepEqual(fs.verdict, { trusted: true });
-    assert.ok(fs.notes.some((s) => /superblock free block count 7 differs/.test(s)), JSON.stringify(fs.notes));
+    assert.ok(
+      fs.notes.some((s) => /superblock free block count 7 differs/.test(s)),
+      JSON.stringify(fs.notes),
+    );
   });
 });

@@ -19,9 +19,9 @@ function table32(poly: number): Uint32Array {
   }
   // Slice-by-8 tables: t[k*256 + i] is the crc of byte i followed by k zero bytes.
   for (let i = 0; i < 256; i++) {
-    let c = t[i];
+    let c = t[i]!;
     for (let k = 1; k < 8; k++) {
-      c = (t[c & 0xff] ^ (c >>> 8)) >>> 0;
+      c = (t[c & 0xff]! ^ (c >>> 8)) >>> 0;
       t[k * 256 + i] = c;
     }
   }
@@ -37,18 +37,18 @@ function update32(t: Uint32Array, seed: number, data: Uint8Array): number {
   const n = data.length;
   // Slice-by-8: eight bytes per step (a bitmap block of a large file system is 4 KiB or more).
   for (; i + 8 <= n; i += 8) {
-    const a = (c ^ (data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24))) >>> 0;
+    const a = (c ^ (data[i]! | (data[i + 1]! << 8) | (data[i + 2]! << 16) | (data[i + 3]! << 24))) >>> 0;
     c =
-      t[7 * 256 + (a & 0xff)] ^
-      t[6 * 256 + ((a >>> 8) & 0xff)] ^
-      t[5 * 256 + ((a >>> 16) & 0xff)] ^
-      t[4 * 256 + (a >>> 24)] ^
-      t[3 * 256 + data[i + 4]] ^
-      t[2 * 256 + data[i + 5]] ^
-      t[256 + data[i + 6]] ^
-      t[data[i + 7]];
+      t[7 * 256 + (a & 0xff)]! ^
+      t[6 * 256 + ((a >>> 8) & 0xff)]! ^
+      t[5 * 256 + ((a >>> 16) & 0xff)]! ^
+      t[4 * 256 + (a >>> 24)]! ^
+      t[3 * 256 + data[i + 4]!]! ^
+      t[2 * 256 + data[i + 5]!]! ^
+      t[256 + data[i + 6]!]! ^
+      t[data[i + 7]!]!;
   }
-  for (; i < n; i++) c = t[(c ^ data[i]) & 0xff] ^ (c >>> 8);
+  for (; i < n; i++) c = t[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
   return c >>> 0;
 }
 
@@ -75,6 +75,6 @@ const CRC16 = (() => {
 /** Linux crc16(crc, buf): reflected 0x8005, the caller's seed, no final inversion. */
 export function crc16(seed: number, data: Uint8Array): number {
   let c = seed & 0xffff;
-  for (let i = 0; i < data.length; i++) c = (CRC16[(c ^ data[i]) & 0xff] ^ (c >>> 8)) & 0xffff;
+  for (let i = 0; i < data.length; i++) c = (CRC16[(c ^ data[i]!) & 0xff]! ^ (c >>> 8)) & 0xffff;
   return c;
 }

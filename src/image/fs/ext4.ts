@@ -171,9 +171,7 @@ export async function readExt(
       const groups = await readDescriptors(source, offset, g);
       const sum = groups.freeBlocks.reduce((a, b) => a + b, 0);
       if (sum !== sb.freeBlocksCount) {
-        notes.push(
-          `superblock free block count ${sb.freeBlocksCount} differs from the groups' ${sum} (kept lazily)`,
-        );
+        notes.push(`superblock free block count ${sb.freeBlocksCount} differs from the groups' ${sum} (kept lazily)`);
       }
       if (state.journal === 'internal') reasons.push(...(await journalReasons(source, offset, g, groups, state)));
       if (reasons.length === 0) {
@@ -197,8 +195,13 @@ export async function readExt(
 
 function typeOf(sb: Superblock): 'ext2' | 'ext3' | 'ext4' {
   const ext4Incompat = INCOMPAT.EXTENTS | INCOMPAT.BIT64 | INCOMPAT.FLEX_BG | INCOMPAT.META_BG | INCOMPAT.INLINE_DATA;
-  const ext4Ro = RO_COMPAT.HUGE_FILE | RO_COMPAT.GDT_CSUM | RO_COMPAT.DIR_NLINK | RO_COMPAT.EXTRA_ISIZE |
-    RO_COMPAT.METADATA_CSUM | RO_COMPAT.BIGALLOC;
+  const ext4Ro =
+    RO_COMPAT.HUGE_FILE |
+    RO_COMPAT.GDT_CSUM |
+    RO_COMPAT.DIR_NLINK |
+    RO_COMPAT.EXTRA_ISIZE |
+    RO_COMPAT.METADATA_CSUM |
+    RO_COMPAT.BIGALLOC;
   if (sb.incompat & ext4Incompat || sb.roCompat & ext4Ro) return 'ext4';
   return sb.compat & COMPAT.HAS_JOURNAL ? 'ext3' : 'ext2';
 }
@@ -231,7 +234,7 @@ function stateReasons(s: ExtState): string[] {
   if (s.needsRecovery) {
     out.push(
       'the journal needs recovery (needs_recovery set): the file system was mounted read-write and not frozen ' +
-        'when the image was taken, or crashed; the bitmaps on disk may be older than the guest\'s',
+        "when the image was taken, or crashed; the bitmaps on disk may be older than the guest's",
     );
   }
   if (s.journal === 'external') {

@@ -96,9 +96,7 @@ export async function freeSpace(source: ChunkSource, opts: FreeSpaceOptions = {}
       continue;
     }
     const end = fs.offset + Math.max(fs.size, 1);
-    const clash = table.partitions.find(
-      (p) => p !== fs.partition && p.start < end && fs.offset < p.start + p.length,
-    );
+    const clash = table.partitions.find((p) => p !== fs.partition && p.start < end && fs.offset < p.start + p.length);
     if (clash && fs.verdict.trusted) {
       const why = fs.partition
         ? `it overlaps ${clash.scheme} partition ${clash.number}`
