@@ -116,15 +116,21 @@ async function applyWith(
   const mainSize = ramTargets.find((t) => t.name === mem?.mainBlock)?.size ?? 0;
   if (ramTargets.length > 0 && memoryFormat === 'sparse') {
     if (!baseRamFile) {
-      throw new UsageError('sparse memory resumes on top of the base RAM file: use a library base or --base-ram FILE (or --memory-format stream)');
+      throw new UsageError(
+        'sparse memory resumes on top of the base RAM file: ' +
+          'use a library base or --base-ram FILE (or --memory-format stream)',
+      );
     }
     const st = await stat(baseRamFile).catch(() => undefined);
     if (!st || st.size !== mainSize) {
-      throw new UsageError(`base RAM file ${baseRamFile} is missing or not ${mainSize} bytes (the ${mem?.mainBlock} block)`);
+      throw new UsageError(
+        `base RAM file ${baseRamFile} is missing or not ${mainSize} bytes (the ${mem?.mainBlock} block)`,
+      );
     }
   }
   const baseDisk = base.targets.find((t) => t.kind === 'disk');
-  const baseDiskFile = base.diskPath && base.diskFormat ? { path: resolve(base.diskPath), format: base.diskFormat } : undefined;
+  const baseDiskFile =
+    base.diskPath && base.diskFormat ? { path: resolve(base.diskPath), format: base.diskFormat } : undefined;
   if (diskTarget && (!baseDisk || baseDisk.kind !== 'disk' || !baseDiskFile)) {
     throw new UsageError('the overlay rebuilds a disk: the base needs its disk');
   }
@@ -134,9 +140,11 @@ async function applyWith(
     memory: memoryFormat === 'sparse' ? 'memory.sparse' : memoryFormat === 'stream' ? 'memory.stream' : 'memory',
   };
   await mkdir(outDir, { recursive: true });
-  const finals = [diskTarget ? names.disk : undefined, ramTargets.length ? names.memory : undefined, 'manifest.json'].filter(
-    (n): n is string => n !== undefined,
-  );
+  const finals = [
+    diskTarget ? names.disk : undefined,
+    ramTargets.length ? names.memory : undefined,
+    'manifest.json',
+  ].filter((n): n is string => n !== undefined);
   if (!opts.force) {
     for (const n of finals) {
       if (await stat(join(outDir, n)).catch(() => undefined)) {
@@ -151,10 +159,10 @@ async function applyWith(
   try {
     const outputs: Array<TargetOutput | undefined> = header.targets.map(() => undefined);
     // The stream output needs the blobs the patcher rebuilds first (they precede every page).
-    let patcher: Patcher | undefined;
+    const made: { patcher?: Patcher } = {};
     const blob = (name: string): Buffer => {
-      if (!patcher) throw new Error('apply: a stream blob was asked for before the patcher exists');
-      return patcher.blob(name);
+      if (!made.patcher) throw new Error('apply: a stream blob was asked for before the patcher exists');
+      return made.patcher.blob(name);
     };
     if (diskTarget && baseDisk?.kind === 'disk' && baseDiskFile) {
       const path = join(staging, names.disk);
@@ -195,8 +203,8 @@ async function applyWith(
       }
     }
 
-    patcher = new Patcher(base.targets, header.targets, outputs, reader);
-    const running = patcher;
+    const patcher = new Patcher(base.targets, header.targets, outputs, reader);
+    made.patcher = patcher;
     progress.step('rebuilding VM from overlay', reader.fileSize);
     let seg = -1;
     const result = await timings.time('rebuild', async () => {
@@ -205,13 +213,13 @@ async function applyWith(
           seg = at.segment;
           progress.advance(reader.index.segments[seg]?.length ?? 0);
         }
-        await running.add(at);
+        await patcher.add(at);
       }
-      return running.finish();
+      return patcher.finish();
     });
     if (memoryFormat === 'raw' && ramTargets.length > 0) {
       for (const name of STREAM_BLOBS) {
-        await writeFileAtomic(join(staging, names.memory, name), running.blob(name));
+        await writeFileAtomic(join(staging, names.memory, name), patcher.blob(name));
       }
     }
     progress.done('rebuilt and verified');

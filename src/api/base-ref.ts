@@ -27,7 +27,8 @@ export interface BaseRef {
 
 export async function openBase(ref: BaseRef, progress: Progress): Promise<BaseVm> {
   if (ref.base) {
-    if (ref.baseDisk || ref.baseMemory) throw new UsageError('give either --base or --base-disk/--base-memory, not both');
+    if (ref.baseDisk || ref.baseMemory)
+      throw new UsageError('give either --base or --base-disk/--base-memory, not both');
     const root = libraryRoot(ref.library);
     return openLibraryBase(root, await resolveBaseId(root, ref.base));
   }

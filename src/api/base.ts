@@ -55,7 +55,8 @@ export async function importBaseFrom(opts: BaseImportOptions): Promise<BaseImpor
   const root = opts.root;
   if (opts.input) {
     const input = opts.input;
-    if (opts.disk || opts.memory || opts.vmFile) throw new UsageError('give a source or --disk/--memory/--vm, not both');
+    if (opts.disk || opts.memory || opts.vmFile)
+      throw new UsageError('give a source or --disk/--memory/--vm, not both');
     const st = await stat(input).catch(() => {
       throw new NotFoundError(`${input} does not exist`, { path: input });
     });
@@ -82,25 +83,25 @@ async function importSnapshotDir(
   return importBase({ root, disk, diskFormat, memory, vm, name, qemuVersion, progress });
 }
 
-export interface CaptureOptions {
+export interface CaptureBaseOptions {
   root: string;
   /** One of: an instance id, or a QMP socket. */
   instance?: string;
   qmp?: string;
   disk?: string;
   name?: string;
-  then: 'resume' | 'quit';
+  afterCapture: 'resume' | 'quit';
   progress?: Progress;
 }
 
 /** Captures a running VM into the library: `snapshot` into a temporary directory, then import it. */
-export async function captureBase(opts: CaptureOptions): Promise<ImportResult> {
+export async function captureBase(opts: CaptureBaseOptions): Promise<ImportResult> {
   const progress = opts.progress ?? silent;
   await mkdir(tmpDir(opts.root), { recursive: true });
   const dir = join(tmpDir(opts.root), `capture-${process.pid}-${Date.now()}`);
   try {
-    const { root, instance, qmp, disk, then } = opts;
-    await snapshotVm({ root, instance, qmp, disk, outDir: dir, then, progress });
+    const { root, instance, qmp, disk, afterCapture } = opts;
+    await snapshotVm({ root, instance, qmp, disk, outDir: dir, afterCapture, progress });
     return await importSnapshotDir(root, dir, opts.name, progress);
   } finally {
     await rm(dir, { recursive: true, force: true });

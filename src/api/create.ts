@@ -58,7 +58,8 @@ export async function createOverlay(opts: CreateOptions): Promise<CreateResult> 
 async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress): Promise<CreateResult> {
   const timings = new Timings();
   const level = opts.level ?? DEFAULT_LEVEL;
-  if (!Number.isInteger(level) || level < 1 || level > 22) throw new UsageError(`compression level must be 1..22, not ${level}`);
+  if (!Number.isInteger(level) || level < 1 || level > 22)
+    throw new UsageError(`compression level must be 1..22, not ${level}`);
   if (opts.memory && !base.targets.some((t) => t.kind === 'ram')) {
     throw new UsageError('the customized VM has a memory snapshot but the base has none: give the base memory too');
   }
@@ -88,7 +89,11 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       compression: { codec: 'zstd', level },
     };
     if (vm.memory) {
-      header.memory = { machine: vm.memory.machineType, mainBlock: mainBlockOf(vm.memory), ramSectionId: vm.memory.ramSectionId };
+      header.memory = {
+        machine: vm.memory.machineType,
+        mainBlock: mainBlockOf(vm.memory),
+        ramSectionId: vm.memory.ramSectionId,
+      };
     }
     // A customized qcow2 sitting directly on the base disk: only its own clusters can differ.
     const diskTarget = targets.find((t): t is NewChunkedTarget => t.kind === 'disk');

@@ -40,9 +40,17 @@ export function newInstanceId(): string {
 }
 
 /** The base's VM spec with this instance's disk, the base RAM file and the stream to load. */
-export function resumeSpecFor(base: LibraryBase, dir: string, memory: InstanceStart['memory'], forwards: PortForward[]): VmSpec {
+export function resumeSpecFor(
+  base: LibraryBase,
+  dir: string,
+  memory: InstanceStart['memory'],
+  forwards: PortForward[],
+): VmSpec {
   const vm = base.manifest.vm;
-  if (!vm) throw new UsageError(`base ${base.id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
+  if (!vm)
+    throw new UsageError(
+      `base ${base.id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
+    );
   const spec: VmSpec = { ...vm };
   delete spec.name;
   if (spec.kernel) spec.kernel = join(base.dir, spec.kernel);
@@ -61,9 +69,11 @@ export function resumeSpecFor(base: LibraryBase, dir: string, memory: InstanceSt
 export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; state: InstanceState }> {
   const dir = instanceDir(s.root, s.iid);
   const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards);
-  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch((err: unknown) => {
-    throw withHint(err);
-  });
+  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch(
+    (err: unknown) => {
+      throw withHint(err);
+    },
+  );
   const state: InstanceState = {
     id: s.iid,
     base_id: s.base.id,
@@ -133,7 +143,9 @@ export async function findInstance(root: string, ref: string): Promise<InstanceS
 /** One line of `ps`: an instance's state without its VM spec, and whether its QEMU still runs. */
 export type InstanceSummary = Omit<InstanceState, 'spec'> & { status: InstanceStatus };
 
-export async function listInstanceSummaries(root: string): Promise<{ message_type: 'ps'; instances: InstanceSummary[] }> {
+export async function listInstanceSummaries(
+  root: string,
+): Promise<{ message_type: 'ps'; instances: InstanceSummary[] }> {
   const list = await listInstances(root);
   return { message_type: 'ps', instances: list.map(({ spec: _spec, ...rest }) => rest) };
 }

@@ -37,7 +37,8 @@ export interface SnapshotOptions {
   /** The disk image to copy (default: the VM's first drive). */
   disk?: string;
   outDir: string;
-  then: 'resume' | 'quit';
+  /** What the VM does after the capture (--then). */
+  afterCapture: 'resume' | 'quit';
   progress?: Progress;
 }
 
@@ -80,15 +81,15 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     const r = await captureSnapshot(vm, {
       memPath: join(work, SNAPSHOT_MEMORY),
       disks: diskFrom && diskFile ? [{ from: diskFrom, to: join(work, diskFile) }] : [],
-      then: opts.then,
+      afterCapture: opts.afterCapture,
     });
     progress.done(`captured ${Math.round(r.memBytes / 2 ** 20)} MiB of memory stream`);
     const file: SnapshotVmFile = {
       vm: vmSpec,
       disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,
-      qemu_version: r.manifest.qemuVersion,
+      qemu_version: r.info.qemuVersion,
       captured_at: new Date().toISOString(),
-      argv: r.manifest.argv,
+      argv: r.info.argv,
     };
     await writeFileAtomic(join(work, SNAPSHOT_VM), JSON.stringify(file, null, 2) + '\n');
     await rename(work, outDir);

@@ -74,7 +74,9 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   try {
     if (!base.manifest.vm) {
-      throw new UsageError(`base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
+      throw new UsageError(
+        `base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
+      );
     }
     let overlayPath = opts.overlay;
     if (isUrl(opts.overlay)) {
@@ -86,13 +88,22 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     try {
       checkBase(reader.header, base);
       if (!reader.header.targets.some((t) => t.kind === 'ram')) {
-        throw new UsageError('this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)');
+        throw new UsageError(
+          'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
+        );
       }
       await mkdir(dir, { recursive: true });
       // Instance files are scratch: written atomically, but not fsynced (see scratchWrites).
       await timings.time('apply', () =>
         scratchWrites(() =>
-          applyOverlay({ overlay: reader, base, outDir: dir, diskFormat: 'qcow2', memoryFormat: sparse ? 'sparse' : 'stream', progress }),
+          applyOverlay({
+            overlay: reader,
+            base,
+            outDir: dir,
+            diskFormat: 'qcow2',
+            memoryFormat: sparse ? 'sparse' : 'stream',
+            progress,
+          }),
         ),
       );
     } finally {
@@ -113,33 +124,32 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         overlay: isUrl(opts.overlay) ? opts.overlay : resolve(opts.overlay),
       }),
     );
-    vm = started.vm;
-    timings.phases['qemu_start'] = Math.round(vm.timings.qmpReadyMs);
-    timings.phases['incoming_load'] = Math.round(vm.timings.incomingMs);
+    const running = started.vm;
+    vm = running;
+    timings.phases['qemu_start'] = Math.round(running.timings.qmpReadyMs);
+    timings.phases['incoming_load'] = Math.round(running.timings.incomingMs);
     let answer: SynthesizeResult['answer'];
-    if (opts.waitHttp) {
-      progress.step(`waiting for ${opts.waitHttp}`);
-      const a = await timings.time('first_response', () =>
-        waitHttp(opts.waitHttp!, { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: vm!.exitSignal }),
-      );
+    const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
+    const { waitHttp: url, waitTcp: port } = opts;
+    if (url) {
+      progress.step(`waiting for ${url}`);
+      const a = await timings.time('first_response', () => waitHttp(url, wait));
       answer = { status: a.status, body: a.body };
-    } else if (opts.waitTcp) {
-      await timings.time('first_response', () =>
-        waitTcp('127.0.0.1', opts.waitTcp!, { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: vm!.exitSignal }),
-      );
+    } else if (port) {
+      await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
     }
     progress.done('VM resumed');
     timings.phases['total'] = timings.total();
     unregister();
     return {
-      vm,
+      vm: running,
       state: started.state,
       result: {
         message_type: 'synthesize',
         instance: iid,
         base_id: id,
-        pid: vm.pid,
-        accel: vm.accel,
+        pid: running.pid,
+        accel: running.accel,
         dir,
         forwards: opts.forwards,
         answer,

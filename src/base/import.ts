@@ -84,7 +84,10 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
           targets.push({ name, kind: 'blob', size: bytes.length, digest: sha256Hex(bytes) });
         }
         const files: { [block: string]: string } = {};
-        progress.step('writing RAM blocks', snap.blocks.reduce((n, b) => n + b.length, 0));
+        progress.step(
+          'writing RAM blocks',
+          snap.blocks.reduce((n, b) => n + b.length, 0),
+        );
         for (const b of snap.blocks) {
           const file = join('ram', `${safeName(b.name)}.raw`);
           files[b.name] = file;
@@ -93,7 +96,13 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
         }
         progress.done('RAM blocks written');
         const main = mainBlockOf(snap);
-        manifest.memory = { machine: snap.machineType, main_block: main, ram_section_id: snap.ramSectionId, files, blobs };
+        manifest.memory = {
+          machine: snap.machineType,
+          main_block: main,
+          ram_section_id: snap.ramSectionId,
+          files,
+          blobs,
+        };
         checkSpecMatches(opts.vm, snap.machineType, snap.blocks.find((b) => b.name === main)?.length ?? 0);
       } finally {
         await snap.close();
@@ -135,7 +144,8 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
         await copyFile(vm.initrd, join(work, 'initrd'));
         vm.initrd = 'initrd';
       }
-      if (vm.drives?.[0] && manifest.disk) vm.drives = [{ ...vm.drives[0], file: manifest.disk.file, format: manifest.disk.format }];
+      if (vm.drives?.[0] && manifest.disk)
+        vm.drives = [{ ...vm.drives[0], file: manifest.disk.file, format: manifest.disk.format }];
       delete vm.incoming;
       delete vm.memoryBackendFile;
       if (vm.network) vm.network = { ...vm.network, forwards: [] };
@@ -154,7 +164,13 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOTEMPTY' || code === 'EEXIST') {
         await rm(work, { recursive: true, force: true });
-        return { message_type: 'base_import', id, dir: dest, added: false, manifest: await readManifest(join(dest, 'manifest.json')) };
+        return {
+          message_type: 'base_import',
+          id,
+          dir: dest,
+          added: false,
+          manifest: await readManifest(join(dest, 'manifest.json')),
+        };
       }
       throw err;
     }
@@ -175,7 +191,9 @@ function checkSpecMatches(vm: VmSpec | undefined, machine: string, mainBytes: nu
     throw new UsageError(`the VM spec says machine ${vm.machine} but the memory snapshot is from ${machine}`);
   }
   if (vm.memoryMiB * 2 ** 20 !== mainBytes) {
-    throw new UsageError(`the VM spec says ${vm.memoryMiB} MiB of RAM but the snapshot's main RAM block holds ${mainBytes / 2 ** 20} MiB`);
+    throw new UsageError(
+      `the VM spec says ${vm.memoryMiB} MiB of RAM but the snapshot's main RAM block holds ${mainBytes / 2 ** 20} MiB`,
+    );
   }
 }
 

@@ -57,11 +57,15 @@ export async function resolveBaseId(root: string, ref: string): Promise<string> 
   const all = await listBases(root);
   const hits = all.filter((b) => b.id.startsWith(ref.toLowerCase()) || b.name === ref);
   if (hits.length === 1) return hits[0]!.id;
-  if (hits.length === 0) throw new NotFoundError(`no base ${ref} in the library ${root} (see: cloudlet-overlay base list)`, { base: ref });
+  if (hits.length === 0)
+    throw new NotFoundError(`no base ${ref} in the library ${root} (see: cloudlet-overlay base list)`, { base: ref });
   throw new NotFoundError(`base ${ref} is ambiguous: ${hits.map((h) => h.id.slice(0, 12)).join(', ')}`, { base: ref });
 }
 
-export async function showBase(root: string, id: string): Promise<BaseManifest & { stored_bytes: number; dir: string }> {
+export async function showBase(
+  root: string,
+  id: string,
+): Promise<BaseManifest & { stored_bytes: number; dir: string }> {
   const dir = baseDir(root, id);
   const m = await readManifest(join(dir, 'manifest.json'));
   return { ...m, stored_bytes: await duBytes(dir), dir };
@@ -102,7 +106,8 @@ export async function verifyBase(root: string, id: string, progress: Progress = 
         const map = await ChunkMap.build(t.source, (n) => progress.advance(n));
         progress.done(`verified ${t.name}`);
         digest = map.digest();
-        if (!map.toBuffer().equals(t.map.toBuffer())) problems.push(`${t.name}: stored chunk map differs from the data`);
+        if (!map.toBuffer().equals(t.map.toBuffer()))
+          problems.push(`${t.name}: stored chunk map differs from the data`);
       }
       if (digest !== want.digest) problems.push(`${t.name}: contents changed since import`);
       infos.push({ ...want, digest });
@@ -134,7 +139,11 @@ export async function exportBase(root: string, id: string, output: string): Prom
 }
 
 /** Imports a package made by exportBase, checking every byte against the id before it lands. */
-export async function importPackage(root: string, pkg: string, progress: Progress = silent): Promise<{ id: string; added: boolean }> {
+export async function importPackage(
+  root: string,
+  pkg: string,
+  progress: Progress = silent,
+): Promise<{ id: string; added: boolean }> {
   await stat(pkg).catch(() => {
     throw new NotFoundError(`package not found: ${pkg}`, { path: pkg });
   });

@@ -45,7 +45,12 @@ export async function readManifest(path: string): Promise<BaseManifest> {
     throw new CorruptInputError(`${path}: not valid JSON`);
   }
   const o = m as Partial<BaseManifest>;
-  if (o?.format !== 'cloudlet-overlay-base' || o.version !== 1 || typeof o.id !== 'string' || !Array.isArray(o.targets)) {
+  if (
+    o?.format !== 'cloudlet-overlay-base' ||
+    o.version !== 1 ||
+    typeof o.id !== 'string' ||
+    !Array.isArray(o.targets)
+  ) {
     throw new CorruptInputError(`${path}: not a cloudlet-overlay base manifest`);
   }
   return o as BaseManifest;

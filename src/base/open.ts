@@ -25,7 +25,8 @@ export interface LibraryBase extends BaseVm {
 export async function openLibraryBase(root: string, id: string): Promise<LibraryBase> {
   const dir = baseDir(root, id);
   const manifest = await readManifest(join(dir, 'manifest.json')).catch((err: unknown) => {
-    if (err instanceof NotFoundError) throw new NotFoundError(`no base ${id} in the library ${root}`, { base: id, library: root });
+    if (err instanceof NotFoundError)
+      throw new NotFoundError(`no base ${id} in the library ${root}`, { base: id, library: root });
     throw err;
   });
   if (manifest.id !== id) throw new CorruptInputError(`library entry ${id} holds a manifest for ${manifest.id}`);
@@ -56,7 +57,8 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
         source = await openRamFile(join(dir, file), t.name);
       }
       closers.push(() => source.close());
-      if (source.size !== t.size) throw new CorruptInputError(`base ${id}: ${t.name} is ${source.size} bytes, manifest says ${t.size}`);
+      if (source.size !== t.size)
+        throw new CorruptInputError(`base ${id}: ${t.name} is ${source.size} bytes, manifest says ${t.size}`);
       targets.push({ name: t.name, kind: t.kind, size: t.size, source, map });
     }
     const anchorFile = await readFile(join(dir, ANCHORS_FILE)).catch(() => undefined);

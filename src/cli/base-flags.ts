@@ -24,5 +24,10 @@ export function baseOptions(cmd: Command): Command {
 
 /** The flags as the API's BaseRef. */
 export function baseRef(flags: BaseFlags): BaseFlags {
-  return { base: flags.base, baseDisk: flags.baseDisk, baseDiskFormat: flags.baseDiskFormat, baseMemory: flags.baseMemory };
+  return {
+    base: flags.base,
+    baseDisk: flags.baseDisk,
+    baseDiskFormat: flags.baseDiskFormat,
+    baseMemory: flags.baseMemory,
+  };
 }

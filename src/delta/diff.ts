@@ -15,7 +15,14 @@ import type { RecordSink } from './record.js';
 import { RunMerger } from './runs.js';
 import { Shifter } from './shifter.js';
 import { emptyStats, type DiffStats } from './stats.js';
-import { eligible, findSamePlace, type BaseTarget, type NewChunkedTarget, type NewTarget, type TargetInfo } from './target.js';
+import {
+  eligible,
+  findSamePlace,
+  type BaseTarget,
+  type NewChunkedTarget,
+  type NewTarget,
+  type TargetInfo,
+} from './target.js';
 
 export interface DiffOptions extends LadderOptions {
   /** Anchors of the base targets (target = position in the base list). */
@@ -125,7 +132,7 @@ async function scanTarget(
     await gapUntil(first);
     reportTo(first * CHUNK_SIZE);
     reader.start(first, end);
-    for (let c = first; c < end; ) {
+    for (let c = first; c < end;) {
       const batch = await reader.next();
       for (let k = 0; k < batch.count; k++, c++) {
         const len = chunkLength(size, c);

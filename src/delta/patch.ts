@@ -340,7 +340,8 @@ export class Patcher {
       const rd = new ByteReader(await this.segments.get(segment), `segment ${segment}`);
       rd.pos = offset;
       const rec = readRecord(rd);
-      if (rec.target !== index || rec.chunk !== st.runFirst[run]) throw new CorruptInputError(`segment ${segment} offset ${offset}: record moved`);
+      if (rec.target !== index || rec.chunk !== st.runFirst[run])
+        throw new CorruptInputError(`segment ${segment} offset ${offset}: record moved`);
       const data = await this.decodeChunk(st, rec, c - rec.chunk, `segment ${segment} offset ${offset}`, depth);
       return data ?? Buffer.alloc(len);
     }
@@ -350,10 +351,12 @@ export class Patcher {
 
   private async decodeLiteral(st: ChunkedState, r: ChunkRecord, c: number, where: string): Promise<Buffer | null> {
     const len = chunkLength(st.info.size, c);
-    if (!('payload' in r) || r.chunk !== c) throw new CorruptInputError(`${where}: not a literal record for chunk ${c}`);
+    if (!('payload' in r) || r.chunk !== c)
+      throw new CorruptInputError(`${where}: not a literal record for chunk ${c}`);
     let data: Buffer;
     if (r.enc === Encoding.raw) {
-      if (r.payload.length !== len) throw new CorruptInputError(`${where}: raw chunk of ${r.payload.length} bytes, expected ${len}`);
+      if (r.payload.length !== len)
+        throw new CorruptInputError(`${where}: raw chunk of ${r.payload.length} bytes, expected ${len}`);
       data = Buffer.from(r.payload);
     } else if (r.enc === Encoding.xor || r.enc === Encoding.xdelta3 || r.enc === Encoding.zstdDict) {
       const same = st.same;
@@ -369,10 +372,12 @@ export class Patcher {
   }
 
   private decodeBlob(st: BlobState, r: ChunkRecord, where: string): Buffer {
-    if (r.chunk !== 0 || !('payload' in r)) throw new CorruptInputError(`${where}: bad record for blob ${st.info.name}`);
+    if (r.chunk !== 0 || !('payload' in r))
+      throw new CorruptInputError(`${where}: bad record for blob ${st.info.name}`);
     if (st.info.size > MAX_BLOB) throw new CorruptInputError(`${where}: blob ${st.info.name} too large`);
     if (r.enc === Encoding.blob) {
-      if (r.payload.length !== st.info.size) throw new CorruptInputError(`${where}: blob ${st.info.name} has the wrong size`);
+      if (r.payload.length !== st.info.size)
+        throw new CorruptInputError(`${where}: blob ${st.info.name} has the wrong size`);
       return Buffer.from(r.payload);
     }
     if (r.enc === Encoding.blobZstdDict) {

@@ -84,6 +84,7 @@ export function eligible(base: BaseTarget | undefined, size: number, index: numb
 
 /** The base id: sha256 over each base target's kind, name, size and digest (docs/FORMAT.md). */
 export function baseIdOf(targets: readonly TargetInfo[]): string {
-  const text = 'cloudlet-overlay base v1\n' + targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('');
+  const text =
+    'cloudlet-overlay base v1\n' + targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('');
   return createHash('sha256').update(text, 'utf8').digest('hex');
 }

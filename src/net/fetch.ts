@@ -8,6 +8,7 @@ import { rm } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { Readable, Transform } from 'node:stream';
 import { join } from 'node:path';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { randomBytes } from 'node:crypto';
 import { NetworkError, NotFoundError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
@@ -23,7 +24,12 @@ export interface Fetched {
   remove(): Promise<void>;
 }
 
-export async function fetchToFile(url: string, dir: string, progress: Progress = silent, timeoutMs = 300_000): Promise<Fetched> {
+export async function fetchToFile(
+  url: string,
+  dir: string,
+  progress: Progress = silent,
+  timeoutMs = 300_000,
+): Promise<Fetched> {
   const path = join(dir, `download-${randomBytes(6).toString('hex')}.overlay`);
   const unregister = onCleanup(() => rm(path, { force: true }));
   let res: Response;
@@ -31,7 +37,10 @@ export async function fetchToFile(url: string, dir: string, progress: Progress =
     res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
   } catch (err) {
     unregister();
-    throw new NetworkError(`cannot fetch ${url}: ${(err as Error).cause ? String((err as Error).cause) : (err as Error).message}`, { url });
+    throw new NetworkError(
+      `cannot fetch ${url}: ${(err as Error).cause ? String((err as Error).cause) : (err as Error).message}`,
+      { url },
+    );
   }
   if (res.status === 404) {
     unregister();
@@ -52,7 +61,11 @@ export async function fetchToFile(url: string, dir: string, progress: Progress =
     },
   });
   try {
-    await pipeline(Readable.fromWeb(res.body as import('node:stream/web').ReadableStream<Uint8Array>), count, createWriteStream(path, { flags: 'wx' }));
+    await pipeline(
+      Readable.fromWeb(res.body as WebReadableStream<Uint8Array>),
+      count,
+      createWriteStream(path, { flags: 'wx' }),
+    );
   } catch (err) {
     await rm(path, { force: true });
     unregister();

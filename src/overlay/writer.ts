@@ -174,6 +174,9 @@ export function headerBytes(header: OverlayHeader): Buffer {
   out.writeUInt16LE(VERSION_MINOR, 10);
   out.writeUInt32LE(json.length, 12);
   json.copy(out, HEADER_FIXED);
-  createHash('sha256').update(out.subarray(0, HEADER_FIXED + json.length)).digest().copy(out, HEADER_FIXED + json.length);
+  createHash('sha256')
+    .update(out.subarray(0, HEADER_FIXED + json.length))
+    .digest()
+    .copy(out, HEADER_FIXED + json.length);
   return out;
 }

@@ -55,7 +55,8 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
     const m = spec.memoryBackendFile;
     args.push(
       '-object',
-      `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,mem-path=${qemuOptValue(m.path)},share=${m.share ? 'on' : 'off'}`,
+      `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,` +
+        `mem-path=${qemuOptValue(m.path)},share=${m.share ? 'on' : 'off'}`,
     );
   }
   args.push('-cpu', spec.cpu ?? DEFAULT_CPU);
@@ -76,7 +77,8 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
   );
   args.push(
     '-chardev',
-    `socket,id=serial0,path=${qemuOptValue(p.serialSocket)},server=on,wait=off,logfile=${qemuOptValue(p.serialLog)},logappend=on`,
+    `socket,id=serial0,path=${qemuOptValue(p.serialSocket)},server=on,wait=off,` +
+      `logfile=${qemuOptValue(p.serialLog)},logappend=on`,
     '-serial',
     'chardev:serial0',
   );

@@ -28,7 +28,8 @@ export class AttachedVm {
     const path = resolve(qmpSocket);
     const qmp = await QmpClient.connect(path, { timeoutMs: 5000 }).catch((err: unknown) => {
       throw new NotFoundError(
-        `no QEMU answers on ${path} (QEMU serves one QMP client per socket: is another one connected?): ${(err as Error).message}`,
+        `no QEMU answers on ${path} (QEMU serves one QMP client per socket: is another one connected?): ` +
+          (err as Error).message,
         { path },
       );
     });

@@ -19,6 +19,7 @@ import { OverlayWriter } from '../../src/overlay/writer.js';
 import { OverlayReader } from '../../src/overlay/reader.js';
 import { CloudletError } from '../../src/util/errors.js';
 import { rng, textish } from '../helpers/synthetic-vm.js';
+import { xorByte } from '../helpers/bytes.js';
 
 class Sink implements TargetOutput {
   readonly wantsAll = true;
@@ -40,7 +41,7 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
   try {
     const baseDisk = textish(rand, 64 * 4096);
     const newDisk = Buffer.from(baseDisk);
-    for (let i = 0; i < 40; i++) newDisk[Math.floor(rand() * newDisk.length)] ^= 1;
+    for (let i = 0; i < 40; i++) xorByte(newDisk, Math.floor(rand() * newDisk.length), 1);
     baseDisk.copy(newDisk, 40 * 4096, 0, 8 * 4096);
     textish(rand, 8 * 4096).copy(newDisk, 50 * 4096);
     newDisk.copy(newDisk, 58 * 4096, 50 * 4096, 54 * 4096);
@@ -69,10 +70,15 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
       ],
       compression: { codec: 'zstd', level: 3 },
     });
-    const res = await diff(base, indexBase(base), [
-      { name: 'tail', kind: 'blob', blob: Buffer.from('custom tail!') },
-      { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
-    ], w);
+    const res = await diff(
+      base,
+      indexBase(base),
+      [
+        { name: 'tail', kind: 'blob', blob: Buffer.from('custom tail!') },
+        { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
+      ],
+      w,
+    );
     await w.finish(res.targets, res.stats);
     const good = await readFile(path);
 
@@ -120,7 +126,7 @@ function mutate(good: Buffer, rand: () => number): Buffer {
   const at = Math.floor(rand() * b.length);
   switch (Math.floor(rand() * 6)) {
     case 0:
-      b[at] ^= 1 << Math.floor(rand() * 8);
+      xorByte(b, at, 1 << Math.floor(rand() * 8));
       return b;
     case 1:
       b[at] = Math.floor(rand() * 256);

@@ -1,4 +1,5 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { applyOverlay } from '../../api/apply.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
@@ -37,7 +38,10 @@ export function registerApply(program: Command): void {
         'raw',
       ]),
     )
-    .option('--base-ram <file>', "the base's main RAM block as a raw file (for --memory-format sparse without a library)")
+    .option(
+      '--base-ram <file>',
+      "the base's main RAM block as a raw file (for --memory-format sparse without a library)",
+    )
     .addOption(new Option('--cluster-size <bytes>', 'qcow2 cluster size').argParser(intArg))
     .option('--force', 'replace outputs that already exist')
     .action(async (overlay: string, flags: ApplyFlags, command: Command) => {

@@ -1,4 +1,5 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import {
   captureBase,
   exportBase,
@@ -82,7 +83,15 @@ Examples:
     .addOption(new Option('--then <what>', 'after the capture').choices(['resume', 'quit']).default('resume'))
     .action(async (flags: CaptureFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await captureBase({ root: libraryRoot(g.library), ...flags, progress: makeProgress(g) });
+      const r = await captureBase({
+        root: libraryRoot(g.library),
+        instance: flags.instance,
+        qmp: flags.qmp,
+        disk: flags.disk,
+        name: flags.name,
+        afterCapture: flags.then,
+        progress: makeProgress(g),
+      });
       printResult(g, r, () => `${r.added ? 'captured' : 'already present'}: base ${r.id}`);
     });
 

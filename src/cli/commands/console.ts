@@ -1,4 +1,4 @@
-import { Command } from 'commander';
+import type { Command } from 'commander';
 import { libraryRoot } from '../../api/base.js';
 import { attachConsole, runInConsole } from '../../api/console.js';
 import { printResult, type GlobalOptions } from '../output.js';

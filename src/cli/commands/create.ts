@@ -1,4 +1,5 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { createOverlay, DEFAULT_LEVEL } from '../../api/create.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
@@ -28,7 +29,9 @@ export function registerCreate(program: Command): void {
     .option('--disk-format <fmt>', 'format of --disk (default: detected by qemu-img)')
     .option('--memory <file>', 'customized memory snapshot: QEMU migration stream or libvirt save image')
     .requiredOption('-o, --output <file>', 'overlay file to write (appears only when complete)')
-    .addOption(new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg))
+    .addOption(
+      new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg),
+    )
     .option('--tmp-dir <dir>', 'scratch space for converted disk views (default: system temp)')
     .addHelpText(
       'after',

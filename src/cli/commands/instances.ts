@@ -1,4 +1,4 @@
-import { Command } from 'commander';
+import type { Command } from 'commander';
 import { libraryRoot } from '../../api/base.js';
 import { instanceLog, listInstanceSummaries, stopInstance } from '../../api/instance.js';
 import { printResult, table, type GlobalOptions } from '../output.js';

@@ -1,4 +1,5 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { libraryRoot } from '../../api/base.js';
 import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';
@@ -37,24 +38,41 @@ export function registerSynthesize(program: Command): void {
     .description(
       'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base ' +
         'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the ' +
-        'VM under QEMU (KVM when usable, else TCG) with the base\'s exact machine and devices. Nothing is ' +
+        "VM under QEMU (KVM when usable, else TCG) with the base's exact machine and devices. Nothing is " +
         'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
         'and removes the instance (unless --keep).',
     )
     .argument('<overlay>', 'overlay file or http(s) URL')
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
     .addOption(
-      new Option('--forward <spec>', 'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)')
+      new Option(
+        '--forward <spec>',
+        'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)',
+      )
         .argParser(forwardArg)
         .default([]),
     )
     .option('--wait-http <url>', 'ready = this URL answers with a real HTTP response (e.g. http://127.0.0.1:8080/)')
-    .addOption(new Option('--wait-tcp <port>', 'ready = a TCP connection to this host port stays open').argParser(intArg))
-    .addOption(new Option('--accel <accel>', 'accelerator: probe KVM, or force one').choices(['auto', 'kvm', 'tcg']).default('auto'))
+    .addOption(
+      new Option('--wait-tcp <port>', 'ready = a TCP connection to this host port stays open').argParser(intArg),
+    )
+    .addOption(
+      new Option('--accel <accel>', 'accelerator: probe KVM, or force one')
+        .choices(['auto', 'kvm', 'tcg'])
+        .default('auto'),
+    )
     .option('--detach', 'leave the VM running and print the instance id (see: ps, stop, logs)')
     .option('--keep', 'keep the instance directory (disk, memory, logs) when the VM stops')
-    .addOption(new Option('--timeout <duration>', 'how long to wait for the first answer').argParser(durationArg).default(60_000, '60s'))
-    .addOption(new Option('--memory <how>', 'resume from changed pages over the base RAM file, or a full stream').choices(['sparse', 'stream']).default('sparse'))
+    .addOption(
+      new Option('--timeout <duration>', 'how long to wait for the first answer')
+        .argParser(durationArg)
+        .default(60_000, '60s'),
+    )
+    .addOption(
+      new Option('--memory <how>', 'resume from changed pages over the base RAM file, or a full stream')
+        .choices(['sparse', 'stream'])
+        .default('sparse'),
+    )
     .addHelpText(
       'after',
       `
@@ -65,9 +83,7 @@ Example:
     .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const human = !g.json && !g.quiet;
-      // Ctrl-C in the foreground is the normal end: it stops the VM, it is not an interruption.
       const stop = new AbortController();
-      onForegroundSignal(() => stop.abort());
       await runSynthesis({
         root: libraryRoot(g.library),
         base: flags.base,
@@ -85,7 +101,10 @@ Example:
         onReady(result) {
           if (human) process.stderr.write(phaseTable(result) + '\n');
           printResult(g, result, () => summary(result));
-          if (human && !flags.detach) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+          if (flags.detach) return;
+          // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
+          onForegroundSignal(() => stop.abort());
+          if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
         },
       });
     });
@@ -93,7 +112,8 @@ Example:
 
 function phaseTable(result: SynthesizeResult): string {
   const rows = [['phase', 'ms']];
-  for (const [k, label] of PHASES) if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
+  for (const [k, label] of PHASES)
+    if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
   return table(rows);
 }
 
@@ -101,7 +121,8 @@ function summary(result: SynthesizeResult): string {
   const lines = [
     `instance ${result.instance} running (pid ${result.pid}, ${result.accel}) from base ${result.base_id.slice(0, 12)}`,
   ];
-  for (const f of result.forwards) lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
+  for (const f of result.forwards)
+    lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
   if (result.answer) lines.push(`first answer: HTTP ${result.answer.status}`, result.answer.body.trimEnd());
   return lines.join('\n');
 }

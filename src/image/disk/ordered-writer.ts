@@ -5,9 +5,10 @@
  * `put` (store a range), `readInto` (current bytes) and `complete` (everything finish() does
  * before the file is committed).
  */
+import { PAGE_SIZE } from '../../util/page.js';
 import type { OutputFile } from './output-file.js';
 import { OpQueue } from './op-queue.js';
-import { DISK_CHUNK, checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
+import { checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
 
 export abstract class OrderedWriter implements DiskWriter {
   abstract readonly format: 'qcow2' | 'raw';
@@ -36,7 +37,7 @@ export abstract class OrderedWriter implements DiskWriter {
   zeroChunk(offset: number, length?: number): Promise<void> {
     return this.queue.run(async () => {
       checkUsable(this.state, this.path);
-      const len = length ?? Math.min(DISK_CHUNK, this.virtualSize - offset);
+      const len = length ?? Math.min(PAGE_SIZE, this.virtualSize - offset);
       const end = checkChunkRange(offset, len, this.virtualSize, this.nextOffset);
       await this.guard(() => this.put(offset, len, null));
       this.nextOffset = end;
