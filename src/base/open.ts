@@ -80,7 +80,13 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       sources: targets.map((t): BaseSourceSpec => {
         if (t.kind === 'blob') return { kind: 'blob', name: t.name, size: t.size, bytes: t.blob };
         if (t.kind === 'disk') {
-          return { kind: 'disk', name: t.name, size: t.size, path: join(dir, manifest.disk!.file), format: manifest.disk!.format };
+          return {
+            kind: 'disk',
+            name: t.name,
+            size: t.size,
+            path: join(dir, manifest.disk!.file),
+            format: manifest.disk!.format,
+          };
         }
         return { kind: 'ram-file', name: t.name, size: t.size, path: join(dir, manifest.memory!.files[t.name]!) };
       }),

@@ -151,6 +151,10 @@ interface BlobState {
 
 type State = ChunkedState | BlobState;
 
+function asBuffer(u: Uint8Array): Buffer {
+  return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}
+
 /** A stretch of a target with one meaning: a kept chunk, zeros, base chunks, or no record yet. */
 interface Piece {
   kind: typeof R_DATA | typeof R_ZERO | typeof R_BASE | 'gap';
@@ -200,7 +204,8 @@ export class Assembler {
     outputs.forEach((output, i) => {
       const st = this.states[i];
       if (!output || !st || st.kind === 'blob') return;
-      if (output.ordered && output.everyChunk) throw new UnsupportedError(`output for ${st.info.name}: ordered outputs cannot take every chunk`);
+      if (output.ordered && output.everyChunk)
+        throw new UnsupportedError(`output for ${st.info.name}: ordered outputs cannot take every chunk`);
       st.output = output;
     });
   }
@@ -219,8 +224,11 @@ export class Assembler {
   /** Applies one decoded segment (or slice of one); segments must come in file order. */
   async add(seg: DecodedSegment): Promise<void> {
     const ops = seg.ops;
-    const data = Buffer.from(seg.data.buffer, seg.data.byteOffset, seg.data.byteLength);
-    const hashes = Buffer.from(seg.hashes.buffer, seg.hashes.byteOffset, seg.hashes.byteLength);
+    const bufs = [asBuffer(seg.raw), asBuffer(seg.extra)] as const;
+    const hashes = asBuffer(seg.hashes);
+    // The segment's decoded bytes are kept whole (adopted, not copied) on first use.
+    const kept: Array<number | undefined> = [undefined, undefined];
+    const keep = async (which: number): Promise<number> => (kept[which] ??= await this.opts.store.adopt(bufs[which]!));
     for (let i = 0; i < seg.opCount; i++) {
       const r = i * ROW;
       const op = ops[r]!;
@@ -235,16 +243,22 @@ export class Assembler {
       const st = await this.enter(t, chunk, count, where);
       if (st.kind === 'blob') {
         if (op !== Op.blob) throw new CorruptInputError(`${where}: chunk record for blob ${st.info.name}`);
-        st.blob = Buffer.from(data.subarray(a, a + b));
+        st.blob = Buffer.from(bufs[d]!.subarray(a, a + b));
         await this.complete(t);
         continue;
       }
       st.changed += count;
       switch (op) {
         case Op.data: {
-          const bytes = data.subarray(a, a + b);
-          const loc = await this.opts.store.put(bytes);
-          st.passes[st.passes.length - 1]!.push(chunk, 1, R_DATA, loc, this.keepHash(hashes.subarray(c * HASH_SIZE, (c + 1) * HASH_SIZE)));
+          const bytes = bufs[d]!.subarray(a, a + b);
+          const loc = (await keep(d)) + a;
+          st.passes[st.passes.length - 1]!.push(
+            chunk,
+            1,
+            R_DATA,
+            loc,
+            this.keepHash(hashes.subarray(c * HASH_SIZE, (c + 1) * HASH_SIZE)),
+          );
           await st.output?.put(chunk, bytes);
           break;
         }
@@ -253,8 +267,8 @@ export class Assembler {
           await this.emitZero(st, chunk, count);
           break;
         case Op.baseRef:
-          st.passes[st.passes.length - 1]!.push(chunk, count, R_BASE, a, b);
-          await this.emitBase(st, chunk, count, a, b);
+          st.passes[st.passes.length - 1]!.push(chunk, count, R_BASE, b, c);
+          await this.emitBase(st, chunk, count, b, c, a >= 0 ? bufs[1].subarray(a, a + count * CHUNK_SIZE) : undefined);
           break;
         case Op.selfRef:
           await this.selfRef(st, chunk, count, a, b, where);
@@ -265,13 +279,12 @@ export class Assembler {
             throw new CorruptInputError(`${where}: shifted reference to bytes not rebuilt before it`);
           }
           const src = await this.bytesOf(a, b, len, where);
-          const bytes =
-            c < 0 ? src : decompressWithDict(Buffer.from(seg.payloads.buffer, seg.payloads.byteOffset + c, d), src, len, where);
+          const bytes = c < 0 ? src : decompressWithDict(bufs[0].subarray(c, c + d), src, len, where);
           if (isZero(bytes)) {
             st.passes[st.passes.length - 1]!.push(chunk, 1, R_ZERO, 0, 0);
             await this.emitZero(st, chunk, 1);
           } else {
-            const loc = await this.opts.store.put(bytes);
+            const loc = await this.opts.store.adopt(bytes);
             st.passes[st.passes.length - 1]!.push(chunk, 1, R_DATA, loc, this.keepHash(chunkHash(bytes)));
             await st.output?.put(chunk, bytes);
           }
@@ -319,14 +332,16 @@ export class Assembler {
     }
     if (st.kind === 'blob') return st;
     if (chunk < st.cursor) {
-      if (!this.opts.passes) throw new CorruptInputError(`${where}: ${st.info.name} chunk ${chunk}+${count} out of order`);
+      if (!this.opts.passes)
+        throw new CorruptInputError(`${where}: ${st.info.name} chunk ${chunk}+${count} out of order`);
       if (st.output?.ordered) {
         throw new UnsupportedError(`${where}: ${st.info.name} records are not in order, which this output cannot take`);
       }
       if (st.passes.some((p) => p.overlaps(chunk, chunk + count))) {
         throw new CorruptInputError(`${where}: ${st.info.name} chunk ${chunk}+${count} has a record already`);
       }
-      if (st.passes.length >= MAX_PASSES) throw new CorruptInputError(`${where}: ${st.info.name} has more than ${MAX_PASSES} passes`);
+      if (st.passes.length >= MAX_PASSES)
+        throw new CorruptInputError(`${where}: ${st.info.name} has more than ${MAX_PASSES} passes`);
       st.passes.push(new RunList());
     } else if (st.passes.length > 1 && st.passes.slice(0, -1).some((p) => p.overlaps(chunk, chunk + count))) {
       throw new CorruptInputError(`${where}: ${st.info.name} chunk ${chunk}+${count} has a record already`);
@@ -365,28 +380,44 @@ export class Assembler {
     }
   }
 
-  /** Base chunks [bc, bc+count) of base target bt as chunks [first, …) of the output. */
-  private async emitBase(st: ChunkedState, first: number, count: number, bt: number, bc: number): Promise<void> {
+  /**
+   * Base chunks [bc, bc+count) of base target bt as chunks [first, …) of the output; `bytes`,
+   * when given, holds them already (read on a worker), else they are read here.
+   */
+  private async emitBase(
+    st: ChunkedState,
+    first: number,
+    count: number,
+    bt: number,
+    bc: number,
+    bytes?: Buffer,
+  ): Promise<void> {
     const out = st.output;
     if (!out) return;
     const b = this.base[bt] as BaseChunkedTarget;
     const map = b.map;
     let p = map.lowerBound(bc);
-    for (let k = 0; k < count; ) {
+    for (let k = 0; k < count;) {
       // Zero chunks of the base run: no read.
       if (p >= map.count || map.indexes[p]! > bc + k) {
         const upto = p < map.count ? Math.min(count, map.indexes[p]! - bc) : count;
         for (; k < upto; k++) await out.put(first + k, null);
         continue;
       }
-      // A stretch of consecutive non-zero base chunks: one read.
+      // A stretch of consecutive non-zero base chunks: one read (or none).
       let m = 1;
       while (k + m < count && m < 256 && p + m < map.count && map.indexes[p + m] === bc + k + m) m++;
-      const len = Math.min(m * CHUNK_SIZE, b.size - (bc + k) * CHUNK_SIZE);
-      await b.source.read((bc + k) * CHUNK_SIZE, len, this.scratch);
+      let from: Buffer = this.scratch;
+      let at = 0;
+      if (bytes) {
+        from = bytes;
+        at = k * CHUNK_SIZE;
+      } else {
+        await b.source.read((bc + k) * CHUNK_SIZE, Math.min(m * CHUNK_SIZE, b.size - (bc + k) * CHUNK_SIZE), from);
+      }
       for (let j = 0; j < m; j++) {
         const clen = chunkLength(st.info.size, first + k + j);
-        await out.put(first + k + j, this.scratch.subarray(j * CHUNK_SIZE, j * CHUNK_SIZE + clen));
+        await out.put(first + k + j, from.subarray(at + j * CHUNK_SIZE, at + j * CHUNK_SIZE + clen));
       }
       k += m;
       p += m;
@@ -415,15 +446,24 @@ export class Assembler {
   /** A gap of target s (no record) may be read only where its content is settled. */
   private checkGap(s: ChunkedState, index: number, c: number, where: string): void {
     const settled = s.done || (!this.opts.passes && index === this.current && c < s.cursor);
-    if (!settled) throw new CorruptInputError(`${where}: reference to ${s.info.name}#${c}, which is not rebuilt before it`);
+    if (!settled)
+      throw new CorruptInputError(`${where}: reference to ${s.info.name}#${c}, which is not rebuilt before it`);
   }
 
-  private async selfRef(st: ChunkedState, first: number, count: number, srcTarget: number, srcChunk: number, where: string): Promise<void> {
+  private async selfRef(
+    st: ChunkedState,
+    first: number,
+    count: number,
+    srcTarget: number,
+    srcChunk: number,
+    where: string,
+  ): Promise<void> {
     const s = this.states[srcTarget];
     if (!s || s.kind === 'blob') throw new CorruptInputError(`${where}: reference to an invalid earlier chunk`);
-    if (s === st && srcChunk + count > first) throw new CorruptInputError(`${where}: reference to a chunk not rebuilt before it`);
+    if (s === st && srcChunk + count > first)
+      throw new CorruptInputError(`${where}: reference to a chunk not rebuilt before it`);
     const pass = () => st.passes[st.passes.length - 1]!;
-    for (let k = 0; k < count; ) {
+    for (let k = 0; k < count;) {
       const pc = this.piece(s, srcChunk + k, count - k);
       const at = first + k;
       switch (pc.kind) {
@@ -467,7 +507,8 @@ export class Assembler {
   /** `len` bytes of rebuilt target t from byte `offset` (for SHIFT_* from rebuilt targets). */
   private async bytesOf(t: number, offset: number, len: number, where: string): Promise<Buffer> {
     const s = this.states[t];
-    if (!s || s.kind === 'blob' || offset + len > s.info.size) throw new CorruptInputError(`${where}: shifted reference outside the rebuilt targets`);
+    if (!s || s.kind === 'blob' || offset + len > s.info.size)
+      throw new CorruptInputError(`${where}: shifted reference outside the rebuilt targets`);
     const out = Buffer.alloc(len);
     const first = Math.floor(offset / CHUNK_SIZE);
     const last = Math.floor((offset + len - 1) / CHUNK_SIZE);
@@ -476,7 +517,8 @@ export class Assembler {
       const pc = this.piece(s, c, 1);
       const buf = this.one.subarray(0, clen);
       if (pc.kind === R_DATA) await this.opts.store.read(pc.a, clen, buf);
-      else if (pc.kind === R_BASE) await (this.base[pc.a] as BaseChunkedTarget).source.read(pc.b * CHUNK_SIZE, clen, buf);
+      else if (pc.kind === R_BASE)
+        await (this.base[pc.a] as BaseChunkedTarget).source.read(pc.b * CHUNK_SIZE, clen, buf);
       else if (pc.kind === 'gap') {
         this.checkGap(s, t, c, where);
         if (s.same && eligible(s.same, s.info.size, c)) await s.same.source.read(c * CHUNK_SIZE, clen, buf);
@@ -497,7 +539,9 @@ export class Assembler {
     if (st.kind === 'blob') {
       if (!st.blob) throw new CorruptInputError(`overlay has no record for ${st.info.name}`);
       if (sha256Hex(st.blob) !== st.info.digest) {
-        throw new HashMismatchError(`${st.info.name}: rebuilt bytes do not match the overlay's checksum`, { target: st.info.name });
+        throw new HashMismatchError(`${st.info.name}: rebuilt bytes do not match the overlay's checksum`, {
+          target: st.info.name,
+        });
       }
       await this.opts.onTargetDone?.(t);
       return;
@@ -567,7 +611,8 @@ export class Assembler {
       else if (kind === R_BASE) {
         const map = (this.base[p.a[i]!] as BaseChunkedTarget).map;
         const bc = p.b[i]!;
-        for (let q = map.lowerBound(bc); q < map.count && map.indexes[q]! < bc + count; q++) d.add(first + map.indexes[q]! - bc, map.hashAt(q));
+        for (let q = map.lowerBound(bc); q < map.count && map.indexes[q]! < bc + count; q++)
+          d.add(first + map.indexes[q]! - bc, map.hashAt(q));
       }
       pos = first + count;
     }

@@ -1,25 +1,20 @@
 /**
- * A ChunkStore for rebuilt chunks: kept in memory in 4 MiB batches up to a budget, older
- * batches spilled to a scratch file (unlinked right after it is opened, so nothing outlives the
- * process) and read back from there. References into a VM's memory are scattered, so reads
- * from memory — a copy, not a syscall — are what keep the assembler fast; the budget keeps a
- * huge overlay from taking the host's RAM.
+ * A ChunkStore for rebuilt chunks that keeps adopted buffers in memory up to a budget and
+ * spills the oldest ones to a scratch file beyond it (unlinked right after it is created, so
+ * nothing outlives the process). References into a VM's memory are scattered, so reads from
+ * memory — a copy, not a syscall — are what keep assembly fast; the budget keeps a huge
+ * overlay from taking the host's RAM.
  */
 import { open, rm, type FileHandle } from 'node:fs/promises';
-import type { ChunkStore } from '../delta/chunk-store.js';
+import { MemoryChunkStore } from '../delta/chunk-store.js';
 import { readFully, writeFully } from './disk/io.js';
 
-const BATCH = 4 << 20;
-
-export class ScratchStore implements ChunkStore {
-  /** Batches by number; null once spilled to the file (batch k sits at k·BATCH). */
-  private readonly batches: Array<Buffer | null> = [];
-  private fill = BATCH;
+export class ScratchStore extends MemoryChunkStore {
   private inMemory = 0;
   private spilled = 0;
   private writing: Promise<void> = Promise.resolve();
-  private failed: unknown;
   private fh: FileHandle | undefined;
+  private failed: Error | undefined;
 
   /**
    * @param path scratch file, created only when the budget is exceeded
@@ -28,44 +23,33 @@ export class ScratchStore implements ChunkStore {
   constructor(
     private readonly path: string,
     private readonly budget = 512 << 20,
-  ) {}
+  ) {
+    super();
+  }
 
-  /** Chunks only: at most one batch at a time. */
-  async put(data: Uint8Array): Promise<number> {
+  override async adopt(data: Uint8Array): Promise<number> {
     if (this.failed) throw this.failed;
-    if (data.length > BATCH) throw new RangeError(`ScratchStore: ${data.length} bytes is larger than a batch`);
-    if (this.fill + data.length > BATCH) {
-      this.batches.push(Buffer.allocUnsafe(BATCH));
-      this.fill = 0;
-      this.inMemory += BATCH;
-      if (this.inMemory > this.budget) await this.spill();
-    }
-    const k = this.batches.length - 1;
-    this.batches[k]!.set(data, this.fill);
-    const loc = k * BATCH + this.fill;
-    this.fill += data.length;
+    const loc = await super.adopt(data);
+    if (this.inMemory > this.budget) await this.spill();
     return loc;
   }
 
-  async read(loc: number, length: number, out: Buffer): Promise<void> {
-    const k = Math.floor(loc / BATCH);
-    const b = this.batches[k];
-    if (b) {
-      b.copy(out, 0, loc - k * BATCH, loc - k * BATCH + length);
-      return;
-    }
-    if (b === undefined) throw new RangeError(`ScratchStore: nothing kept at ${loc}`);
+  override async close(): Promise<void> {
+    await this.writing.catch(() => undefined);
+    await super.close();
+    await this.fh?.close();
+  }
+
+  protected override adopted(bytes: number): void {
+    this.inMemory += bytes;
+  }
+
+  protected override async readSpilled(loc: number, length: number, out: Buffer): Promise<void> {
     await this.writing;
     await readFully(this.fh!, out, 0, length, loc);
   }
 
-  async close(): Promise<void> {
-    await this.writing.catch(() => undefined);
-    this.batches.length = 0;
-    await this.fh?.close();
-  }
-
-  /** Writes the oldest batch still in memory to the file, then lets it go. */
+  /** Writes the oldest buffers still in memory to the file until under budget, then lets them go. */
   private async spill(): Promise<void> {
     await this.writing;
     if (this.failed) throw this.failed;
@@ -73,17 +57,23 @@ export class ScratchStore implements ChunkStore {
       this.fh = await open(this.path, 'wx+', 0o600);
       await rm(this.path, { force: true });
     }
-    const k = this.spilled++;
-    const buf = this.batches[k]!;
     const fh = this.fh;
-    this.writing = writeFully(fh, buf, k * BATCH).then(
-      () => {
-        this.batches[k] = null;
-        this.inMemory -= BATCH;
-      },
-      (err: unknown) => {
-        this.failed = err;
-      },
-    );
+    const batch: Array<{ start: number; data: Uint8Array; k: number }> = [];
+    let freed = 0;
+    while (this.inMemory - freed > this.budget / 2 && this.spilled < this.kept.length) {
+      const k = this.kept[this.spilled]!;
+      if (k.data) {
+        batch.push({ start: k.start, data: k.data, k: this.spilled });
+        freed += k.length;
+      }
+      this.spilled++;
+    }
+    this.writing = (async () => {
+      for (const b of batch) await writeFully(fh, b.data, b.start);
+      for (const b of batch) this.kept[b.k]!.data = null;
+      this.inMemory -= freed;
+    })().catch((err: unknown) => {
+      this.failed = err instanceof Error ? err : new Error(String(err));
+    });
   }
 }

@@ -112,9 +112,12 @@ export class HttpStream {
         validator = res.headers.get('etag') ?? res.headers.get('last-modified') ?? undefined;
         if (this.info.size !== undefined && this.opts.maxBytes !== undefined && this.info.size > this.opts.maxBytes) {
           opened.abort.abort();
-          throw new NetworkError(`${this.url} is ${this.info.size} bytes, more than the ${this.opts.maxBytes} allowed`, {
-            url: this.url,
-          });
+          throw new NetworkError(
+            `${this.url} is ${this.info.size} bytes, more than the ${this.opts.maxBytes} allowed`,
+            {
+              url: this.url,
+            },
+          );
         }
         if (!stepped) {
           progress.step(this.opts.label ?? `downloading ${this.url}`, this.info.size);
@@ -138,7 +141,9 @@ export class HttpStream {
           this.info.received += chunk.length;
           if (this.opts.maxBytes !== undefined && this.info.received > this.opts.maxBytes) {
             opened.abort.abort();
-            throw new NetworkError(`${this.url} sent more than the ${this.opts.maxBytes} bytes allowed`, { url: this.url });
+            throw new NetworkError(`${this.url} sent more than the ${this.opts.maxBytes} bytes allowed`, {
+              url: this.url,
+            });
           }
           progress.advance(chunk.length);
           failures = 0;
@@ -154,7 +159,9 @@ export class HttpStream {
       const size = this.info.size;
       if (dropped === undefined && (size === undefined || this.info.received >= size)) {
         if (size !== undefined && this.info.received > size) {
-          throw new NetworkError(`${this.url} sent ${this.info.received} bytes, its Content-Length said ${size}`, { url: this.url });
+          throw new NetworkError(`${this.url} sent ${this.info.received} bytes, its Content-Length said ${size}`, {
+            url: this.url,
+          });
         }
         progress.done(`downloaded ${this.url}`);
         return;
@@ -231,7 +238,8 @@ export async function fetchRange(
     for (;;) {
       const r = await readWithin(reader, idleMs, abort);
       if (r.done) break;
-      if (got + r.value.byteLength > out.length) throw new NetworkError(`${url} sent more than the range asked for`, { url });
+      if (got + r.value.byteLength > out.length)
+        throw new NetworkError(`${url} sent more than the range asked for`, { url });
       out.set(r.value, got);
       got += r.value.byteLength;
     }

@@ -66,16 +66,21 @@ class ExactReader {
   async read(n: number, what: string): Promise<Buffer> {
     while (this.pendingBytes < n) {
       if (this.ended) {
-        throw new CorruptInputError(`overlay ends inside the ${what} at byte ${this.position + this.pendingBytes} (truncated?)`, {
-          offset: this.position + this.pendingBytes,
-        });
+        throw new CorruptInputError(
+          `overlay ends inside the ${what} at byte ${this.position + this.pendingBytes} (truncated?)`,
+          {
+            offset: this.position + this.pendingBytes,
+          },
+        );
       }
       const r = await this.it.next();
       if (r.done) {
         this.ended = true;
         continue;
       }
-      const b = Buffer.isBuffer(r.value) ? r.value : Buffer.from(r.value.buffer, r.value.byteOffset, r.value.byteLength);
+      const b = Buffer.isBuffer(r.value)
+        ? r.value
+        : Buffer.from(r.value.buffer, r.value.byteOffset, r.value.byteLength);
       if (b.length > 0) {
         this.pending.push(b);
         this.pendingBytes += b.length;
@@ -169,15 +174,21 @@ export class OverlayStreamReader {
     const major = fixed.readUInt16LE(8);
     const minor = fixed.readUInt16LE(10);
     if (major !== VERSION_MAJOR) {
-      throw new UnsupportedError(`overlay format version ${major}.${minor} is not supported (this tool reads ${VERSION_MAJOR}.x)`, {
-        version: `${major}.${minor}`,
-      });
+      throw new UnsupportedError(
+        `overlay format version ${major}.${minor} is not supported (this tool reads ${VERSION_MAJOR}.x)`,
+        {
+          version: `${major}.${minor}`,
+        },
+      );
     }
     const jsonLen = fixed.readUInt32LE(12);
     check(jsonLen <= MAX_HEADER_JSON, 'header: implausible length', { length: jsonLen });
     const rest = await this.rd.read(jsonLen + HASH_LEN, 'header');
     const body = Buffer.concat([fixed, rest.subarray(0, jsonLen)]);
-    check(createHash('sha256').update(body).digest().equals(rest.subarray(jsonLen)), 'header: checksum mismatch (damaged overlay)');
+    check(
+      createHash('sha256').update(body).digest().equals(rest.subarray(jsonLen)),
+      'header: checksum mismatch (damaged overlay)',
+    );
     const header = parseHeader(rest.subarray(0, jsonLen));
     this.headerBytes = HEADER_FIXED + jsonLen + HASH_LEN;
     this.headerHash = createHash('sha256').update(body).update(rest.subarray(jsonLen)).digest();
@@ -220,12 +231,23 @@ export class OverlayStreamReader {
     await this.rd.close();
   }
 
-  private async finish(offset: number, head: FrameHeader, seen: Array<{ offset: number; head: FrameHeader }>): Promise<OverlayTrailer> {
+  private async finish(
+    offset: number,
+    head: FrameHeader,
+    seen: Array<{ offset: number; head: FrameHeader }>,
+  ): Promise<OverlayTrailer> {
     check(head.rawLength <= MAX_INDEX_RAW && head.compLength <= MAX_FRAME, 'index: implausible size', { offset });
     const frame = await this.rd.read(head.compLength, 'index');
-    check(createHash('sha256').update(frame).digest().equals(head.sha256), 'index: checksum mismatch (damaged overlay)', { offset });
+    check(
+      createHash('sha256').update(frame).digest().equals(head.sha256),
+      'index: checksum mismatch (damaged overlay)',
+      { offset },
+    );
     const index = parseIndex(decompress(frame, head.rawLength, 'index'));
-    check(index.segments.length === seen.length, `index lists ${index.segments.length} segments, the stream held ${seen.length}`);
+    check(
+      index.segments.length === seen.length,
+      `index lists ${index.segments.length} segments, the stream held ${seen.length}`,
+    );
     for (const [i, s] of index.segments.entries()) {
       const got = seen[i]!;
       check(
@@ -241,10 +263,14 @@ export class OverlayStreamReader {
     const footer = await this.rd.read(FOOTER_SIZE, 'footer');
     const size = this.rd.position;
     check(footer.subarray(0, 8).equals(FOOTER_MAGIC), 'overlay is truncated or damaged: no footer at the end');
-    check(footer.subarray(32, 64).equals(this.headerHash!), 'footer does not belong to this header (damaged or spliced file)');
+    check(
+      footer.subarray(32, 64).equals(this.headerHash!),
+      'footer does not belong to this header (damaged or spliced file)',
+    );
     check(footer.readUInt16LE(28) === VERSION_MAJOR, 'footer: format version differs from the header');
     check(
-      Number(footer.readBigUInt64LE(8)) === offset && Number(footer.readBigUInt64LE(16)) === FRAME_HEADER + head.compLength,
+      Number(footer.readBigUInt64LE(8)) === offset &&
+        Number(footer.readBigUInt64LE(16)) === FRAME_HEADER + head.compLength,
       'footer: index position is inconsistent',
       { offset },
     );

@@ -6,6 +6,7 @@ import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
 import { decodeSegment, type DecodeContext, type DecodedSegment, type SegmentInput } from '../delta/segment-decode.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { openBaseSources, type BaseSourceSpec } from '../targets/base-sources.js';
+import { serializeError, type SerializedError } from '../util/errors.js';
 
 export interface DecodeWorkerData {
   base: BaseSourceSpec[];
@@ -23,15 +24,25 @@ await initXdelta3();
 const opened = await openBaseSources(data.base);
 const ctx: DecodeContext = { targets: data.targets, base: opened.targets };
 
+/** What a task answers: the decoded segment, or why not (errors keep their class this way). */
+export type DecodeAnswer = { ok: true; segment: DecodedSegment } | { ok: false; error: SerializedError };
+
 export default async function decode(task: DecodeTask): Promise<unknown> {
-  const r: DecodedSegment = await decodeSegment(task.input, ctx, task.fromRecord, task.maxData);
+  let r: DecodedSegment;
+  try {
+    r = await decodeSegment(task.input, ctx, task.fromRecord, task.maxData);
+  } catch (err) {
+    const answer: DecodeAnswer = { ok: false, error: serializeError(err) };
+    return answer;
+  }
+  const answer: DecodeAnswer = { ok: true, segment: r };
   // move() marks the object as one piscina transfers (its buffers) rather than clones.
   return move({
     get [transferableSymbol]() {
-      return [r.ops.buffer, r.data.buffer, r.hashes.buffer, r.payloads.buffer];
+      return [r.ops.buffer, r.raw.buffer, r.extra.buffer, r.hashes.buffer];
     },
     get [valueSymbol]() {
-      return r;
+      return answer;
     },
   });
 }

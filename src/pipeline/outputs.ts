@@ -9,7 +9,6 @@ import { CHUNK_SIZE, chunkLength } from '../delta/chunk.js';
 import type { DiskWriter } from '../image/disk/writer.js';
 import { writeFully } from '../image/disk/io.js';
 import type { MigrationStreamWriter } from '../image/memory/writer.js';
-import { durable } from '../util/atomic.js';
 import type { BlobLookup } from './rebuild.js';
 
 /** A disk writer takes changed chunks in ascending order. */
@@ -101,6 +100,7 @@ export class RawRamFile implements AssemblyOutput {
   constructor(
     private readonly path: string,
     private readonly size: number,
+    private readonly durable = true,
   ) {}
 
   async put(index: number, data: Buffer | null): Promise<void> {
@@ -111,7 +111,7 @@ export class RawRamFile implements AssemblyOutput {
   async finish(): Promise<void> {
     this.fh ??= await open(this.path, 'wx');
     await this.fh.truncate(this.size);
-    if (durable()) await this.fh.sync();
+    if (this.durable) await this.fh.sync();
     await this.fh.close();
     this.fh = undefined;
   }

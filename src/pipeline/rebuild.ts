@@ -19,7 +19,8 @@ import type { OverlayHeader } from '../overlay/format.js';
 import type { OverlayStreamReader, OverlayTrailer, StreamedSegment } from '../overlay/stream-reader.js';
 import type { Progress } from '../util/progress.js';
 import { openBaseSources, type BaseSourceSpec } from '../targets/base-sources.js';
-import type { DecodeTask, DecodeWorkerData } from './decode-worker.js';
+import type { DecodeAnswer, DecodeTask, DecodeWorkerData } from './decode-worker.js';
+import { deserializeError } from '../util/errors.js';
 
 /** Decoded bytes per worker call; a segment that expands further is decoded in slices. */
 const MAX_DATA = 64 << 20;
@@ -44,6 +45,23 @@ export interface RebuildOptions {
 export interface RebuildResult extends AssembleResult {
   trailer: OverlayTrailer;
   segments: number;
+  stats: RebuildStats;
+}
+
+/** Where the pipeline's time went (milliseconds; JSON names). */
+export interface RebuildStats {
+  segments: number;
+  threads: number;
+  /** Start → first segment decoded (includes worker start-up). */
+  first_segment_ms: number;
+  /** Waiting for decoded segments (the workers were the bottleneck). */
+  decode_wait_ms: number;
+  /** Assembling on this thread, outputs included (a QEMU loading slowly shows here). */
+  assemble_ms: number;
+  /** Waiting for overlay bytes (the source — a network link — was the bottleneck). */
+  read_wait_ms: number;
+  /** Decoding, summed over the workers. */
+  decode_ms: number;
 }
 
 /** Decodes segments: on a piscina pool or inline. */
@@ -56,7 +74,11 @@ export function defaultThreads(): number {
   return availableParallelism();
 }
 
-async function makeDecoder(threads: number, header: OverlayHeader, baseSources: readonly BaseSourceSpec[]): Promise<Decoder> {
+async function makeDecoder(
+  threads: number,
+  header: OverlayHeader,
+  baseSources: readonly BaseSourceSpec[],
+): Promise<Decoder> {
   const targets = header.targets.map((t) => ({ name: t.name, kind: t.kind, size: t.size }));
   if (threads <= 0) {
     await initXdelta3();
@@ -76,9 +98,17 @@ async function makeDecoder(threads: number, header: OverlayHeader, baseSources: 
     workerData,
     // One task per thread at a time: the order of results matters, queueing here gains nothing.
     concurrentTasksPerWorker: 1,
+    // Workers sleep on their message port between tasks instead of spinning on Atomics.wait.
+    atomics: 'disabled',
   });
   return {
-    decode: (task) => pool.run(task, { transferList: [task.input.frame.buffer as ArrayBuffer] }) as Promise<DecodedSegment>,
+    decode: (task) => {
+      const p = pool.run(task, { transferList: [task.input.frame.buffer as ArrayBuffer] }) as Promise<DecodeAnswer>;
+      return p.then((a) => {
+        if (!a.ok) throw deserializeError(a.error);
+        return a.segment;
+      });
+    },
     close: () => pool.destroy(),
   };
 }
@@ -109,10 +139,18 @@ export async function rebuild(opts: RebuildOptions): Promise<RebuildResult> {
   const inflight = Math.max(2, threads * 2);
   const queue: Array<{ seg: StreamedSegment; result: Promise<DecodedSegment> }> = [];
   let segments = 0;
+  const waits = { decode: 0, assemble: 0, read: 0, first: 0, worker: 0 };
+  const tStart = performance.now();
   const consume = async (): Promise<void> => {
     const { seg, result } = queue.shift()!;
+    const w0 = performance.now();
     let decoded = await result;
+    const w1 = performance.now();
+    if (segments === 0) waits.first = w1 - tStart;
+    waits.worker += decoded.decodeMs;
     await assembler.add(decoded);
+    waits.decode += w1 - w0;
+    waits.assemble += performance.now() - w1;
     // A segment that expanded beyond MAX_DATA: the rest of it before any later segment.
     while (decoded.nextRecord < decoded.records) {
       decoded = await decoder.decode(taskOf(seg, decoded.nextRecord));
@@ -122,17 +160,30 @@ export async function rebuild(opts: RebuildOptions): Promise<RebuildResult> {
     opts.onBytes?.(seg.compLength);
   };
   try {
+    let r0 = performance.now();
     for await (const seg of opts.reader.segments()) {
+      waits.read += performance.now() - r0;
       const result = decoder.decode(taskOf(seg));
       // Rejections are handled when consumed, in order; do not let them surface earlier.
       result.catch(() => undefined);
       queue.push({ seg, result });
       while (queue.length >= inflight) await consume();
+      r0 = performance.now();
     }
     while (queue.length > 0) await consume();
     const trailer = opts.reader.trailer;
     const done = await assembler.finish();
-    return { ...done, trailer, segments };
+    const ms = (x: number): number => Math.round(x);
+    const stats: RebuildStats = {
+      segments,
+      threads,
+      first_segment_ms: ms(waits.first),
+      decode_wait_ms: ms(waits.decode),
+      assemble_ms: ms(waits.assemble),
+      read_wait_ms: ms(waits.read),
+      decode_ms: ms(waits.worker),
+    };
+    return { ...done, trailer, segments, stats };
   } finally {
     await decoder.close();
   }

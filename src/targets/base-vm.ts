@@ -86,7 +86,8 @@ export async function baseFromImages(vm: VmImages, progress: Progress): Promise<
     diskFormat: vm.disk?.format,
     sources: targets.map((t): BaseSourceSpec => {
       if (t.kind === 'blob') return { kind: 'blob', name: t.name, size: t.size, bytes: t.blob };
-      if (t.kind === 'disk') return { kind: 'disk', name: t.name, size: t.size, path: vm.disk!.path, format: vm.disk!.format };
+      if (t.kind === 'disk')
+        return { kind: 'disk', name: t.name, size: t.size, path: vm.disk!.path, format: vm.disk!.format };
       return { kind: 'ram-stream', name: t.name, size: t.size, path: vm.memory!.path! };
     }),
     close: () => vm.close(),

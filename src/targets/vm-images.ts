@@ -74,7 +74,9 @@ export function vmTargets(vm: VmImages, order: TargetOrder = 'disk-first'): NewT
   const out: NewTarget[] = [];
   for (const [name, blob] of vm.blobs) out.push({ name, kind: 'blob', blob });
   const memory = vm.memory;
-  const ram: NewTarget[] = memory ? memory.blocks.map((b) => ({ name: b.name, kind: 'ram', source: memory.block(b.name) })) : [];
+  const ram: NewTarget[] = memory
+    ? memory.blocks.map((b) => ({ name: b.name, kind: 'ram', source: memory.block(b.name) }))
+    : [];
   if (order === 'memory-first') out.push(...ram);
   if (vm.disk) out.push({ name: 'disk', kind: 'disk', source: vm.disk });
   if (order === 'disk-first') out.push(...ram);

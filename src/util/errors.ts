@@ -97,3 +97,37 @@ export class InterruptedError extends CloudletError {
 export function check(cond: boolean, message: string, details: ErrorDetails = {}): asserts cond {
   if (!cond) throw new CorruptInputError(message, details);
 }
+
+const CLASSES: ReadonlyArray<new (message: string, details?: ErrorDetails) => CloudletError> = [
+  UsageError,
+  NotFoundError,
+  CorruptInputError,
+  BaseMismatchError,
+  HashMismatchError,
+  UnsupportedError,
+  QemuError,
+  TimeoutError,
+  BusyError,
+  MissingToolError,
+  NetworkError,
+  InterruptedError,
+];
+
+/** What crosses a thread boundary for an error (structured clone keeps no class). */
+export interface SerializedError {
+  code: string;
+  message: string;
+  details: ErrorDetails;
+}
+
+export function serializeError(err: unknown): SerializedError {
+  if (err instanceof CloudletError) return { code: err.code, message: err.message, details: err.details };
+  const e = err instanceof Error ? err : new Error(String(err));
+  return { code: 'Error', message: e.message, details: {} };
+}
+
+/** The error of its class again (a plain Error for anything not ours). */
+export function deserializeError(s: SerializedError): Error {
+  const C = CLASSES.find((c) => c.name === s.code);
+  return C ? new C(s.message, s.details) : new Error(s.message);
+}

@@ -28,8 +28,13 @@ const RULES: readonly Rule[] = [
   { folder: 'cli', may: ['api', 'util'], why: 'the CLI parses options, calls one API function and prints' },
   {
     folder: 'api',
-    may: ['overlay', 'vm', 'base', 'instance', 'net', 'targets', 'spec', 'image', 'delta', 'util'],
+    may: ['pipeline', 'overlay', 'vm', 'base', 'instance', 'net', 'targets', 'spec', 'image', 'delta', 'util'],
     why: 'the operations compose the layers below',
+  },
+  {
+    folder: 'pipeline',
+    may: ['overlay', 'targets', 'image', 'delta', 'util'],
+    why: 'the rebuild pipeline: overlay segments decoded on worker threads and assembled into image writers',
   },
   { folder: 'overlay', may: ['delta', 'util'], why: 'the overlay file format carries delta records' },
   { folder: 'vm', may: ['spec', 'util'], why: 'QEMU runs a VmSpec; it knows no base, overlay or library' },
@@ -42,7 +47,11 @@ const RULES: readonly Rule[] = [
   { folder: 'net', may: ['util'], why: 'fetching is plain I/O' },
   { folder: 'targets', may: ['image', 'delta', 'util'], why: 'a VM as delta targets: images opened as targets' },
   { folder: 'spec', may: ['util'], why: 'a VmSpec is plain data with checks' },
-  { folder: 'image', may: ['delta/source', 'util'], why: 'images implement the ChunkSource interface, no more' },
+  {
+    folder: 'image',
+    may: ['delta/source', 'delta/chunk-store', 'util'],
+    why: 'images implement the delta interfaces (ChunkSource, ChunkStore), no more',
+  },
   { folder: 'delta', may: ['util/errors', 'util/page'], why: 'the delta library is bytes in, bytes out' },
   { folder: 'util', may: [], why: 'util is the bottom' },
 ];

@@ -22,11 +22,14 @@ interface SynthesizeFlags {
 
 const PHASES: Array<[string, string]> = [
   ['open_base', 'open base'],
-  ['fetch', 'fetch overlay'],
-  ['open_overlay', 'open + check overlay'],
-  ['apply', 'rebuild + verify'],
-  ['qemu_start', 'QEMU start'],
-  ['incoming_load', 'memory load'],
+  ['open_overlay', 'open + check overlay header'],
+  ['qemu_start', 'QEMU start (concurrent)'],
+  ['rebuild', 'stream + rebuild + verify (memory into QEMU)'],
+  ['load_wait', 'QEMU finishes loading'],
+  ['disk_switch', 'disk onto the rebuilt layer'],
+  ['fetch', 'fetch overlay (sequential)'],
+  ['apply', 'rebuild + verify (sequential)'],
+  ['incoming_load', 'memory load (sequential)'],
   ['first_response', 'first response'],
   ['total', 'total'],
 ];

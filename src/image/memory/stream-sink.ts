@@ -5,7 +5,7 @@
  * writer down instead of filling memory.
  */
 import type { Socket } from 'node:net';
-import { AtomicFile } from '../../util/atomic.js';
+import { AtomicFile, type AtomicOptions } from '../../util/atomic.js';
 import { writeFully } from '../disk/io.js';
 import { QemuError } from '../../util/errors.js';
 
@@ -20,8 +20,8 @@ export interface StreamSink {
   abort(): Promise<void>;
 }
 
-export async function fileSink(path: string): Promise<StreamSink> {
-  const file = await AtomicFile.create(path);
+export async function fileSink(path: string, options: AtomicOptions = {}): Promise<StreamSink> {
+  const file = await AtomicFile.create(path, options);
   return {
     name: path,
     write: (data, position) => writeFully(file.handle, data, position),
@@ -30,32 +30,50 @@ export async function fileSink(path: string): Promise<StreamSink> {
   };
 }
 
-/** A sink over a connected socket; a peer that goes away fails the next write. */
-export function socketSink(socket: Socket, name: string): StreamSink {
+/**
+ * A sink over a socket, possibly still connecting (QEMU starts while the stream is already
+ * being built): writes wait for the connection; if it fails, so do they, with its error.
+ * A peer that goes away fails the next write.
+ */
+export function socketSink(connecting: Promise<Socket>, name: string): StreamSink {
   let broken: Error | undefined;
-  socket.on('error', (err) => {
-    broken ??= err;
+  let socket: Socket | undefined;
+  const ready = connecting.then((s) => {
+    socket = s;
+    s.on('error', (err) => {
+      broken ??= err;
+    });
+    s.on('close', () => {
+      broken ??= new Error('connection closed');
+    });
+    return s;
   });
-  socket.on('close', () => {
-    broken ??= new Error('connection closed');
-  });
-  const fail = (): never => {
-    throw new QemuError(`QEMU stopped reading the memory stream (${name}): ${broken?.message ?? 'closed'}`);
+  ready.catch(() => undefined); // surfaces through the first write
+  const check = (): void => {
+    if (broken) throw new QemuError(`QEMU stopped reading the memory stream (${name}): ${broken.message}`);
   };
   return {
     name,
-    write(data) {
-      if (broken) fail();
-      return new Promise<void>((resolve, reject) => {
-        socket.write(data, (err) => (err ? reject(new QemuError(`writing the memory stream to QEMU failed: ${err.message}`)) : resolve()));
+    async write(data) {
+      const s = await ready;
+      check();
+      await new Promise<void>((resolve, reject) => {
+        s.write(data, (err) =>
+          err ? reject(new QemuError(`writing the memory stream to QEMU failed: ${err.message}`)) : resolve(),
+        );
       });
     },
-    commit() {
-      if (broken) fail();
-      return new Promise<void>((resolve) => socket.end(resolve));
+    async commit() {
+      const s = await ready;
+      check();
+      await new Promise<void>((resolve) => s.end(resolve));
     },
     abort() {
-      socket.destroy();
+      socket?.destroy();
+      void ready.then(
+        (s) => s.destroy(),
+        () => undefined,
+      );
       return Promise.resolve();
     },
   };

@@ -1,0 +1,81 @@
+/**
+ * Where an overlay comes from, opened as one front-to-back stream for the rebuild pipeline: a
+ * local file (checked first with random access — header, footer and index — so a truncated or
+ * spliced file is refused before anything happens), an HTTP(S) URL (streamed at link speed,
+ * resumed with Range after a dropped connection), or any byte stream (an upload).
+ */
+import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { HttpStream, isUrl } from '../net/http-stream.js';
+import { OverlayReader } from '../overlay/reader.js';
+import { OverlayStreamReader } from '../overlay/stream-reader.js';
+import type { OverlayHeader } from '../overlay/format.js';
+import { NotFoundError } from '../util/errors.js';
+import { silent, type Progress } from '../util/progress.js';
+
+export type OverlayInput =
+  | { kind: 'file'; path: string }
+  | { kind: 'url'; url: string; headers?: Record<string, string>; maxBytes?: number }
+  | { kind: 'stream'; name: string; body: AsyncIterable<Uint8Array>; size?: number };
+
+/** A path or an http(s) URL as an OverlayInput. */
+export function overlayInput(ref: string): OverlayInput {
+  return isUrl(ref) ? { kind: 'url', url: ref } : { kind: 'file', path: ref };
+}
+
+export interface OpenedOverlay {
+  reader: OverlayStreamReader;
+  header: OverlayHeader;
+  /** Bytes of the whole overlay, when known up front. */
+  size: number | undefined;
+  /** What the input is called in messages and manifests. */
+  name: string;
+  close(): Promise<void>;
+}
+
+export async function openOverlayInput(input: OverlayInput, progress: Progress = silent): Promise<OpenedOverlay> {
+  let body: AsyncIterable<Uint8Array>;
+  let size: number | undefined;
+  let name: string;
+  let stop = (): void => undefined;
+  if (input.kind === 'file') {
+    name = resolve(input.path);
+    const st = await stat(input.path).catch(() => undefined);
+    if (!st) throw new NotFoundError(`overlay not found: ${input.path}`, { path: input.path });
+    if (!st.isFile()) throw new NotFoundError(`overlay ${input.path} is not a file`, { path: input.path });
+    // Random access first: a truncated or damaged file fails here, before the stream starts.
+    await (await OverlayReader.open(input.path)).close();
+    size = st.size;
+    const file = createReadStream(input.path, { highWaterMark: 1 << 20 });
+    stop = () => file.destroy();
+    body = file;
+  } else if (input.kind === 'url') {
+    name = input.url;
+    const http = new HttpStream(input.url, { headers: input.headers, maxBytes: input.maxBytes, progress });
+    stop = () => http.close();
+    body = http.body();
+  } else {
+    name = input.name;
+    size = input.size;
+    body = input.body;
+  }
+  const reader = new OverlayStreamReader(body);
+  try {
+    const { header } = await reader.open();
+    return {
+      reader,
+      header,
+      size,
+      name,
+      async close() {
+        stop();
+        await reader.close().catch(() => undefined);
+      },
+    };
+  } catch (err) {
+    stop();
+    await reader.close().catch(() => undefined);
+    throw err;
+  }
+}
