@@ -1,5 +1,5 @@
 /**
- * synthesize: base (from the library) + overlay (file or URL) → a running VM that answers.
+ * synthesize: base (from the library) + overlay (file, URL or glance://IMAGE) → a running VM.
  * Phases, each timed: fetch, open+check (header, footer, index, base id: all before anything
  * is written or launched), apply (rebuild disk as qcow2 over the base disk and memory as a
  * sparse stream over the base RAM file, every target proven), QEMU start, incoming load,
@@ -13,6 +13,7 @@ import { resolveBaseId } from '../base/library.js';
 import { instanceDir, type InstanceState } from '../base/instances.js';
 import { tmpDir } from '../base/paths.js';
 import { fetchToFile, isUrl, type Fetched } from '../net/fetch.js';
+import { isGlanceRef, resolveOverlaySource } from '../glance/store.js';
 import type { PortForward, QemuVm } from '../vm/qemu.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
@@ -27,7 +28,10 @@ export interface SynthesizeOptions {
   root: string;
   /** Base id, unique id prefix or name. */
   base: string;
+  /** A file, an http(s) URL or glance://IMAGE_ID. */
   overlay: string;
+  /** Glance endpoint for glance:// overlays (else $CLOUDLET_GLANCE_URL or the OS_* environment). */
+  glance?: string;
   forwards: PortForward[];
   waitHttp?: string;
   waitTcp?: number;
@@ -75,7 +79,17 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
       throw new UsageError(`base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
     }
     let overlayPath = opts.overlay;
-    if (isUrl(opts.overlay)) {
+    if (isGlanceRef(opts.overlay)) {
+      // Type and base are checked on the image's properties, before a byte is downloaded.
+      const src = await timings.time('resolve', () =>
+        resolveOverlaySource(opts.overlay, { endpoint: opts.glance, expectBase: id }),
+      );
+      await mkdir(tmpDir(opts.root), { recursive: true });
+      fetched = await timings.time('fetch', () =>
+        fetchToFile(src.url, tmpDir(opts.root), progress, undefined, { headers: src.headers, sha256: src.sha256 }),
+      );
+      overlayPath = fetched.path;
+    } else if (isUrl(opts.overlay)) {
       await mkdir(tmpDir(opts.root), { recursive: true });
       fetched = await timings.time('fetch', () => fetchToFile(opts.overlay, tmpDir(opts.root), progress));
       overlayPath = fetched.path;
@@ -108,7 +122,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         forwards: opts.forwards,
         accel: opts.accel,
         detach: opts.detach,
-        overlay: isUrl(opts.overlay) ? opts.overlay : resolve(opts.overlay),
+        overlay: isUrl(opts.overlay) || isGlanceRef(opts.overlay) ? opts.overlay : resolve(opts.overlay),
       }),
     );
     vm = started.vm;

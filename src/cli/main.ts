@@ -19,6 +19,7 @@ import { registerLaunch } from './commands/launch.js';
 import { registerSnapshot } from './commands/snapshot.js';
 import { registerInstances } from './commands/instances.js';
 import { registerConsole } from './commands/console.js';
+import { registerOverlay } from './commands/overlay.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
@@ -52,6 +53,7 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 corrupt input,
   registerSynthesize(program);
   registerInstances(program);
   registerConsole(program);
+  registerOverlay(program);
   return program;
 }
 

@@ -1,15 +1,16 @@
 /**
  * Fetching an overlay given as a URL: streamed to a file next to where it is used (the
  * library's tmp dir), so it can be verified and applied with random access. HTTP errors and
- * network failures become NetworkError (exit 12), 404 a NotFoundError.
+ * network failures become NetworkError (exit 12), 404 a NotFoundError. Optional request headers
+ * (a Glance token) and an expected sha256 of the body (Glance's os_hash_value).
  */
 import { createWriteStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { Readable, Transform } from 'node:stream';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
-import { NetworkError, NotFoundError } from '../util/errors.js';
+import { createHash, randomBytes } from 'node:crypto';
+import { CorruptInputError, NetworkError, NotFoundError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 
@@ -23,12 +24,26 @@ export interface Fetched {
   remove(): Promise<void>;
 }
 
-export async function fetchToFile(url: string, dir: string, progress: Progress = silent, timeoutMs = 300_000): Promise<Fetched> {
+export interface FetchOptions {
+  /** Request headers, e.g. X-Auth-Token for Glance. */
+  headers?: Record<string, string>;
+  /** Expected sha256 of the body: a download that differs is removed and refused. */
+  sha256?: string;
+}
+
+export async function fetchToFile(
+  url: string,
+  dir: string,
+  progress: Progress = silent,
+  timeoutMs = 300_000,
+  options: FetchOptions = {},
+): Promise<Fetched> {
   const path = join(dir, `download-${randomBytes(6).toString('hex')}.overlay`);
   const unregister = onCleanup(() => rm(path, { force: true }));
+  const hash = options.sha256 ? createHash('sha256') : undefined;
   let res: Response;
   try {
-    res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    res = await fetch(url, { headers: options.headers, signal: AbortSignal.timeout(timeoutMs) });
   } catch (err) {
     unregister();
     throw new NetworkError(`cannot fetch ${url}: ${(err as Error).cause ? String((err as Error).cause) : (err as Error).message}`, { url });
@@ -47,6 +62,7 @@ export async function fetchToFile(url: string, dir: string, progress: Progress =
   const count = new Transform({
     transform(chunk: Buffer, _enc, cb) {
       bytes += chunk.length;
+      hash?.update(chunk);
       progress.advance(chunk.length);
       cb(null, chunk);
     },
@@ -63,6 +79,12 @@ export async function fetchToFile(url: string, dir: string, progress: Progress =
     await rm(path, { force: true });
     unregister();
     throw new NetworkError(`download of ${url} ended after ${bytes} of ${total} bytes`, { url });
+  }
+  if (hash && hash.digest('hex') !== options.sha256!.toLowerCase()) {
+    await rm(path, { force: true });
+    unregister();
+    progress.fail('download damaged');
+    throw new CorruptInputError(`download of ${url} does not match its sha256 ${options.sha256}`, { url });
   }
   progress.done(`downloaded ${url}`);
   return {

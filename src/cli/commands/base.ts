@@ -9,6 +9,7 @@ import { SNAPSHOT_MEMORY, SNAPSHOT_VM, snapshotVm, type SnapshotVmFile } from '.
 import { CorruptInputError, NotFoundError, UsageError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
+import { printGlanceBases, registerBaseGlance } from './base-glance.js';
 
 export async function readSnapshotDir(dir: string): Promise<{ disk?: string; diskFormat?: string; memory: string; vm: VmSpec; qemuVersion?: string }> {
   let parsed: SnapshotVmFile;
@@ -38,7 +39,7 @@ interface ImportFlags {
 export function registerBase(program: Command): void {
   const base = program
     .command('base')
-    .summary('manage the library of base VMs (import, list, show, rm, export, verify)')
+    .summary('manage the library of base VMs (import, list, show, rm, export, verify, push/pull to Glance)')
     .description(
       'The base library holds base VMs by id (sha256 over their contents): disk, memory snapshot, ' +
         'the base RAM file a synthesized VM maps copy-on-write, chunk hash indexes, and the VM spec ' +
@@ -117,9 +118,11 @@ Examples:
 
   base
     .command('list')
-    .summary('list the base VMs in the library')
-    .action(async (_f: object, command: Command) => {
+    .summary('list the base VMs in the library (or in Glance: --glance)')
+    .option('--glance [url]', 'list the base packages in Glance instead (default endpoint: as for base push)')
+    .action(async (f: { glance?: string | true }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
+      if (f.glance !== undefined) return printGlanceBases(g, f.glance);
       const list = await listBases(libraryRoot(g.library));
       printResult(g, { message_type: 'base_list', bases: list }, () => {
         if (list.length === 0) return `no base VMs in ${libraryRoot(g.library)}`;
@@ -203,4 +206,6 @@ Examples:
       if (!r.ok) throw new CorruptInputError(`base ${r.id.slice(0, 12)} is damaged: ${r.problems.join('; ')}`, { problems: r.problems });
       printResult(g, r, () => `base ${r.id}: ok`);
     });
+
+  registerBaseGlance(base);
 }

@@ -11,6 +11,7 @@ import { onForegroundSignal } from '../signals.js';
 
 interface SynthesizeFlags {
   base: string;
+  glance?: string;
   forward: PortForward[];
   waitHttp?: string;
   waitTcp?: number;
@@ -23,6 +24,7 @@ interface SynthesizeFlags {
 
 const PHASES: Array<[string, string]> = [
   ['open_base', 'open base'],
+  ['resolve', 'resolve glance image'],
   ['fetch', 'fetch overlay'],
   ['open_overlay', 'open + check overlay'],
   ['apply', 'rebuild + verify'],
@@ -43,8 +45,9 @@ export function registerSynthesize(program: Command): void {
         'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
         'and removes the instance (unless --keep).',
     )
-    .argument('<overlay>', 'overlay file or http(s) URL')
+    .argument('<overlay>', 'overlay file, http(s) URL, or glance://IMAGE_ID (see docs/openstack.md)')
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
+    .option('--glance <url>', 'Glance endpoint for glance:// overlays (default: $CLOUDLET_GLANCE_URL or the OS_* variables)')
     .addOption(
       new Option('--forward <spec>', 'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)')
         .argParser(forwardArg)
@@ -71,6 +74,7 @@ Example:
         root,
         base: flags.base,
         overlay,
+        glance: flags.glance,
         forwards: flags.forward,
         waitHttp: flags.waitHttp,
         waitTcp: flags.waitTcp,
