@@ -84,7 +84,7 @@ function expectType(client: GlanceClient, image: GlanceImage, type: string): voi
   if (actual !== type) {
     throw new UsageError(
       `Glance image ${image.id} is ${actual ? `a cloudlet ${actual}` : 'not a cloudlet image (no cloudlet_type)'}, ` +
-        `not a ${type.replace('_', ' ')}`,
+        `not ${type === CloudletType.overlay ? 'an overlay' : 'a base package'}`,
       { image: image.id, cloudlet_type: actual ?? null },
     );
   }
