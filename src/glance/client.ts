@@ -81,7 +81,7 @@ export class GlanceClient {
       const res = await this.call('GET', path);
       const page = (await this.json(res, 'the image list')) as { images?: GlanceImage[]; next?: string };
       out.push(...(page.images ?? []));
-      path = page.next;
+      path = page.next === undefined ? undefined : this.relative(page.next);
     }
     return out;
   }
@@ -163,6 +163,18 @@ export class GlanceClient {
     if (status < 200 || status >= 300) throw this.failure(status, await readSmall(res), `uploading image ${id}`);
     res.resume();
     return { bytes, sha256: hash.digest('hex') };
+  }
+
+  /**
+   * Glance's `next` links are relative to its API root ("/v2/images?marker=…"), also behind a
+   * path prefix (https://cloud/image); some proxies add the prefix or make them absolute.
+   */
+  private relative(link: string): string {
+    const root = new URL(this.endpoint);
+    const u = new URL(link, root);
+    const prefix = root.pathname.replace(/\/+$/, '');
+    const path = prefix && u.pathname.startsWith(`${prefix}/v2/`) ? u.pathname.slice(prefix.length) : u.pathname;
+    return `${path}${u.search}`;
   }
 
   private async call(method: string, path: string, body?: string, type?: string): Promise<Response> {

@@ -9,13 +9,13 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, repoRoot, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, type CliResult } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 
 const hasQemu = findQemu() !== null;
@@ -225,6 +225,25 @@ test('Glance failures: one line, a distinct exit code, nothing left behind', { s
   // A wrong base: refused on the image's properties, before anything is downloaded.
   ok(await cli(['base', 'import', join(work, 'custom'), '--name', 'other'], envB), 'import another base');
   await expectFail(syn(`glance://${overlayImage}`, 'other'), 5, /is an overlay for base [0-9a-f]{12}, not for base/);
+  // An interrupted push (SIGINT once its image exists, mid-upload) deletes that image: exit 130.
+  const withOther = async (): Promise<Array<{ id: string; status: string }>> => {
+    const res = await fetch(`${glance}/v2/images?cloudlet_base_name=other`);
+    return ((await res.json()) as { images: Array<{ id: string; status: string }> }).images;
+  };
+  const pushing = spawn(process.execPath, [BIN, '--json', 'base', 'push', 'other'], { env: envB, stdio: 'ignore' });
+  const exited = new Promise<number | null>((r) => pushing.once('exit', (code) => r(code)));
+  let seen: Array<{ id: string; status: string }> = [];
+  for (const deadline = Date.now() + 30_000; seen.length === 0 && Date.now() < deadline; ) {
+    seen = await withOther();
+    if (seen.length === 0) await new Promise((r) => setTimeout(r, 10));
+  }
+  pushing.kill('SIGINT');
+  assert.equal(seen.length, 1, 'the push created its image');
+  assert.notEqual(seen[0]!.status, 'active', 'interrupted before the upload finished');
+  assert.equal(await exited, 130, 'an interrupted push exits 130');
+  assert.deepEqual(await withOther(), [], 'the interrupted upload left no image in Glance');
+  await assertClean(libB, 'interrupted push');
+
   // Not an overlay: refused before anything is created in Glance.
   const before = await allImageIds();
   await writeFile(join(work, 'not.overlay'), 'this is not an overlay\n'.repeat(100));
