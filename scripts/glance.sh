@@ -20,7 +20,8 @@ die() {
 }
 
 have_glance() {
-  dpkg-query -W -f='${Status}' glance-api 2>/dev/null | grep -q 'install ok installed' && command -v glance-api >/dev/null
+  dpkg-query -W -f='${Status}' glance-api 2>/dev/null | grep -q 'install ok installed' &&
+    command -v glance-api >/dev/null
 }
 
 cmd_install() {
@@ -33,8 +34,8 @@ cmd_install() {
   if ! apt-cache policy glance-api 2>/dev/null | grep -q 'Candidate: [0-9]'; then $sudo apt-get update -qq; fi
   # policy-rc.d (where present) keeps the packaged service from starting on port 9292; ours
   # never uses that service anyway.
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends glance-api >/dev/null ||
-    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends glance-api >/dev/null; }
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends glance-api)
+  $sudo "${apt[@]}" >/dev/null || { $sudo apt-get update -qq && $sudo "${apt[@]}" >/dev/null; }
   have_glance || die "glance-api did not install"
   echo "glance.sh: glance-api installed in $((SECONDS - t0)) s" >&2
 }
@@ -48,13 +49,20 @@ port_busy() {
 }
 
 free_port() {
-  python_free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
   local p
   for _ in 1 2 3 4 5; do
-    p=$(python_free_port)
+    # The kernel's pick of a free port (glance-api's python3 is there anyway).
+    p=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     port_busy "$p" || { echo "$p"; return 0; }
   done
   die "no free port found"
+}
+
+# True when PID is the glance-api running from DIR (not another process that reused the pid).
+ours() {
+  local pid=$1 dir=$2
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null &&
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "glance-api --config-file $dir/glance-api.conf"
 }
 
 write_config() {
@@ -112,15 +120,20 @@ cmd_start() {
   have_glance || die "glance-api is not installed (run: scripts/glance.sh install)"
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
-  if [[ -f $dir/glance-api.pid ]] && kill -0 "$(cat "$dir/glance-api.pid")" 2>/dev/null; then
+  if [[ -f $dir/glance-api.pid ]] && ours "$(cat "$dir/glance-api.pid")" "$dir"; then
     die "a glance-api already runs from $dir (pid $(cat "$dir/glance-api.pid")): stop it first"
   fi
   [[ -n $port ]] || port=$(free_port)
-  port_busy "$port" && die "port $port on 127.0.0.1 is in use (glance-api binds with SO_REUSEPORT: refusing to share it)"
+  if port_busy "$port"; then
+    die "port $port on 127.0.0.1 is in use (glance-api binds with SO_REUSEPORT: refusing to share it)"
+  fi
   write_config "$dir" "$port"
   if [[ ! -f $dir/glance.sqlite ]]; then
-    glance-manage --config-file "$dir/glance-api.conf" db_sync >"$dir/db_sync.log" 2>&1 ||
-      { rm -f "$dir/glance.sqlite"; tail -5 "$dir/db_sync.log" >&2; die "glance-manage db_sync failed (log: $dir/db_sync.log)"; }
+    if ! glance-manage --config-file "$dir/glance-api.conf" db_sync >"$dir/db_sync.log" 2>&1; then
+      rm -f "$dir/glance.sqlite"
+      tail -5 "$dir/db_sync.log" >&2
+      die "glance-manage db_sync failed (log: $dir/db_sync.log)"
+    fi
   fi
   glance-api --config-file "$dir/glance-api.conf" </dev/null >"$dir/glance-api.out" 2>&1 &
   local pid=$!
@@ -162,17 +175,22 @@ cmd_stop() {
     esac
   done
   [[ -n $dir ]] || die "stop: --dir DIR is required"
+  [[ -d $dir ]] || return 0
+  dir=$(cd "$dir" && pwd)
   local pidfile=$dir/glance-api.pid
   [[ -f $pidfile ]] || return 0
   local pid
   pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  if ours "$pid" "$dir"; then
     kill -TERM "$pid" 2>/dev/null || true
+    # Until it is gone (or a zombie: its sockets are closed by then), at most 5 s.
+    local state
     for _ in $(seq 1 50); do
-      kill -0 "$pid" 2>/dev/null || break
+      state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
+      [[ -n $state && $state != Z && $state != X ]] || break
       sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+    if ours "$pid" "$dir"; then kill -KILL "$pid" 2>/dev/null || true; fi
   fi
   rm -f "$pidfile"
 }

@@ -65,7 +65,9 @@ export function keystoneAuthBody(env: NodeJS.ProcessEnv): object {
   const projectName = env.OS_PROJECT_NAME || env.OS_TENANT_NAME;
   if (env.OS_PROJECT_ID) auth.scope = { project: { id: env.OS_PROJECT_ID } };
   else if (projectName) {
-    auth.scope = { project: { name: projectName, domain: domainOf(env.OS_PROJECT_DOMAIN_ID, env.OS_PROJECT_DOMAIN_NAME) } };
+    auth.scope = {
+      project: { name: projectName, domain: domainOf(env.OS_PROJECT_DOMAIN_ID, env.OS_PROJECT_DOMAIN_NAME) },
+    };
   }
   return { auth };
 }
@@ -89,7 +91,10 @@ export function normalizeEndpoint(url: string): string {
     throw new UsageError(`not a Glance endpoint URL: ${url}`);
   }
   if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new UsageError(`not a Glance endpoint URL: ${url}`);
-  return u.toString().replace(/\/+$/, '').replace(/\/v2(\.\d+)?$/, '');
+  return u
+    .toString()
+    .replace(/\/+$/, '')
+    .replace(/\/v2(\.\d+)?$/, '');
 }
 
 /** Picks the image endpoint from a v3 catalog. */
@@ -155,7 +160,10 @@ async function keystoneToken(
   }
   const text = await res.text().catch(() => '');
   if (res.status === 401 || res.status === 403) {
-    throw new NetworkError(`keystone refused the credentials (HTTP ${res.status}) at ${url}`, { url, status: res.status });
+    throw new NetworkError(`keystone refused the credentials (HTTP ${res.status}) at ${url}`, {
+      url,
+      status: res.status,
+    });
   }
   const token = res.headers.get('x-subject-token');
   if (!res.ok || !token) {

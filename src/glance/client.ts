@@ -98,9 +98,10 @@ export class GlanceClient {
     return (await this.json(res, 'the new image')) as GlanceImage;
   }
 
-  /** Sets (adds or replaces) properties with a JSON patch. */
-  async setProperties(id: string, props: Record<string, string>): Promise<GlanceImage> {
-    const ops = Object.entries(props).map(([k, v]) => ({ op: 'add', path: `/${k}`, value: v }));
+  /** Sets (adds or replaces) properties and removes others, in one JSON patch. */
+  async setProperties(id: string, props: Record<string, string>, remove: string[] = []): Promise<GlanceImage> {
+    const ops: object[] = Object.entries(props).map(([k, v]) => ({ op: 'add', path: `/${k}`, value: v }));
+    for (const k of remove) ops.push({ op: 'remove', path: `/${k}` });
     const res = await this.call('PATCH', `/v2/images/${encodeURIComponent(id)}`, JSON.stringify(ops), JSON_PATCH);
     if (res.status === 404) throw new NotFoundError(`no image ${id} in Glance at ${this.endpoint}`, { image: id });
     return (await this.json(res, `image ${id}`)) as GlanceImage;
@@ -117,7 +118,12 @@ export class GlanceClient {
    * `size` is known, chunked otherwise. Returns the bytes sent and their sha256. A source that
    * fails makes the request fail too (never a short image that Glance would call active).
    */
-  async upload(id: string, data: Readable, size: number | undefined, progress: Progress = silent): Promise<UploadResult> {
+  async upload(
+    id: string,
+    data: Readable,
+    size: number | undefined,
+    progress: Progress = silent,
+  ): Promise<UploadResult> {
     const url = new URL(this.fileUrl(id));
     const headers: Record<string, string> = { ...this.authHeaders(), 'content-type': 'application/octet-stream' };
     if (size !== undefined) headers['content-length'] = String(size);
@@ -188,7 +194,11 @@ export class GlanceClient {
       throw new NetworkError(`Glance at ${this.endpoint} is not reachable: ${reason(err)}`, { glance: this.endpoint });
     }
     if (res.status === 401 || res.status === 403) {
-      throw this.failure(res.status, await res.text().catch(() => ''), `${method} ${path.split('?')[0]} (check OS_* credentials)`);
+      throw this.failure(
+        res.status,
+        await res.text().catch(() => ''),
+        `${method} ${path.split('?')[0]} (check OS_* credentials)`,
+      );
     }
     return res;
   }
@@ -198,16 +208,21 @@ export class GlanceClient {
     try {
       return await res.json();
     } catch {
-      throw new NetworkError(`Glance at ${this.endpoint} sent an unreadable answer for ${what}`, { glance: this.endpoint });
+      throw new NetworkError(`Glance at ${this.endpoint} sent an unreadable answer for ${what}`, {
+        glance: this.endpoint,
+      });
     }
   }
 
   private failure(status: number, body: string, what: string): NetworkError {
     const detail = glanceMessage(body);
-    return new NetworkError(`Glance at ${this.endpoint} refused ${what}: HTTP ${status}${detail ? ` (${detail})` : ''}`, {
-      glance: this.endpoint,
-      status,
-    });
+    return new NetworkError(
+      `Glance at ${this.endpoint} refused ${what}: HTTP ${status}${detail ? ` (${detail})` : ''}`,
+      {
+        glance: this.endpoint,
+        status,
+      },
+    );
   }
 }
 

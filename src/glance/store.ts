@@ -13,7 +13,7 @@
  * its type and base, for the synthesis pipeline to fetch (ranged GETs work: Glance answers 206).
  */
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { basename, join } from 'node:path';
@@ -44,6 +44,8 @@ export const CloudletType = { basePackage: 'base_package', overlay: 'overlay' } 
 export const GLANCE_SCHEME = 'glance://';
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const BASE_ID = /^[0-9a-f]{64}$/;
+/** Marks an image whose upload is in progress (removed once it is complete and checked). */
+const UPLOAD_TAG = 'cloudlet_upload';
 /** A base package is as large as the base (GiBs): no overall deadline, only the idle timeout. */
 const PACKAGE_TIMEOUT_MS = 24 * 3600_000;
 
@@ -265,7 +267,11 @@ function toGlanceBase(i: GlanceImage): GlanceBase {
 /** The base packages in Glance (complete ones only), newest first. */
 export async function listGlanceBases(opts: SessionOptions = {}): Promise<{ glance: string; bases: GlanceBase[] }> {
   const client = await openGlance(opts);
-  const images = await client.listImages({ cloudlet_type: CloudletType.basePackage, status: 'active', sort: 'created_at:desc' });
+  const images = await client.listImages({
+    cloudlet_type: CloudletType.basePackage,
+    status: 'active',
+    sort: 'created_at:desc',
+  });
   return { glance: client.endpoint, bases: images.map(toGlanceBase).filter((b) => BASE_ID.test(b.id)) };
 }
 
@@ -323,7 +329,8 @@ export async function pushBase(
     cloudlet_nic: vm?.network?.model,
     cloudlet_qemu_version: m.qemu_version,
   };
-  for (const [k, v] of Object.entries(optional)) if (v !== undefined && String(v).length <= 255) properties[k] = String(v);
+  for (const [k, v] of Object.entries(optional))
+    if (v !== undefined && String(v).length <= 255) properties[k] = String(v);
   const name = `cloudlet-base-${m.name ?? id.slice(0, 12)}`;
   const up = await uploadImage(client, {
     image: { name, disk_format: 'raw', container_format: 'bare', visibility: opts.visibility, properties },
@@ -360,8 +367,14 @@ export async function pullBase(
   const client = await openGlance(opts);
   const image = await findBaseImage(client, ref);
   const id = prop(image, 'cloudlet_base_id') ?? '';
-  if (!BASE_ID.test(id)) throw new CorruptInputError(`Glance image ${image.id} has no valid cloudlet_base_id`, { image: image.id });
-  const result = { message_type: 'base_pull' as const, id, name: prop(image, 'cloudlet_base_name'), image_id: image.id };
+  if (!BASE_ID.test(id))
+    throw new CorruptInputError(`Glance image ${image.id} has no valid cloudlet_base_id`, { image: image.id });
+  const result = {
+    message_type: 'base_pull' as const,
+    id,
+    name: prop(image, 'cloudlet_base_name'),
+    image_id: image.id,
+  };
   if (await readManifest(join(baseDir(root, id), 'manifest.json')).catch(() => undefined)) {
     return { ...result, glance: client.endpoint, added: false };
   }
@@ -372,20 +385,27 @@ export async function pullBase(
   });
   try {
     if (image.size !== null && fetched.bytes !== image.size) {
-      throw new NetworkError(`download of Glance image ${image.id} ended after ${fetched.bytes} of ${image.size} bytes`);
+      throw new NetworkError(
+        `download of Glance image ${image.id} ended after ${fetched.bytes} of ${image.size} bytes`,
+      );
     }
     const r = await importPackage(root, fetched.path, progress);
     if (r.id !== id) {
       if (r.added) await removeBase(root, r.id);
-      throw new CorruptInputError(`Glance image ${image.id} holds base ${r.id.slice(0, 12)}, not ${id.slice(0, 12)} as it claims`, {
-        image: image.id,
-      });
+      throw new CorruptInputError(
+        `Glance image ${image.id} holds base ${r.id.slice(0, 12)}, not ${id.slice(0, 12)} as it claims`,
+        {
+          image: image.id,
+        },
+      );
     }
     return { ...result, glance: client.endpoint, added: r.added };
   } catch (err) {
     // importPackage names the temporary download; name the image instead.
     if (err instanceof CorruptInputError && err.message.startsWith(fetched.path)) {
-      throw new CorruptInputError(`Glance image ${image.id}${err.message.slice(fetched.path.length)}`, { image: image.id });
+      throw new CorruptInputError(`Glance image ${image.id}${err.message.slice(fetched.path.length)}`, {
+        image: image.id,
+      });
     }
     throw err;
   } finally {
@@ -399,7 +419,11 @@ async function findBaseImage(client: GlanceClient, ref: string): Promise<GlanceI
     expectType(client, image, CloudletType.basePackage);
     return image;
   }
-  const all = await client.listImages({ cloudlet_type: CloudletType.basePackage, status: 'active', sort: 'created_at:desc' });
+  const all = await client.listImages({
+    cloudlet_type: CloudletType.basePackage,
+    status: 'active',
+    sort: 'created_at:desc',
+  });
   const r = ref.toLowerCase();
   const hits = all.filter((i) => {
     const id = prop(i, 'cloudlet_base_id') ?? '';
@@ -407,11 +431,15 @@ async function findBaseImage(client: GlanceClient, ref: string): Promise<GlanceI
   });
   const ids = [...new Set(hits.map((h) => prop(h, 'cloudlet_base_id')))];
   if (ids.length === 0) {
-    throw new NotFoundError(`no base ${ref} in Glance at ${client.endpoint} (see: cloudlet-overlay base list --glance)`, {
-      base: ref,
-    });
+    throw new NotFoundError(
+      `no base ${ref} in Glance at ${client.endpoint} (see: cloudlet-overlay base list --glance)`,
+      {
+        base: ref,
+      },
+    );
   }
-  if (ids.length > 1) throw new NotFoundError(`base ${ref} is ambiguous in Glance: ${ids.map((i) => i?.slice(0, 12)).join(', ')}`);
+  if (ids.length > 1)
+    throw new NotFoundError(`base ${ref} is ambiguous in Glance: ${ids.map((i) => i?.slice(0, 12)).join(', ')}`);
   return hits[0]!;
 }
 
@@ -437,12 +465,21 @@ async function uploadImage(
   client: GlanceClient,
   spec: UploadSpec,
 ): Promise<{ id: string; bytes: number; sha256: string }> {
-  const created = await client.createImage(spec.image);
-  const id = created.id;
+  // An interrupt may come while Glance creates the image, before we know its id: the image
+  // carries a one-time tag until it is complete, and cleanup finds it by that tag.
+  const tag = randomBytes(12).toString('hex');
+  let id: string | undefined;
   const drop = async (): Promise<void> => {
-    await client.deleteImage(id).catch(() => undefined);
+    const ids = id ? [id] : (await client.listImages({ [UPLOAD_TAG]: tag }).catch(() => [])).map((i) => i.id);
+    for (const i of ids) await client.deleteImage(i).catch(() => undefined);
   };
   const unregister = onCleanup(drop);
+  try {
+    id = (await client.createImage({ ...spec.image, properties: { ...spec.image.properties, [UPLOAD_TAG]: tag } })).id;
+  } catch (err) {
+    unregister();
+    throw err;
+  }
   try {
     spec.progress.step(spec.label, spec.size ?? spec.total);
     const md5 = createHash('md5');
@@ -453,16 +490,22 @@ async function uploadImage(
         cb(null, chunk);
       },
     });
-    const up = await client.upload(id, pipeline(source, tee, () => undefined), spec.size, spec.progress);
+    const up = await client.upload(
+      id,
+      pipeline(source, tee, () => undefined),
+      spec.size,
+      spec.progress,
+    );
     const stored = await client.getImage(id);
     const want = stored.os_hash_algo === 'sha256' ? up.sha256 : undefined;
     const problems: string[] = [];
     if (stored.status !== 'active') problems.push(`status ${stored.status}`);
     if (stored.size !== up.bytes) problems.push(`${stored.size} bytes stored of ${up.bytes} sent`);
     if (want && stored.os_hash_value !== want) problems.push('os_hash_value differs from the sha256 sent');
-    if (typeof stored.checksum === 'string' && stored.checksum !== md5.digest('hex')) problems.push('checksum (md5) differs');
+    if (typeof stored.checksum === 'string' && stored.checksum !== md5.digest('hex'))
+      problems.push('checksum (md5) differs');
     if (problems.length > 0) throw new NetworkError(`Glance did not store image ${id} as sent: ${problems.join('; ')}`);
-    await client.setProperties(id, { cloudlet_sha256: up.sha256 });
+    await client.setProperties(id, { cloudlet_sha256: up.sha256 }, [UPLOAD_TAG]);
     spec.progress.done(`uploaded ${spec.label.replace(/^uploading /, '')} as image ${id}`);
     unregister();
     return { id, bytes: up.bytes, sha256: up.sha256 };
@@ -488,7 +531,11 @@ function tarStream(args: string[]): Readable {
       resolve(err.code === 'ENOENT' ? new MissingToolError('tar is not installed (Debian package tar)') : err),
     );
     child.once('close', (code, signal) =>
-      resolve(code === 0 ? undefined : new CorruptInputError(`tar failed (${signal ?? code}): ${stderr.trim().split('\n').pop()}`)),
+      resolve(
+        code === 0
+          ? undefined
+          : new CorruptInputError(`tar failed (${signal ?? code}): ${stderr.trim().split('\n').pop()}`),
+      ),
     );
   });
   child.stdout.on('data', (c: Buffer) => {

@@ -10,13 +10,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
-import {
-  glanceSession,
-  imageEndpoint,
-  keystoneAuthBody,
-  normalizeEndpoint,
-  tokensUrl,
-} from '../../src/glance/auth.js';
+import { glanceSession, imageEndpoint, keystoneAuthBody, normalizeEndpoint, tokensUrl } from '../../src/glance/auth.js';
 import { GlanceClient } from '../../src/glance/client.js';
 import { glanceImageId, isGlanceRef } from '../../src/glance/store.js';
 import { NetworkError, UsageError } from '../../src/util/errors.js';
@@ -37,7 +31,12 @@ async function serve(
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
-      const s = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, body: Buffer.concat(chunks).toString() };
+      const s = {
+        method: req.method ?? '',
+        url: req.url ?? '',
+        headers: req.headers,
+        body: Buffer.concat(chunks).toString(),
+      };
       seen.push(s);
       handler(s, res, base);
     });
@@ -68,7 +67,10 @@ test('keystone v3: the password and token request bodies', () => {
   // Domains default to "Default"; ids win over names.
   assert.deepEqual(keystoneAuthBody({ OS_USERNAME: 'bob', OS_PASSWORD: 'x', OS_PROJECT_ID: 'p1' }), {
     auth: {
-      identity: { methods: ['password'], password: { user: { password: 'x', name: 'bob', domain: { name: 'Default' } } } },
+      identity: {
+        methods: ['password'],
+        password: { user: { password: 'x', name: 'bob', domain: { name: 'Default' } } },
+      },
       scope: { project: { id: 'p1' } },
     },
   });
@@ -146,7 +148,11 @@ test('keystone password auth: token from X-Subject-Token, endpoint from the cata
     assert.equal(auth.headers['content-type'], 'application/json');
     assert.deepEqual(JSON.parse(auth.body), keystoneAuthBody(env));
     const images = await new GlanceClient(session).listImages({ cloudlet_type: 'overlay' });
-    assert.deepEqual(images.map((i) => i.id), ['i0', 'i1', 'i2'], 'the next pages were followed');
+    assert.deepEqual(
+      images.map((i) => i.id),
+      ['i0', 'i1', 'i2'],
+      'the next pages were followed',
+    );
     const calls = srv.seen.slice(1);
     assert.equal(calls.length, 3);
     for (const c of calls) assert.equal(c.headers['x-auth-token'], 'gAAAA-token');
@@ -163,7 +169,9 @@ test('keystone password auth: token from X-Subject-Token, endpoint from the cata
 test('OS_TOKEN with an endpoint: no keystone call; without credentials: standalone', async () => {
   const srv = await serve((_req, res) => res.writeHead(500).end());
   try {
-    const s = await glanceSession({ env: { OS_TOKEN: 't0k', OS_AUTH_URL: srv.base, CLOUDLET_GLANCE_URL: 'http://g:9292' } });
+    const s = await glanceSession({
+      env: { OS_TOKEN: 't0k', OS_AUTH_URL: srv.base, CLOUDLET_GLANCE_URL: 'http://g:9292' },
+    });
     assert.deepEqual(s, { endpoint: 'http://g:9292', token: 't0k', auth: 'token' });
     const plain = await glanceSession({ env: { OS_IMAGE_URL: 'http://g2:9292/' } });
     assert.deepEqual(plain, { endpoint: 'http://g2:9292', auth: 'standalone' });
@@ -174,8 +182,10 @@ test('OS_TOKEN with an endpoint: no keystone call; without credentials: standalo
   }
 });
 
-test('keystone errors: refused credentials and an unreachable keystone are network errors; no endpoint is a usage error', async () => {
-  const srv = await serve((_req, res) => res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":{}}'));
+test('keystone errors: refused or unreachable is a network error, no endpoint a usage error', async () => {
+  const srv = await serve((_req, res) =>
+    res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":{}}'),
+  );
   try {
     await assert.rejects(
       glanceSession({ env: { ...passwordEnv, OS_AUTH_URL: srv.base } }),
@@ -188,7 +198,10 @@ test('keystone errors: refused credentials and an unreachable keystone are netwo
     glanceSession({ env: { ...passwordEnv, OS_AUTH_URL: srv.base } }),
     (e: unknown) => e instanceof NetworkError && /not reachable: ECONNREFUSED/.test(e.message),
   );
-  await assert.rejects(glanceSession({ env: {} }), (e: unknown) => e instanceof UsageError && /no Glance endpoint/.test(e.message));
+  await assert.rejects(
+    glanceSession({ env: {} }),
+    (e: unknown) => e instanceof UsageError && /no Glance endpoint/.test(e.message),
+  );
   // A catalog without an image service.
   const bare = await serve((_req, res) =>
     res.writeHead(201, { 'x-subject-token': 't' }).end(JSON.stringify({ token: { catalog: [] } })),

@@ -8,7 +8,8 @@ import { listGlanceBases, pullBase, pushBase } from '../../glance/store.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
 
-export const GLANCE_HELP = 'Glance endpoint (default: $CLOUDLET_GLANCE_URL, else the OS_* variables: docs/openstack.md)';
+export const GLANCE_HELP =
+  'Glance endpoint (default: $CLOUDLET_GLANCE_URL, else the OS_* variables: docs/openstack.md)';
 
 export function visibilityOption(): Option {
   return new Option('--visibility <v>', 'Glance image visibility (default: Glance\'s, "shared")').choices([
@@ -24,7 +25,7 @@ export function registerBaseGlance(base: Command): void {
     .command('push')
     .summary('upload a base VM to Glance (one image: the base package, typed by properties)')
     .description(
-      'Uploads what `base export` writes (the library\'s base directory as a sparse tar) as one Glance ' +
+      "Uploads what `base export` writes (the library's base directory as a sparse tar) as one Glance " +
         'image with cloudlet_type=base_package, cloudlet_base_id=<id> and the VM spec in brief. Nothing ' +
         'is uploaded when Glance already has a complete package of this base. The upload is streamed and ' +
         'checked against what Glance stored; a failed one deletes its image.',
@@ -46,9 +47,7 @@ Example:
         progress: makeProgress(g),
       });
       printResult(g, r, () =>
-        r.added
-          ? `pushed base ${r.id} as ${r.url} (${bytes(r.size)})`
-          : `already in Glance: base ${r.id} as ${r.url}`,
+        r.added ? `pushed base ${r.id} as ${r.url} (${bytes(r.size)})` : `already in Glance: base ${r.id} as ${r.url}`,
       );
     });
 
@@ -56,7 +55,7 @@ Example:
     .command('pull')
     .summary('bring a base VM from Glance into the library, verified')
     .description(
-      'Downloads a base package image, checks it against Glance\'s hash, and imports it like ' +
+      "Downloads a base package image, checks it against Glance's hash, and imports it like " +
         '`base import PACKAGE`: every file is checked against the base id before the base appears in ' +
         'the library. Nothing is downloaded when the library already has the base.',
     )

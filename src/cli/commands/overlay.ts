@@ -55,7 +55,8 @@ Example:
       const g = command.optsWithGlobals<GlobalOptions>();
       const list = await listOverlays({ endpoint: flags.glance, base: flags.base });
       printResult(g, { message_type: 'overlay_list', overlays: list }, () => {
-        if (list.length === 0) return flags.base ? `no overlays for base ${flags.base} in Glance` : 'no overlays in Glance';
+        if (list.length === 0)
+          return flags.base ? `no overlays for base ${flags.base} in Glance` : 'no overlays in Glance';
         const rows = [['image', 'name', 'base', 'size', 'status', 'created']];
         for (const o of list) {
           rows.push([

@@ -47,7 +47,7 @@ export function registerSynthesize(program: Command): void {
     )
     .argument('<overlay>', 'overlay file, http(s) URL, or glance://IMAGE_ID (see docs/openstack.md)')
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
-    .option('--glance <url>', 'Glance endpoint for glance:// overlays (default: $CLOUDLET_GLANCE_URL or the OS_* variables)')
+    .option('--glance <url>', 'Glance endpoint for glance:// overlays (default: $CLOUDLET_GLANCE_URL, OS_*)')
     .addOption(
       new Option('--forward <spec>', 'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)')
         .argParser(forwardArg)
