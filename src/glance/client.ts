@@ -9,7 +9,7 @@ import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { NetworkError, NotFoundError } from '../util/errors.js';
+import { CloudletError, NetworkError, NotFoundError } from '../util/errors.js';
 import { silent, type Progress } from '../util/progress.js';
 import { reason, type GlanceSession } from './auth.js';
 
@@ -155,6 +155,7 @@ export class GlanceClient {
       if (early && early.statusCode && early.statusCode >= 400) {
         throw this.failure(early.statusCode, await readSmall(early), `uploading image ${id}`);
       }
+      if (err instanceof CloudletError) throw err; // the source's own failure (tar failed, …)
       throw new NetworkError(`upload of image ${id} to ${this.endpoint} failed after ${bytes} bytes: ${reason(err)}`, {
         image: id,
       });

@@ -518,8 +518,8 @@ async function uploadImage(
   }
 }
 
-/** `tar ARGS` writing to stdout, as a stream that fails (instead of ending short) when tar fails. */
-function tarStream(args: string[]): Readable {
+/** `tar ARGS` on stdout as a stream that fails (instead of ending short) when tar fails; exported for tests. */
+export function tarStream(args: string[]): Readable {
   const out = new PassThrough();
   const child = spawn('tar', args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';

@@ -124,7 +124,7 @@ test(
     const script = [
       `echo ${marker} > /mnt/marker`,
       'seq 1 50000 > /mnt/numbers.txt',
-      "(setsid sh -c 'n=0; while :; do n=$((n+1)); echo \"demo-app ticks=$n\" > /tmp/app-state; sleep 1; done' " +
+      '(setsid sh -c \'n=0; while :; do n=$((n+1)); echo "demo-app ticks=$n" > /tmp/app-state; sleep 1; done\' ' +
         '</dev/null >/dev/null 2>&1 &)',
       'sync',
     ].join(' && ');
@@ -169,7 +169,7 @@ test(
     assert.equal(bi.os_hash_algo, 'sha256');
     assert.equal(bi.os_hash_value, pushed.sha256, "Glance's sha256 is the one we sent");
     assert.equal(bi.cloudlet_sha256, pushed.sha256);
-  assert.equal(bi.cloudlet_upload, undefined, 'the in-progress tag is gone once the upload is checked');
+    assert.equal(bi.cloudlet_upload, undefined, 'the in-progress tag is gone once the upload is checked');
     assert.equal(bi.size, pushed.size);
     t.diagnostic(`base push: ${pushed.size} bytes in ${Math.round(performance.now() - t1)} ms`);
     const again = ok(await cli(['base', 'push', 'demo'], envA), 'base push again');
