@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { GlanceClient } from '../../src/glance/client.js';
-import { tarStream } from '../../src/glance/store.js';
+import { tarStream } from '../../src/glance/upload.js';
 import { CorruptInputError, NetworkError } from '../../src/util/errors.js';
 
 interface Received {
