@@ -224,7 +224,12 @@ class Raw {
     return c;
   }
 
-  request(type: number, offset: number, length: number, o: { flags?: number; cookie?: Buffer; payload?: Buffer } = {}): Buffer {
+  request(
+    type: number,
+    offset: number,
+    length: number,
+    o: { flags?: number; cookie?: Buffer; payload?: Buffer } = {},
+  ): Buffer {
     const cookie = o.cookie ?? this.nextCookie();
     this.write(encodeRequest(type, offset, length, cookie, o.flags ?? 0));
     if (o.payload) this.write(o.payload);
@@ -295,7 +300,7 @@ describe('NBD server: handshake and options', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  it('greets with fixed newstyle + no zeroes; INFO reports size, flags and block sizes; GO enters transmission', async () => {
+  it('greets fixed newstyle + no zeroes; INFO gives size, flags, block sizes; GO enters transmission', async () => {
     const { server, path } = await start(patternExport());
     const c = await Raw.connect(path);
     const hs = await c.greet();
@@ -333,7 +338,7 @@ describe('NBD server: handshake and options', () => {
     await server.close();
   });
 
-  it('LIST names the export; unknown options → ERR_UNSUP; STARTTLS → ERR_POLICY; malformed GO → ERR_INVALID', async () => {
+  it('LIST names the export; unknown option → UNSUP; STARTTLS → POLICY; bad GO → INVALID', async () => {
     const { server, path } = await start(patternExport(), { description: 'synthesized disk' });
     const c = await Raw.connect(path);
     await c.greet();
@@ -422,7 +427,9 @@ describe('NBD server: handshake and options', () => {
     assert.equal(bs.type, P.NBD_REPLY_TYPE_BLOCK_STATUS);
     assert.equal(bs.payload.readUInt32BE(0), id);
     const ext = [];
-    for (let at = 4; at < bs.payload.length; at += 8) ext.push([bs.payload.readUInt32BE(at), bs.payload.readUInt32BE(at + 4)]);
+    for (let at = 4; at < bs.payload.length; at += 8) {
+      ext.push([bs.payload.readUInt32BE(at), bs.payload.readUInt32BE(at + 4)]);
+    }
     assert.deepEqual(ext, [
       [512 * KiB, 0],
       [1.5 * MiB, P.NBD_STATE_HOLE | P.NBD_STATE_ZERO],
@@ -487,7 +494,7 @@ describe('NBD server: transmission', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  it('simple replies: data, EINVAL out of range, EPERM for writes (payload skipped), FLUSH ok, unknown → EINVAL', async () => {
+  it('simple replies: data, EINVAL past the end, EPERM for writes (payload skipped), FLUSH, bad cmd', async () => {
     const { server, path } = await start(patternExport());
     const c = await Raw.connect(path);
     await c.open('disk');
@@ -674,7 +681,7 @@ describe('NBD server: hostile and broken clients', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  it('garbage instead of an option, unknown client flags, or bad request magic: disconnected, others served', async () => {
+  it('garbage for an option, unknown client flags, bad request magic: disconnected, others served', async () => {
     const { server, path, errors } = await start(patternExport());
     const a = await Raw.connect(path);
     await a.greet();

@@ -46,19 +46,22 @@ interface Served {
 }
 
 async function serveDisk(dir: string, data: Buffer, name: string): Promise<Served> {
-  const s: Served = { server: null as unknown as NbdServer, path: join(dir, `${name}.sock`), done: [], touched: [], slowAt: new Set() };
+  const path = join(dir, `${name}.sock`);
+  const done: number[] = [];
+  const touched: Array<[number, number]> = [];
+  const slowAt = new Set<number>();
   const exp: NbdExport = {
     size: data.length,
     readOnly: true,
     async read(offset, length, buf) {
-      if (s.slowAt.has(offset)) await sleep(500);
+      if (slowAt.has(offset)) await sleep(500);
       data.copy(buf, 0, offset, offset + length);
-      s.done.push(offset);
+      done.push(offset);
     },
   };
-  s.server = new NbdServer({ name, export: exp, onRead: (o, l) => s.touched.push([o, l]) });
-  await s.server.listen(s.path);
-  return s;
+  const server = new NbdServer({ name, export: exp, onRead: (o, l) => touched.push([o, l]) });
+  await server.listen(path);
+  return { server, path, done, touched, slowAt };
 }
 
 /** QEMU with no machine, an NBD node and (optionally) a qcow2 BlockBackend "top" over it. */

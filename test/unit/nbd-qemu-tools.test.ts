@@ -29,6 +29,7 @@ if (noQemu) console.error(`SKIPPING NBD qemu tool tests: ${noQemu}`);
 /** MiB i < 48: byte patternOf(i), except every 8th MiB is a hole (zeros); MiB 48..63: seeded noise. */
 const patternOf = (i: number): number => (i * 7 + 1) & 0xff;
 const isHole = (i: number): boolean => i < 48 && i % 8 === 7;
+const hex = (b: number): string => `0x${b.toString(16)}`;
 
 function makeDisk(): { data: Buffer; extents: Array<{ start: number; length: number }> } {
   const data = Buffer.alloc(SIZE);
@@ -58,7 +59,9 @@ interface Harness {
   failAt: number | null;
 }
 
-async function serve(dir: string, data: Buffer, extents: Array<{ start: number; length: number }>, structured: boolean) {
+type Extents = Array<{ start: number; length: number }>;
+
+async function serve(dir: string, data: Buffer, extents: Extents, structured: boolean): Promise<Harness> {
   const exp: NbdExport = {
     size: SIZE,
     readOnly: true,
@@ -74,7 +77,12 @@ async function serve(dir: string, data: Buffer, extents: Array<{ start: number; 
   };
   const path = join(dir, `nbd-${structured ? 'sr' : 'simple'}.sock`);
   const errors: NbdError[] = [];
-  const server = new NbdServer({ name: 'disk0', export: exp, structuredReplies: structured, onError: (e) => errors.push(e) });
+  const server = new NbdServer({
+    name: 'disk0',
+    export: exp,
+    structuredReplies: structured,
+    onError: (e) => errors.push(e),
+  });
   const h: Harness = { server, uri: nbdUnixUri(path, 'disk0'), errors, done: [], slowAt: null, failAt: null };
   await server.listen(path);
   return h;
@@ -86,7 +94,8 @@ async function qemuIo(uri: string, ...cmds: string[]): Promise<string> {
 }
 
 for (const structured of [true, false]) {
-  describe(`NBD server with qemu-img / qemu-io (${structured ? 'structured replies' : 'simple replies'})`, { skip: noQemu }, () => {
+  const mode = structured ? 'structured replies' : 'simple replies';
+  describe(`NBD server with qemu-img / qemu-io (${mode})`, { skip: noQemu }, () => {
     let dir = '';
     let disk: ReturnType<typeof makeDisk>;
     let h: Harness;
@@ -111,7 +120,7 @@ for (const structured of [true, false]) {
 
     it('qemu-io read -P verifies every pattern region; a wrong pattern is caught', async () => {
       const cmds: string[] = [];
-      for (let i = 0; i < 48; i += 3) cmds.push(`read -P 0x${(isHole(i) ? 0 : patternOf(i)).toString(16)} ${i}M 1M`);
+      for (let i = 0; i < 48; i += 3) cmds.push(`read -P ${hex(isHole(i) ? 0 : patternOf(i))} ${i}M 1M`);
       cmds.push('read -P 0 7M 1M', 'read -P 0x2b 6M 512', `read -P 0x2b ${7 * MiB - 512} 512`);
       const out = await qemuIo(h.uri, ...cmds);
       assert.doesNotMatch(out, /Pattern verification failed|error/i);
@@ -130,7 +139,12 @@ for (const structured of [true, false]) {
     it('a 500 ms read does not stall a concurrent one (qemu-io aio_read + read on one connection)', async () => {
       h.done.length = 0;
       h.slowAt = 40 * MiB;
-      const out = await qemuIo(h.uri, `aio_read -P 0x${patternOf(40).toString(16)} 40M 64k`, `read -P 0x${patternOf(20).toString(16)} 20M 64k`, 'aio_flush');
+      const out = await qemuIo(
+        h.uri,
+        `aio_read -P ${hex(patternOf(40))} 40M 64k`,
+        `read -P ${hex(patternOf(20))} 20M 64k`,
+        'aio_flush',
+      );
       assert.doesNotMatch(out, /Pattern verification failed/);
       h.slowAt = null;
       assert.deepEqual(h.done, [20 * MiB, 40 * MiB], 'the fast read finished first');
@@ -143,7 +157,9 @@ for (const structured of [true, false]) {
     it('a read whose callback fails is an I/O error for that read only, and is reported', async () => {
       const before = h.errors.length;
       h.failAt = 44 * MiB;
-      const out = await qemuIo(h.uri, 'read 44M 4k', `read -P 0x${patternOf(20).toString(16)} 20M 4k`).catch((e: { stdout: string }) => e.stdout);
+      const out = await qemuIo(h.uri, 'read 44M 4k', `read -P ${hex(patternOf(20))} 20M 4k`).catch(
+        (e: { stdout: string }) => e.stdout,
+      );
       h.failAt = null;
       assert.match(out, /read failed: Input\/output error/);
       assert.match(out, /read 4096\/4096 bytes at offset 20971520/);
@@ -199,7 +215,8 @@ describe('NBD server, writable export, with qemu-io', { skip: noQemu }, () => {
     const path = join(dir, 'rw.sock');
     await server.listen(path);
     const uri = nbdUnixUri(path, 'rw');
-    const { stdout } = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0xab 1M 64k', '-c', 'flush', '-c', 'read -P 0xab 1M 64k']);
+    const cmds = ['write -P 0xab 1M 64k', 'flush', 'read -P 0xab 1M 64k'];
+    const { stdout } = await run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
     assert.doesNotMatch(stdout, /failed/);
     assert.ok(disk.subarray(MiB, MiB + 65536).every((b) => b === 0xab));
     assert.ok(flushes >= 1);
