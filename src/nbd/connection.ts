@@ -54,6 +54,7 @@ export class Connection {
   /** No more requests will be read (DISC, EOF, shutdown): end the socket once idle. */
   private closing = false;
   private ended = false;
+  private corked = false;
   private socketClosed: Promise<void>;
 
   constructor(
@@ -245,18 +246,23 @@ export class Connection {
     this.ops.add(op);
   }
 
-  /** Writes one reply in one go; resolves when the kernel has it (or the socket is gone). */
+  /**
+   * Queues one reply, whole; resolves when the kernel has it (or the socket is gone). Replies
+   * finished in the same tick leave in one writev: the socket is corked until the next tick.
+   */
   private send(bufs: Buffer[]): Promise<void> {
     if (this.dead || this.ended || this.socket.destroyed) return Promise.resolve();
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
     return new Promise<void>((resolve) => {
       const done = (): void => resolve();
-      if (bufs.length === 1) {
-        this.socket.write(bufs[0]!, done);
-        return;
-      }
-      this.socket.cork();
       for (let i = 0; i < bufs.length; i++) this.socket.write(bufs[i]!, i === bufs.length - 1 ? done : undefined);
-      this.socket.uncork();
     });
   }
 
