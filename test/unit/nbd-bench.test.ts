@@ -118,7 +118,8 @@ describe('NBD server throughput vs qemu-nbd', { skip, timeout: 15 * 60_000 }, ()
 
     const qemuNbdSocket = join(dir, 'qemu-nbd.sock');
     sockets['qemu-nbd -r (same file)'] = qemuNbdSocket;
-    qemuNbd = spawn('qemu-nbd', ['-r', '-t', '-k', qemuNbdSocket, '-x', 'disk', '-f', 'raw', image], { stdio: 'ignore' });
+    const qemuNbdArgs = ['-r', '-t', '-k', qemuNbdSocket, '-x', 'disk', '-f', 'raw', image];
+    qemuNbd = spawn('qemu-nbd', qemuNbdArgs, { stdio: 'ignore' });
     for (let i = 0; i < 100; i++) {
       const ok = await run('qemu-img', ['info', nbdUnixUri(qemuNbdSocket, 'disk')]).then(
         () => true,
