@@ -78,7 +78,7 @@ export class Connection {
     });
     this.settled = this.run().then(async () => {
       await this.socketClosed;
-      while (this.ops.size > 0) await Promise.allSettled([...this.ops]);
+      while (this.ops.size > 0) await Promise.allSettled(this.ops);
     });
   }
 

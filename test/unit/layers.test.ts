@@ -28,7 +28,7 @@ const RULES: readonly Rule[] = [
   { folder: 'cli', may: ['api', 'util'], why: 'the CLI parses options, calls one API function and prints' },
   {
     folder: 'api',
-    may: ['overlay', 'vm', 'base', 'instance', 'net', 'targets', 'spec', 'image', 'delta', 'util'],
+    may: ['overlay', 'vm', 'base', 'instance', 'net', 'nbd', 'targets', 'spec', 'image', 'delta', 'util'],
     why: 'the operations compose the layers below',
   },
   { folder: 'overlay', may: ['delta', 'util'], why: 'the overlay file format carries delta records' },
@@ -40,6 +40,11 @@ const RULES: readonly Rule[] = [
   },
   { folder: 'instance', may: ['spec', 'util'], why: 'instance state records a VmSpec' },
   { folder: 'net', may: ['util'], why: 'fetching is plain I/O' },
+  {
+    folder: 'nbd',
+    may: ['delta/source', 'util'],
+    why: 'the NBD server serves one export of bytes; it knows no overlay, base or QEMU',
+  },
   { folder: 'targets', may: ['image', 'delta', 'util'], why: 'a VM as delta targets: images opened as targets' },
   { folder: 'spec', may: ['util'], why: 'a VmSpec is plain data with checks' },
   { folder: 'image', may: ['delta/source', 'util'], why: 'images implement the ChunkSource interface, no more' },

@@ -75,21 +75,29 @@ class Qemu {
   static async start(dir: string, nbdPath: string, name: string, topQcow2?: string): Promise<Qemu> {
     const qmpPath = join(dir, `qmp-${name}.sock`);
     const args = [
-      ...['-machine', 'none', '-accel', 'tcg', '-nodefaults', '-display', 'none'],
-      ...['-qmp', `unix:${qmpPath},server=on,wait=off`],
-      ...['-blockdev', `driver=nbd,server.type=unix,server.path=${nbdPath},export=${name},node-name=nbd0,read-only=on`],
+      '-machine',
+      'none',
+      '-accel',
+      'tcg',
+      '-nodefaults',
+      '-display',
+      'none',
+      '-qmp',
+      `unix:${qmpPath},server=on,wait=off`,
+      '-blockdev',
+      `driver=nbd,server.type=unix,server.path=${nbdPath},export=${name},node-name=nbd0,read-only=on`,
     ];
     if (topQcow2) {
       args.push('-drive', `if=none,id=top,driver=qcow2,file.driver=file,file.filename=${topQcow2},backing=nbd0`);
     }
     const proc = spawn(findQemu()!, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const stderr: string[] = [];
-    proc.stderr!.on('data', (d: Buffer) => stderr.push(d.toString()));
+    proc.stderr.on('data', (d: Buffer) => stderr.push(d.toString()));
     const exited = new AbortController();
     proc.once('exit', () => exited.abort(new Error(`QEMU exited: ${stderr.join('')}`)));
     const qmp = await QmpClient.connect(qmpPath, { timeoutMs: 15_000, signal: exited.signal });
     const q = new Qemu(proc, qmp);
-    proc.stdout!.on('data', (d: Buffer) => q.stdout.push(d.toString()));
+    proc.stdout.on('data', (d: Buffer) => q.stdout.push(d.toString()));
     return q;
   }
 
@@ -205,7 +213,11 @@ describe('NBD server with qemu-system-x86_64 as the client', { skip: noQemu, tim
     assert.match(gone, /read failed/, 'the nbd node itself is gone');
     await qemu.quit();
     const { stdout } = await run('qemu-img', ['info', '--output=json', top()]);
-    assert.equal(JSON.parse(stdout)['backing-filename'], undefined, 'no backing file left');
+    assert.equal(
+      (JSON.parse(stdout) as Record<string, unknown>)['backing-filename'],
+      undefined,
+      'no backing file left',
+    );
     const expected = Buffer.from(data);
     expected.fill(0xee, 5 * MiB, 5 * MiB + 65536);
     const raw = join(dir, 'top.raw');

@@ -112,7 +112,7 @@ for (const structured of [true, false]) {
 
     it('qemu-img info shows the size; qemu-img convert copies it byte for byte', async () => {
       const { stdout } = await run('qemu-img', ['info', '--output=json', h.uri]);
-      assert.equal(JSON.parse(stdout)['virtual-size'], SIZE);
+      assert.equal((JSON.parse(stdout) as Record<string, unknown>)['virtual-size'], SIZE);
       const out = join(dir, 'out.raw');
       await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', h.uri, out]);
       assert.ok((await readFile(out)).equals(disk.data), 'converted image equals the export');
