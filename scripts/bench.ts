@@ -52,7 +52,10 @@ async function dirBytes(dir: string): Promise<number> {
   return n;
 }
 
-function must(r: { code: number; stderr: string; json: Record<string, unknown> }, what: string): Record<string, unknown> {
+function must(
+  r: { code: number; stderr: string; json: Record<string, unknown> },
+  what: string,
+): Record<string, unknown> {
   if (r.code !== 0) throw new Error(`${what} failed: ${r.stderr}`);
   return r.json;
 }
@@ -74,7 +77,10 @@ async function main(): Promise<void> {
     const booted = await bootDemoVm({ workDir: join(work, 'boot') });
     const baseStatus = parseStatus(await (await fetch(booted.statusUrl)).text());
     await booted.vm.qmp.close();
-    must(await cli(['snapshot', '--qmp', booted.vm.paths.qmpSocket, '-o', join(work, 'base'), '--then', 'quit'], env), 'base snapshot');
+    must(
+      await cli(['snapshot', '--qmp', booted.vm.paths.qmpSocket, '-o', join(work, 'base'), '--then', 'quit'], env),
+      'base snapshot',
+    );
     await booted.vm.waitExit(10_000).catch(() => booted.vm.kill());
     must(await cli(['base', 'import', join(work, 'base'), '--name', 'bench'], env), 'base import');
 
@@ -91,13 +97,17 @@ async function main(): Promise<void> {
       'gzip -c /mnt/data/numbers.txt > /mnt/data/numbers.gz',
       'for i in 1 2 3 4 5 6; do cat /mnt/app/busybox >> /mnt/data/blob.bin; done',
       'echo bench-app > /mnt/marker',
-      "(setsid sh -c 'n=0; while :; do n=$((n+1)); echo \"bench-app ticks=$n\" > /tmp/app-state; sleep 1; done' </dev/null >/dev/null 2>&1 &)",
+      '(setsid sh -c \'n=0; while :; do n=$((n+1)); echo "bench-app ticks=$n" > /tmp/app-state; sleep 1; done\' ' +
+        '</dev/null >/dev/null 2>&1 &)',
       'sync',
       'du -sk /mnt | cut -f1',
     ].join(' && ');
     const cust = must(await cli(['console', iid, '--run', script, '--timeout', '300s'], env), 'customize');
     const writtenKiB = Number(String(cust.output).trim().split('\n').pop());
-    must(await cli(['snapshot', '--instance', iid, '-o', join(work, 'custom'), '--then', 'quit'], env), 'custom snapshot');
+    must(
+      await cli(['snapshot', '--instance', iid, '-o', join(work, 'custom'), '--then', 'quit'], env),
+      'custom snapshot',
+    );
     must(await cli(['stop', iid], env), 'stop');
 
     const baseDisk = join(work, 'base', 'disk.raw');
@@ -108,14 +118,18 @@ async function main(): Promise<void> {
     await exec('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', custQcow, custRaw]);
     const diskBytes = await size(custRaw);
     const memBytes = await size(custMem);
-    console.log(`\nVM pair: demo guest (128 MiB RAM, 64 MiB disk), ${writtenKiB} KiB used on its disk after customization`);
+    console.log(
+      `\nVM pair: demo guest (128 MiB RAM, 64 MiB disk), ${writtenKiB} KiB used on its disk after customization`,
+    );
     console.log(`customized: memory stream ${fmtBytes(memBytes)}, disk ${fmtBytes(diskBytes)} (virtual)\n`);
 
     // ---- ours ------------------------------------------------------------------------------
-    const base = await openLibraryBase(root, (must(await cli(['base', 'show', 'bench'], env), 'show').id as string));
+    const base = await openLibraryBase(root, must(await cli(['base', 'show', 'bench'], env), 'show').id as string);
     const ours = async (name: string, level: number, encoders: Partial<DiffOptions> = {}) => {
       const out = join(work, `${name}.overlay`);
-      const [r, ms] = await timed(() => createOverlay({ base, disk: custQcow, memory: custMem, output: out, level, encoders }));
+      const [r, ms] = await timed(() =>
+        createOverlay({ base, disk: custQcow, memory: custMem, output: out, level, encoders }),
+      );
       return { name, size: r.size, ms, stats: r.stats, path: out };
     };
     const levels = [];
@@ -131,14 +145,31 @@ async function main(): Promise<void> {
       await ours('no-base-ref', 9, { baseRefs: false }),
       await ours('raw-only', 9, { xdelta3: false, xor: false, zstdDict: false }),
     ];
-    const [, applySparseMs] = await timed(() => applyOverlay({ overlay: def.path, base, outDir: join(work, 'apply-sparse'), memoryFormat: 'sparse' }));
-    const [, applyStreamMs] = await timed(() => applyOverlay({ overlay: def.path, base, outDir: join(work, 'apply-stream'), memoryFormat: 'stream' }));
-    const cliCreate = await timed(() => cli(['create', '--base', 'bench', '--disk', custQcow, '--memory', custMem, '-o', join(work, 'cli.overlay')], env));
+    const [, applySparseMs] = await timed(() =>
+      applyOverlay({ overlay: def.path, base, outDir: join(work, 'apply-sparse'), memoryFormat: 'sparse' }),
+    );
+    const [, applyStreamMs] = await timed(() =>
+      applyOverlay({ overlay: def.path, base, outDir: join(work, 'apply-stream'), memoryFormat: 'stream' }),
+    );
+    const cliCreate = await timed(() =>
+      cli(['create', '--base', 'bench', '--disk', custQcow, '--memory', custMem, '-o', join(work, 'cli.overlay')], env),
+    );
     must(cliCreate[0], 'cli create');
 
     // ---- peers ----------------------------------------------------------------------------
     const xd = async (src: string, dst: string, out: string): Promise<number> => {
-      const [, ms] = await timed(() => exec('xdelta3', ['-e', '-f', '-B', String(Math.min(2 ** 31 - 1, Math.max(diskBytes, memBytes) + MiB)), '-s', src, dst, out]));
+      const [, ms] = await timed(() =>
+        exec('xdelta3', [
+          '-e',
+          '-f',
+          '-B',
+          String(Math.min(2 ** 31 - 1, Math.max(diskBytes, memBytes) + MiB)),
+          '-s',
+          src,
+          dst,
+          out,
+        ]),
+      );
       return ms;
     };
     const xdDiskMs = await xd(baseDisk, custRaw, join(work, 'disk.vcdiff'));
@@ -153,7 +184,22 @@ async function main(): Promise<void> {
     const [, qiMs] = await timed(async () => {
       await exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', custRaw, '-F', 'raw', top]);
       await exec('qemu-img', ['rebase', '-f', 'qcow2', '-b', baseDisk, '-F', 'raw', top]);
-      await exec('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', '-c', '-o', 'compression_type=zstd', '-B', baseDisk, '-F', 'raw', top, join(work, 'delta.qcow2')]);
+      await exec('qemu-img', [
+        'convert',
+        '-f',
+        'qcow2',
+        '-O',
+        'qcow2',
+        '-c',
+        '-o',
+        'compression_type=zstd',
+        '-B',
+        baseDisk,
+        '-F',
+        'raw',
+        top,
+        join(work, 'delta.qcow2'),
+      ]);
     });
     const qiSize = await size(join(work, 'delta.qcow2'));
 
@@ -166,25 +212,78 @@ async function main(): Promise<void> {
       await exec('casync', ['make', `--store=${store}`, join(work, 'c-disk.caibx'), custRaw]);
       await exec('casync', ['make', `--store=${store}`, join(work, 'c-mem.caibx'), custMem]);
     });
-    const caSize = (await dirBytes(store)) - storeBase + (await size(join(work, 'c-disk.caibx'))) + (await size(join(work, 'c-mem.caibx')));
+    const caSize =
+      (await dirBytes(store)) -
+      storeBase +
+      (await size(join(work, 'c-disk.caibx'))) +
+      (await size(join(work, 'c-mem.caibx')));
 
     console.log('Overlay of the customized VM (disk + memory) — smaller is better');
     const rows = [['method', 'size', 'vs ours', 'make (ms)', 'notes']];
-    rows.push(['cloudlet-overlay (level 9, default)', fmtBytes(def.size), '1.00', def.ms.toFixed(0), `apply: sparse ${applySparseMs.toFixed(0)} ms, full stream ${applyStreamMs.toFixed(0)} ms; CLI wall ${cliCreate[1].toFixed(0)} ms`]);
-    rows.push(['xdelta3 -e -s (disk + memory stream)', fmtBytes(xdSize), (xdSize / def.size).toFixed(2), (xdDiskMs + xdMemMs).toFixed(0), `decode ${xdDecodeMs.toFixed(0)} ms`]);
-    rows.push(['qemu-img rebase + zstd qcow2 (disk only)', fmtBytes(qiSize), (qiSize / def.size).toFixed(2), qiMs.toFixed(0), 'no memory']);
-    rows.push(['casync make, base in store (disk + memory)', fmtBytes(caSize), (caSize / def.size).toFixed(2), caMs.toFixed(0), 'new chunks + indexes']);
+    rows.push([
+      'cloudlet-overlay (level 9, default)',
+      fmtBytes(def.size),
+      '1.00',
+      def.ms.toFixed(0),
+      `apply: sparse ${applySparseMs.toFixed(0)} ms, full stream ${applyStreamMs.toFixed(0)} ms; ` +
+        `CLI wall ${cliCreate[1].toFixed(0)} ms`,
+    ]);
+    rows.push([
+      'xdelta3 -e -s (disk + memory stream)',
+      fmtBytes(xdSize),
+      (xdSize / def.size).toFixed(2),
+      (xdDiskMs + xdMemMs).toFixed(0),
+      `decode ${xdDecodeMs.toFixed(0)} ms`,
+    ]);
+    rows.push([
+      'qemu-img rebase + zstd qcow2 (disk only)',
+      fmtBytes(qiSize),
+      (qiSize / def.size).toFixed(2),
+      qiMs.toFixed(0),
+      'no memory',
+    ]);
+    rows.push([
+      'casync make, base in store (disk + memory)',
+      fmtBytes(caSize),
+      (caSize / def.size).toFixed(2),
+      caMs.toFixed(0),
+      'new chunks + indexes',
+    ]);
     console.log(table(rows));
 
     console.log('\nOurs by zstd level');
-    console.log(table([['level', 'size', 'create (ms)'], ...levels.map((l) => [l.name, fmtBytes(l.size), l.ms.toFixed(0)])]));
+    console.log(
+      table([['level', 'size', 'create (ms)'], ...levels.map((l) => [l.name, fmtBytes(l.size), l.ms.toFixed(0)])]),
+    );
 
     console.log('\nOurs with one encoder switched off (level 9)');
-    console.log(table([['variant', 'size', 'vs default', 'create (ms)'], ...ablations.map((a) => [a.name, fmtBytes(a.size), (a.size / def.size).toFixed(3), a.ms.toFixed(0)])]));
+    console.log(
+      table([
+        ['variant', 'size', 'vs default', 'create (ms)'],
+        ...ablations.map((a) => [a.name, fmtBytes(a.size), (a.size / def.size).toFixed(3), a.ms.toFixed(0)]),
+      ]),
+    );
 
     console.log('\nChunks by encoding (default run)');
-    console.log(table([['encoding', 'records', 'chunks', 'payload'], ...Object.entries(def.stats.encodings).map(([k, v]) => [k, String(v.records), String(v.chunks), fmtBytes(v.bytes)])]));
-    console.log(table([['target', 'data chunks', 'changed chunks'], ...Object.entries(def.stats.targets).filter(([, v]) => v.kind !== 'blob').map(([k, v]) => [k, String(v.dataChunks), String(v.changedChunks)])]));
+    console.log(
+      table([
+        ['encoding', 'records', 'chunks', 'payload'],
+        ...Object.entries(def.stats.encodings).map(([k, v]) => [
+          k,
+          String(v.records),
+          String(v.chunks),
+          fmtBytes(v.bytes),
+        ]),
+      ]),
+    );
+    console.log(
+      table([
+        ['target', 'data chunks', 'changed chunks'],
+        ...Object.entries(def.stats.targets)
+          .filter(([, v]) => v.kind !== 'blob')
+          .map(([k, v]) => [k, String(v.dataChunks), String(v.changedChunks)]),
+      ]),
+    );
     await base.close();
 
     // ---- synthesis ------------------------------------------------------------------------
@@ -204,16 +303,38 @@ async function main(): Promise<void> {
           memoryFormat,
         });
         const st = parseStatus(s.result.answer!.body);
-        if (st.token !== baseStatus.token || !st.app.startsWith('bench-app')) throw new Error('synthesized VM is not the customized one');
+        if (st.token !== baseStatus.token || !st.app.startsWith('bench-app'))
+          throw new Error('synthesized VM is not the customized one');
         for (const p of phases) (results[memoryFormat][p] ??= []).push(s.result.timings_ms[p] ?? 0);
         await s.vm.stop();
         await rm(s.state.dir, { recursive: true, force: true });
       }
     }
-    console.log(table([['phase', 'sparse (ours)', 'full stream'], ...phases.map((p) => [p, String(median(results.sparse![p]!)), String(median(results.stream![p]!))])]));
+    console.log(
+      table([
+        ['phase', 'sparse (ours)', 'full stream'],
+        ...phases.map((p) => [p, String(median(results.sparse![p]!)), String(median(results.stream![p]!))]),
+      ]),
+    );
     const cliRun = await timed(async () => {
       const port = await freePort();
-      const r = must(await cli(['synthesize', def.path, '--base', 'bench', '--forward', `${port}:8080`, '--wait-http', `http://127.0.0.1:${port}/cgi-bin/status`, '--detach'], env), 'cli synthesize');
+      const r = must(
+        await cli(
+          [
+            'synthesize',
+            def.path,
+            '--base',
+            'bench',
+            '--forward',
+            `${port}:8080`,
+            '--wait-http',
+            `http://127.0.0.1:${port}/cgi-bin/status`,
+            '--detach',
+          ],
+          env,
+        ),
+        'cli synthesize',
+      );
       return r;
     });
     console.log(`CLI synthesize --detach, wall clock incl. Node start: ${cliRun[1].toFixed(0)} ms`);

@@ -18,13 +18,17 @@ DEMO=$(bash scripts/demo-vm/build.sh --print-dir)
 
 WORK=$ROOT/.demo
 if [[ -d $WORK/lib/instances ]]; then
-  for d in "$WORK"/lib/instances/*/; do [[ -d $d ]] && CLOUDLET_LIBRARY=$WORK/lib node bin/cloudlet-overlay.js -q stop "$(basename "$d")" || true; done
+  for d in "$WORK"/lib/instances/*/; do
+    [[ -d $d ]] && CLOUDLET_LIBRARY=$WORK/lib node bin/cloudlet-overlay.js -q stop "$(basename "$d")" || true
+  done
 fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 export CLOUDLET_LIBRARY=$WORK/lib
 co() { node "$ROOT/bin/cloudlet-overlay.js" "$@"; }
-port() { node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
+port() {
+  node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"
+}
 json() { node -e "let s='';process.stdin.on('data',d=>s+=d).on('end',()=>console.log(JSON.parse(s)$1))"; }
 
 say "boot the base VM under QEMU (any QEMU with a QMP socket will do)"
@@ -55,7 +59,11 @@ IID=$(co --json launch demo --customize --forward "$P1:8080" | json .instance)
 echo "instance $IID; guest HTTP on 127.0.0.1:$P1"
 
 say "install an application in the guest through its serial console: files on disk, a running process"
-co console "$IID" --run "echo demo-app-installed > /mnt/marker && mkdir -p /mnt/app && seq 1 100000 > /mnt/app/numbers.txt && cp /bin/busybox /mnt/app/ && (setsid sh -c 'n=0; while :; do n=\$((n+1)); echo \"demo-app ticks=\$n\" > /tmp/app-state; sleep 1; done' </dev/null >/dev/null 2>&1 &) && sync" >/dev/null
+APP="echo demo-app-installed > /mnt/marker && mkdir -p /mnt/app && seq 1 100000 > /mnt/app/numbers.txt"
+APP+=" && cp /bin/busybox /mnt/app/"
+APP+=" && (setsid sh -c 'n=0; while :; do n=\$((n+1)); echo \"demo-app ticks=\$n\" > /tmp/app-state; sleep 1; done'"
+APP+=" </dev/null >/dev/null 2>&1 &) && sync"
+co console "$IID" --run "$APP" >/dev/null
 curl -fsS "http://127.0.0.1:$P1/cgi-bin/status"
 
 say "snapshot the customized VM (memory + disk + VM spec)"
@@ -68,10 +76,12 @@ ls -l "$WORK/app.overlay"
 
 say "synthesize: base + overlay → running VM, until it answers"
 P2=$(port)
-co synthesize "$WORK/app.overlay" --base demo --forward "$P2:8080" --wait-http "http://127.0.0.1:$P2/cgi-bin/status" --detach
+co synthesize "$WORK/app.overlay" --base demo --forward "$P2:8080" \
+  --wait-http "http://127.0.0.1:$P2/cgi-bin/status" --detach
 co ps
 
-say "the same boot token as the base (memory came back), the marker from disk, and two seconds later the app has ticked on:"
+say "the same boot token as the base (memory came back), the marker from disk," \
+  "and two seconds later the app has ticked on:"
 curl -fsS "http://127.0.0.1:$P2/cgi-bin/status"
 sleep 2
 curl -fsS "http://127.0.0.1:$P2/cgi-bin/status"

@@ -7,7 +7,6 @@
  */
 import { mkdir, rename, rm, stat, mkdtemp } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { safeName } from '../base/paths.js';
 import { Patcher, type TargetOutput } from '../delta/patch.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { OverlayReader } from '../overlay/reader.js';
@@ -20,15 +19,19 @@ import { BaseMismatchError, BusyError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { writeFileAtomic, syncDir } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
+import { safeName } from '../util/safe-name.js';
+import type { BaseVm } from '../targets/base-vm.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, STREAM_BLOBS } from '../targets/blobs.js';
+import { withBase, type BaseRef } from './base-ref.js';
 import { DiskOutput, RawFileOutput, SharedStream, StreamBlockOutput } from './outputs.js';
-import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, type BaseVm } from './vm-images.js';
 
 export type DiskFormat = 'qcow2' | 'raw';
 export type MemoryFormat = 'sparse' | 'stream' | 'raw';
 
 export interface ApplyOptions {
   overlay: string | OverlayReader;
-  base: BaseVm;
+  /** An open base, or one to open (and close) for this call. */
+  base: BaseVm | BaseRef;
   outDir: string;
   diskFormat?: DiskFormat;
   /** Default: sparse when the base has a RAM file, else stream. */
@@ -42,7 +45,8 @@ export interface ApplyOptions {
   progress?: Progress;
 }
 
-export interface Manifest {
+/** The manifest.json apply writes beside the rebuilt VM: its files and how to resume them. */
+export interface ApplyManifest {
   message_type: 'synthesis';
   overlay: string;
   base_id: string;
@@ -62,7 +66,7 @@ export interface Manifest {
 export interface ApplyResult {
   message_type: 'apply';
   out_dir: string;
-  manifest: Manifest;
+  manifest: ApplyManifest;
   changed_chunks: { [target: string]: number };
   timings_ms: { [phase: string]: number };
 }
@@ -78,18 +82,26 @@ export function checkBase(header: OverlayHeader, base: BaseVm): void {
 
 export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
   const progress = opts.progress ?? silent;
-  const timings = new Timings();
-  const reader = typeof opts.overlay === 'string' ? await timings.time('open', () => OverlayReader.open(opts.overlay as string)) : opts.overlay;
-  try {
-    return await applyWith(reader, opts, progress, timings);
-  } finally {
-    if (typeof opts.overlay === 'string') await reader.close();
-  }
+  return withBase(opts.base, progress, async (base) => {
+    const timings = new Timings();
+    const given = opts.overlay;
+    const reader = typeof given === 'string' ? await timings.time('open', () => OverlayReader.open(given)) : given;
+    try {
+      return await applyWith(reader, base, opts, progress, timings);
+    } finally {
+      if (typeof given === 'string') await reader.close();
+    }
+  });
 }
 
-async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Progress, timings: Timings): Promise<ApplyResult> {
+async function applyWith(
+  reader: OverlayReader,
+  base: BaseVm,
+  opts: ApplyOptions,
+  progress: Progress,
+  timings: Timings,
+): Promise<ApplyResult> {
   const header = reader.header;
-  const base = opts.base;
   checkBase(header, base);
   await initXdelta3();
 
@@ -104,23 +116,35 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
   const mainSize = ramTargets.find((t) => t.name === mem?.mainBlock)?.size ?? 0;
   if (ramTargets.length > 0 && memoryFormat === 'sparse') {
     if (!baseRamFile) {
-      throw new UsageError('sparse memory resumes on top of the base RAM file: use a library base or --base-ram FILE (or --memory-format stream)');
+      throw new UsageError(
+        'sparse memory resumes on top of the base RAM file: ' +
+          'use a library base or --base-ram FILE (or --memory-format stream)',
+      );
     }
     const st = await stat(baseRamFile).catch(() => undefined);
     if (!st || st.size !== mainSize) {
-      throw new UsageError(`base RAM file ${baseRamFile} is missing or not ${mainSize} bytes (the ${mem?.mainBlock} block)`);
+      throw new UsageError(
+        `base RAM file ${baseRamFile} is missing or not ${mainSize} bytes (the ${mem?.mainBlock} block)`,
+      );
     }
   }
-  if (diskTarget && (!base.diskPath || !base.diskFormat)) throw new UsageError('the overlay rebuilds a disk: the base needs its disk');
+  const baseDisk = base.targets.find((t) => t.kind === 'disk');
+  const baseDiskFile =
+    base.diskPath && base.diskFormat ? { path: resolve(base.diskPath), format: base.diskFormat } : undefined;
+  if (diskTarget && (!baseDisk || baseDisk.kind !== 'disk' || !baseDiskFile)) {
+    throw new UsageError('the overlay rebuilds a disk: the base needs its disk');
+  }
 
   const names = {
     disk: diskFormat === 'qcow2' ? 'disk.qcow2' : 'disk.raw',
     memory: memoryFormat === 'sparse' ? 'memory.sparse' : memoryFormat === 'stream' ? 'memory.stream' : 'memory',
   };
   await mkdir(outDir, { recursive: true });
-  const finals = [diskTarget ? names.disk : undefined, ramTargets.length ? names.memory : undefined, 'manifest.json'].filter(
-    (n): n is string => n !== undefined,
-  );
+  const finals = [
+    diskTarget ? names.disk : undefined,
+    ramTargets.length ? names.memory : undefined,
+    'manifest.json',
+  ].filter((n): n is string => n !== undefined);
   if (!opts.force) {
     for (const n of finals) {
       if (await stat(join(outDir, n)).catch(() => undefined)) {
@@ -134,20 +158,24 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
   const aborts: Array<() => Promise<void>> = [];
   try {
     const outputs: Array<TargetOutput | undefined> = header.targets.map(() => undefined);
-    const patcherRef: { p?: Patcher } = {};
-    if (diskTarget) {
-      const baseDisk = base.targets.find((t) => t.kind === 'disk')!;
+    // The stream output needs the blobs the patcher rebuilds first (they precede every page).
+    const made: { patcher?: Patcher } = {};
+    const blob = (name: string): Buffer => {
+      if (!made.patcher) throw new Error('apply: a stream blob was asked for before the patcher exists');
+      return made.patcher.blob(name);
+    };
+    if (diskTarget && baseDisk?.kind === 'disk' && baseDiskFile) {
       const path = join(staging, names.disk);
       const writer: DiskWriter =
         diskFormat === 'qcow2'
           ? await Qcow2Writer.create(path, {
               virtualSize: diskTarget.size,
-              backingFile: resolve(base.diskPath!),
-              backingFormat: base.diskFormat!,
-              base: baseDisk.source!,
+              backingFile: baseDiskFile.path,
+              backingFormat: baseDiskFile.format,
+              base: baseDisk.source,
               clusterSize: opts.clusterSize,
             })
-          : await RawWriter.create(path, { virtualSize: diskTarget.size, base: baseDisk.source! });
+          : await RawWriter.create(path, { virtualSize: diskTarget.size, base: baseDisk.source });
       aborts.push(() => writer.abort());
       outputs[header.targets.indexOf(diskTarget)] = new DiskOutput(writer, diskTarget.size);
     }
@@ -163,7 +191,7 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
       } else {
         const writer = new MigrationStreamWriter(join(staging, names.memory));
         aborts.push(() => writer.abort());
-        const shared = new SharedStream(writer, ramTargets.length, (n) => patcherRef.p!.blob(n), mem.ramSectionId, {
+        const shared = new SharedStream(writer, ramTargets.length, blob, mem.ramSectionId, {
           prefix: BLOB_PREFIX,
           start: BLOB_START,
           tail: BLOB_TAIL,
@@ -176,27 +204,27 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
     }
 
     const patcher = new Patcher(base.targets, header.targets, outputs, reader);
-    patcherRef.p = patcher;
+    made.patcher = patcher;
     progress.step('rebuilding VM from overlay', reader.fileSize);
     let seg = -1;
     const result = await timings.time('rebuild', async () => {
       for await (const at of reader.records()) {
         if (at.segment !== seg) {
           seg = at.segment;
-          progress.advance(reader.index.segments[seg]!.length);
+          progress.advance(reader.index.segments[seg]?.length ?? 0);
         }
         await patcher.add(at);
       }
       return patcher.finish();
     });
     if (memoryFormat === 'raw' && ramTargets.length > 0) {
-      for (const name of [BLOB_PREFIX, BLOB_START, BLOB_TAIL]) {
+      for (const name of STREAM_BLOBS) {
         await writeFileAtomic(join(staging, names.memory, name), patcher.blob(name));
       }
     }
     progress.done('rebuilt and verified');
 
-    const manifest: Manifest = {
+    const manifest: ApplyManifest = {
       message_type: 'synthesis',
       overlay: typeof opts.overlay === 'string' ? resolve(opts.overlay) : resolve(reader.path),
       base_id: base.id,
@@ -204,7 +232,7 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
     };
     if (diskTarget) {
       manifest.disk = { path: names.disk, format: diskFormat, size: diskTarget.size };
-      if (diskFormat === 'qcow2') manifest.disk.backing = { path: resolve(base.diskPath!), format: base.diskFormat! };
+      if (diskFormat === 'qcow2' && baseDiskFile) manifest.disk.backing = baseDiskFile;
     }
     if (ramTargets.length > 0 && mem) {
       manifest.memory = {
@@ -214,7 +242,7 @@ async function applyWith(reader: OverlayReader, opts: ApplyOptions, progress: Pr
         main_block: mem.mainBlock,
         main_block_size: mainSize,
       };
-      if (memoryFormat === 'sparse') manifest.memory.base_ram_file = resolve(baseRamFile!);
+      if (memoryFormat === 'sparse' && baseRamFile) manifest.memory.base_ram_file = resolve(baseRamFile);
     }
     await writeFileAtomic(join(staging, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
 

@@ -4,21 +4,26 @@
  * appears atomically only when complete.
  */
 import { realpath } from 'node:fs/promises';
-import { anchorBase, diff, indexBase, type DiffOptions } from '../delta/diff.js';
+import { anchorBase, indexBase } from '../delta/base-index.js';
+import { CHUNK_SIZE } from '../delta/chunk.js';
+import { diff, type DiffOptions } from '../delta/diff.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { OverlayWriter } from '../overlay/writer.js';
 import { OverlayReader } from '../overlay/reader.js';
 import { VERSION_MAJOR, VERSION_MINOR, type OverlayHeader } from '../overlay/format.js';
 import type { DiffStats } from '../delta/stats.js';
-import type { TargetInfo } from '../delta/target.js';
+import { targetSize, type NewChunkedTarget, type TargetInfo } from '../delta/target.js';
 import { UsageError } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
-import { openVmImages, targetSize, vmTargets, mainBlockOf, type BaseVm } from './vm-images.js';
-import { TOOL } from './version.js';
+import type { BaseVm } from '../targets/base-vm.js';
+import { openVmImages, vmTargets, mainBlockOf } from '../targets/vm-images.js';
+import { TOOL } from '../util/version.js';
+import { withBase, type BaseRef } from './base-ref.js';
 
 export interface CreateOptions {
-  base: BaseVm;
+  /** An open base, or one to open (and close) for this call. */
+  base: BaseVm | BaseRef;
   disk?: string;
   diskFormat?: string;
   memory?: string;
@@ -45,10 +50,14 @@ export const DEFAULT_LEVEL = 9;
 
 export async function createOverlay(opts: CreateOptions): Promise<CreateResult> {
   const progress = opts.progress ?? silent;
+  return withBase(opts.base, progress, (base) => createWith(base, opts, progress));
+}
+
+async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress): Promise<CreateResult> {
   const timings = new Timings();
-  const base = opts.base;
   const level = opts.level ?? DEFAULT_LEVEL;
-  if (!Number.isInteger(level) || level < 1 || level > 22) throw new UsageError(`compression level must be 1..22, not ${level}`);
+  if (!Number.isInteger(level) || level < 1 || level > 22)
+    throw new UsageError(`compression level must be 1..22, not ${level}`);
   if (opts.memory && !base.targets.some((t) => t.kind === 'ram')) {
     throw new UsageError('the customized VM has a memory snapshot but the base has none: give the base memory too');
   }
@@ -72,21 +81,26 @@ export async function createOverlay(opts: CreateOptions): Promise<CreateResult> 
       version: [VERSION_MAJOR, VERSION_MINOR],
       createdAt: new Date().toISOString(),
       creator: TOOL,
-      chunkSize: 4096,
+      chunkSize: CHUNK_SIZE,
       base: { id: base.id, targets: base.infos },
       targets: targets.map((t) => ({ name: t.name, kind: t.kind, size: targetSize(t), digest: '' })),
       compression: { codec: 'zstd', level },
     };
     if (vm.memory) {
-      header.memory = { machine: vm.memory.machineType, mainBlock: mainBlockOf(vm.memory), ramSectionId: vm.memory.ramSectionId };
+      header.memory = {
+        machine: vm.memory.machineType,
+        mainBlock: mainBlockOf(vm.memory),
+        ramSectionId: vm.memory.ramSectionId,
+      };
     }
     // A customized qcow2 sitting directly on the base disk: only its own clusters can differ.
-    const diskTarget = targets.find((t) => t.kind === 'disk');
-    if (diskTarget && vm.disk && base.diskPath && vm.disk.format !== 'raw') {
-      const chain = await backingChain(vm.disk.path, { format: vm.disk.format });
-      const basePath = await realpath(base.diskPath).catch(() => base.diskPath!);
-      const first = chain[0] ? await realpath(chain[0].filename).catch(() => chain[0]!.filename) : undefined;
-      if (first === basePath && chain[0]!.format === base.diskFormat && chain[0]!.virtualSize === vm.disk.size) {
+    const diskTarget = targets.find((t): t is NewChunkedTarget => t.kind === 'disk');
+    const baseDiskPath = base.diskPath;
+    if (diskTarget && vm.disk && baseDiskPath && vm.disk.format !== 'raw') {
+      const [backing] = await backingChain(vm.disk.path, { format: vm.disk.format });
+      const basePath = await realpath(baseDiskPath).catch(() => baseDiskPath);
+      const first = backing ? await realpath(backing.filename).catch(() => backing.filename) : undefined;
+      if (backing && first === basePath && backing.format === base.diskFormat && backing.virtualSize === vm.disk.size) {
         diskTarget.changedHint = await vm.disk.ownExtents();
       }
     }

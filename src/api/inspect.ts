@@ -92,7 +92,10 @@ export async function verifyOverlay(path: string, progress: Progress = silent): 
         }
         records += count;
         if (count !== r.index.segments[n]!.records) {
-          problems.push({ segment: n, message: `holds ${count} records, its header says ${r.index.segments[n]!.records}` });
+          problems.push({
+            segment: n,
+            message: `holds ${count} records, its header says ${r.index.segments[n]!.records}`,
+          });
         }
       } catch (err) {
         if (!(err instanceof CloudletError)) throw err;
@@ -105,5 +108,12 @@ export async function verifyOverlay(path: string, progress: Progress = silent): 
   } finally {
     await r.close();
   }
-  return { message_type: 'verify', path, ok: problems.length === 0, segments: r.index.segments.length, records, problems };
+  return {
+    message_type: 'verify',
+    path,
+    ok: problems.length === 0,
+    segments: r.index.segments.length,
+    records,
+    problems,
+  };
 }

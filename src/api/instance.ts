@@ -3,12 +3,21 @@
  * devices, this instance's disk layer, the base RAM file mapped copy-on-write, the memory
  * stream to load), starting QEMU, recording state.json, and stopping it again.
  */
-import { rm } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { instanceDir, listInstances, processStart, readInstance, writeInstance, type InstanceState } from '../base/instances.js';
+import {
+  instanceDir,
+  listInstances,
+  processStart,
+  readInstance,
+  writeInstance,
+  type InstanceState,
+  type InstanceStatus,
+} from '../instance/state.js';
 import type { LibraryBase } from '../base/open.js';
-import { startQemu, type PortForward, type QemuVm, type VmSpec } from '../vm/qemu.js';
+import type { PortForward, VmSpec } from '../spec/vm-spec.js';
+import { startQemu, type QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { diagnoseQemu } from '../vm/diagnose.js';
 import { QmpClient } from '../vm/qmp.js';
@@ -31,9 +40,17 @@ export function newInstanceId(): string {
 }
 
 /** The base's VM spec with this instance's disk, the base RAM file and the stream to load. */
-export function resumeSpecFor(base: LibraryBase, dir: string, memory: InstanceStart['memory'], forwards: PortForward[]): VmSpec {
+export function resumeSpecFor(
+  base: LibraryBase,
+  dir: string,
+  memory: InstanceStart['memory'],
+  forwards: PortForward[],
+): VmSpec {
   const vm = base.manifest.vm;
-  if (!vm) throw new UsageError(`base ${base.id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
+  if (!vm)
+    throw new UsageError(
+      `base ${base.id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
+    );
   const spec: VmSpec = { ...vm };
   delete spec.name;
   if (spec.kernel) spec.kernel = join(base.dir, spec.kernel);
@@ -52,9 +69,11 @@ export function resumeSpecFor(base: LibraryBase, dir: string, memory: InstanceSt
 export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; state: InstanceState }> {
   const dir = instanceDir(s.root, s.iid);
   const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards);
-  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch((err: unknown) => {
-    throw withHint(err);
-  });
+  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch(
+    (err: unknown) => {
+      throw withHint(err);
+    },
+  );
   const state: InstanceState = {
     id: s.iid,
     base_id: s.base.id,
@@ -119,4 +138,28 @@ export async function findInstance(root: string, ref: string): Promise<InstanceS
   const s = (await readInstance(root, ref)) ?? (await listInstances(root)).find((i) => i.id.startsWith(ref));
   if (!s) throw new NotFoundError(`no instance ${ref} (see: cloudlet-overlay ps)`, { instance: ref });
   return s;
+}
+
+/** One line of `ps`: an instance's state without its VM spec, and whether its QEMU still runs. */
+export type InstanceSummary = Omit<InstanceState, 'spec'> & { status: InstanceStatus };
+
+export async function listInstanceSummaries(
+  root: string,
+): Promise<{ message_type: 'ps'; instances: InstanceSummary[] }> {
+  const list = await listInstances(root);
+  return { message_type: 'ps', instances: list.map(({ spec: _spec, ...rest }) => rest) };
+}
+
+/** An instance's serial console log, or with `qemu` QEMU's own stderr. */
+export async function instanceLog(
+  root: string,
+  ref: string,
+  qemu = false,
+): Promise<{ message_type: 'logs'; instance: string; path: string; text: string }> {
+  const s = await findInstance(root, ref);
+  const path = qemu ? s.stderr_log : s.serial_log;
+  const text = await readFile(path, 'utf8').catch(() => {
+    throw new NotFoundError(`no log at ${path}`, { path });
+  });
+  return { message_type: 'logs', instance: s.id, path, text };
 }

@@ -8,16 +8,17 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir } from '../base/instances.js';
+import { instanceDir } from '../instance/state.js';
 import * as qemuImg from '../image/disk/qemu-img.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
 import { CHUNK_SIZE } from '../delta/chunk.js';
-import type { PortForward } from '../vm/qemu.js';
+import type { PortForward } from '../spec/vm-spec.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { newInstanceId, startInstance } from './instance.js';
-import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from './vm-images.js';
+import { baseBlob } from '../targets/base-vm.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 
 export interface LaunchOptions {
   root: string;
@@ -49,10 +50,14 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
       throw new UsageError(`base ${id.slice(0, 12)} has no memory snapshot: nothing to resume`);
     }
     await mkdir(dir, { recursive: true });
-    if (base.diskPath) {
-      await qemuImg.create(join(dir, 'disk.qcow2'), { format: 'qcow2', backingFile: base.diskPath, backingFormat: base.diskFormat! });
+    if (base.diskPath && base.diskFormat) {
+      await qemuImg.create(join(dir, 'disk.qcow2'), {
+        format: 'qcow2',
+        backingFile: base.diskPath,
+        backingFormat: base.diskFormat,
+      });
     }
-    const blob = (name: string): Buffer => base.targets.find((t) => t.name === name && t.kind === 'blob')!.blob!;
+    const blob = (name: string): Buffer => baseBlob(base, name);
     const stream = new MigrationStreamWriter(join(dir, 'memory.sparse'));
     await stream.begin(blob(BLOB_PREFIX), blob(BLOB_START), base.ramSectionId);
     // QEMU does not refill ROM blocks on incoming: every page of the small blocks goes in.
@@ -60,7 +65,7 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
     for (const t of base.targets) {
       if (t.kind !== 'ram' || t.name === base.mainBlock) continue;
       for (let p = 0; p * CHUNK_SIZE < t.size; p++) {
-        await t.source!.read(p * CHUNK_SIZE, CHUNK_SIZE, page);
+        await t.source.read(p * CHUNK_SIZE, CHUNK_SIZE, page);
         await stream.writePage(t.name, p, page);
       }
     }

@@ -12,7 +12,10 @@ import type { MigrationStreamWriter } from '../image/memory/writer.js';
 
 export class DiskOutput implements TargetOutput {
   readonly wantsAll = false;
-  constructor(private readonly writer: DiskWriter, private readonly size: number) {}
+  constructor(
+    private readonly writer: DiskWriter,
+    private readonly size: number,
+  ) {}
 
   async put(index: number, data: Buffer | null): Promise<void> {
     const off = index * CHUNK_SIZE;
@@ -79,7 +82,10 @@ export class RawFileOutput implements TargetOutput {
   readonly wantsAll = true;
   private fh: FileHandle | undefined;
 
-  constructor(private readonly path: string, private readonly size: number) {}
+  constructor(
+    private readonly path: string,
+    private readonly size: number,
+  ) {}
 
   async put(index: number, data: Buffer | null): Promise<void> {
     this.fh ??= await open(this.path, 'w');

@@ -4,15 +4,15 @@
  * resume must match, read from the running QEMU) — that `base import` and `create` take.
  * The directory appears atomically.
  */
-import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AttachedVm } from '../vm/attach.js';
 import { captureSnapshot } from '../vm/snapshot.js';
-import type { VmSpec } from '../vm/qemu.js';
-import { listInstances } from '../base/instances.js';
+import type { VmSpec } from '../spec/vm-spec.js';
+import { listInstances } from '../instance/state.js';
 import { writeFileAtomic, syncDir } from '../util/atomic.js';
-import { BusyError, UsageError } from '../util/errors.js';
+import { BusyError, CorruptInputError, NotFoundError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { findInstance } from './instance.js';
@@ -37,7 +37,8 @@ export interface SnapshotOptions {
   /** The disk image to copy (default: the VM's first drive). */
   disk?: string;
   outDir: string;
-  then: 'resume' | 'quit';
+  /** What the VM does after the capture (--then). */
+  afterCapture: 'resume' | 'quit';
   progress?: Progress;
 }
 
@@ -64,7 +65,8 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   }
   const outDir = resolve(opts.outDir);
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
-  const vm = await AttachedVm.attach(socket!, spec);
+  if (!socket) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
+  const vm = await AttachedVm.attach(socket, spec);
   const work = `${outDir}.tmp-${randomBytes(4).toString('hex')}`;
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
   try {
@@ -78,16 +80,16 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     progress.step('capturing memory and disk');
     const r = await captureSnapshot(vm, {
       memPath: join(work, SNAPSHOT_MEMORY),
-      disks: diskFrom ? [{ from: diskFrom, to: join(work, diskFile!) }] : [],
-      then: opts.then,
+      disks: diskFrom && diskFile ? [{ from: diskFrom, to: join(work, diskFile) }] : [],
+      afterCapture: opts.afterCapture,
     });
     progress.done(`captured ${Math.round(r.memBytes / 2 ** 20)} MiB of memory stream`);
     const file: SnapshotVmFile = {
       vm: vmSpec,
       disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,
-      qemu_version: r.manifest.qemuVersion,
+      qemu_version: r.info.qemuVersion,
       captured_at: new Date().toISOString(),
-      argv: r.manifest.argv,
+      argv: r.info.argv,
     };
     await writeFileAtomic(join(work, SNAPSHOT_VM), JSON.stringify(file, null, 2) + '\n');
     await rename(work, outDir);
@@ -111,4 +113,31 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     unregister();
     if (vm.running) await vm.detach();
   }
+}
+
+/** What a snapshot directory holds, as `base import` and `create` take it. */
+export interface SnapshotDir {
+  disk?: string;
+  diskFormat?: string;
+  memory: string;
+  vm: VmSpec;
+  qemuVersion?: string;
+}
+
+/** Reads a snapshot directory written by snapshotVm (its vm.json names the files). */
+export async function readSnapshotDir(dir: string): Promise<SnapshotDir> {
+  let parsed: SnapshotVmFile;
+  try {
+    parsed = JSON.parse(await readFile(join(dir, SNAPSHOT_VM), 'utf8')) as SnapshotVmFile;
+  } catch {
+    throw new NotFoundError(`${dir} is not a snapshot directory (no readable ${SNAPSHOT_VM})`, { path: dir });
+  }
+  if (typeof parsed.vm?.machine !== 'string') throw new CorruptInputError(`${join(dir, SNAPSHOT_VM)}: no VM spec`);
+  return {
+    disk: parsed.disk ? join(dir, parsed.disk.file) : undefined,
+    diskFormat: parsed.disk?.format,
+    memory: join(dir, SNAPSHOT_MEMORY),
+    vm: parsed.vm,
+    qemuVersion: parsed.qemu_version,
+  };
 }

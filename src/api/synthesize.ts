@@ -5,16 +5,19 @@
  * sparse stream over the base RAM file, every target proven), QEMU start, incoming load,
  * first response. A failure at any phase stops QEMU and removes the instance directory.
  */
+import { once } from 'node:events';
 import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { OverlayReader } from '../overlay/reader.js';
 import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir, type InstanceState } from '../base/instances.js';
+import { instanceDir, type InstanceState } from '../instance/state.js';
 import { tmpDir } from '../base/paths.js';
 import { fetchToFile, isUrl, type Fetched } from '../net/fetch.js';
-import { isGlanceRef, resolveOverlaySource } from '../glance/store.js';
-import type { PortForward, QemuVm } from '../vm/qemu.js';
+import { isGlanceRef } from '../glance/image.js';
+import { resolveOverlaySource } from '../glance/overlays.js';
+import type { PortForward } from '../spec/vm-spec.js';
+import type { QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
 import { CloudletError, UsageError } from '../util/errors.js';
@@ -76,7 +79,9 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   try {
     if (!base.manifest.vm) {
-      throw new UsageError(`base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`);
+      throw new UsageError(
+        `base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
+      );
     }
     let overlayPath = opts.overlay;
     if (isGlanceRef(opts.overlay)) {
@@ -98,13 +103,22 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     try {
       checkBase(reader.header, base);
       if (!reader.header.targets.some((t) => t.kind === 'ram')) {
-        throw new UsageError('this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)');
+        throw new UsageError(
+          'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
+        );
       }
       await mkdir(dir, { recursive: true });
       // Instance files are scratch: written atomically, but not fsynced (see scratchWrites).
       await timings.time('apply', () =>
         scratchWrites(() =>
-          applyOverlay({ overlay: reader, base, outDir: dir, diskFormat: 'qcow2', memoryFormat: sparse ? 'sparse' : 'stream', progress }),
+          applyOverlay({
+            overlay: reader,
+            base,
+            outDir: dir,
+            diskFormat: 'qcow2',
+            memoryFormat: sparse ? 'sparse' : 'stream',
+            progress,
+          }),
         ),
       );
     } finally {
@@ -125,33 +139,32 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         overlay: isUrl(opts.overlay) || isGlanceRef(opts.overlay) ? opts.overlay : resolve(opts.overlay),
       }),
     );
-    vm = started.vm;
-    timings.phases['qemu_start'] = Math.round(vm.timings.qmpReadyMs);
-    timings.phases['incoming_load'] = Math.round(vm.timings.incomingMs);
+    const running = started.vm;
+    vm = running;
+    timings.phases['qemu_start'] = Math.round(running.timings.qmpReadyMs);
+    timings.phases['incoming_load'] = Math.round(running.timings.incomingMs);
     let answer: SynthesizeResult['answer'];
-    if (opts.waitHttp) {
-      progress.step(`waiting for ${opts.waitHttp}`);
-      const a = await timings.time('first_response', () =>
-        waitHttp(opts.waitHttp!, { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: vm!.exitSignal }),
-      );
+    const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
+    const { waitHttp: url, waitTcp: port } = opts;
+    if (url) {
+      progress.step(`waiting for ${url}`);
+      const a = await timings.time('first_response', () => waitHttp(url, wait));
       answer = { status: a.status, body: a.body };
-    } else if (opts.waitTcp) {
-      await timings.time('first_response', () =>
-        waitTcp('127.0.0.1', opts.waitTcp!, { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: vm!.exitSignal }),
-      );
+    } else if (port) {
+      await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
     }
     progress.done('VM resumed');
     timings.phases['total'] = timings.total();
     unregister();
     return {
-      vm,
+      vm: running,
       state: started.state,
       result: {
         message_type: 'synthesize',
         instance: iid,
         base_id: id,
-        pid: vm.pid,
-        accel: vm.accel,
+        pid: running.pid,
+        accel: running.accel,
         dir,
         forwards: opts.forwards,
         answer,
@@ -173,4 +186,35 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   } finally {
     await base.close();
   }
+}
+
+export interface RunSynthesisOptions extends SynthesizeOptions {
+  /** Keep the instance directory when a foreground VM stops. */
+  keep?: boolean;
+  /** Aborting it stops a foreground VM (the CLI aborts it on Ctrl-C). */
+  signal?: AbortSignal;
+  /** Called with the result once the VM answers, before a foreground run starts waiting. */
+  onReady?: (result: SynthesizeResult) => void;
+}
+
+/**
+ * synthesize(), then either leave the VM running (detach) or run it in the foreground: until
+ * QEMU exits or `signal` aborts; then stop it and remove its instance directory (unless keep).
+ */
+export async function runSynthesis(opts: RunSynthesisOptions): Promise<SynthesizeResult> {
+  const { result, vm, state } = await synthesize(opts);
+  opts.onReady?.(result);
+  if (opts.detach) {
+    await vm.qmp.close();
+    return result;
+  }
+  const signal = opts.signal;
+  if (signal && !signal.aborted) {
+    await Promise.race([vm.exited, once(signal, 'abort')]);
+  } else if (!signal) {
+    await vm.exited;
+  }
+  await vm.stop({ graceMs: 3000 });
+  if (!opts.keep) await rm(state.dir, { recursive: true, force: true });
+  return result;
 }

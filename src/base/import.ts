@@ -11,15 +11,18 @@ import * as qemuImg from '../image/disk/qemu-img.js';
 import { openDisk } from '../image/disk/open-disk.js';
 import { openMemorySnapshot } from '../image/memory/snapshot.js';
 import { openRamFile, writeRamFile } from '../image/memory/ram-file.js';
-import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, indexTargets, mainBlockOf } from '../api/vm-images.js';
-import type { NewTarget } from '../delta/diff.js';
-import type { VmSpec } from '../vm/qemu.js';
-import { TOOL } from '../api/version.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
+import { indexTargets } from '../targets/base-vm.js';
+import { mainBlockOf } from '../targets/vm-images.js';
+import type { NewTarget } from '../delta/target.js';
+import type { VmSpec } from '../spec/vm-spec.js';
+import { TOOL } from '../util/version.js';
+import { safeName } from '../util/safe-name.js';
 import { UnsupportedError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
-import { ANCHORS_FILE, baseDir, basesDir, mapFile, safeName, tmpDir } from './paths.js';
+import { ANCHORS_FILE, baseDir, basesDir, mapFile, tmpDir } from './paths.js';
 
 export interface ImportOptions {
   root: string;
@@ -81,15 +84,26 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
           targets.push({ name, kind: 'blob', size: bytes.length, digest: sha256Hex(bytes) });
         }
         const files: { [block: string]: string } = {};
-        progress.step('writing RAM blocks', snap.blocks.reduce((n, b) => n + b.length, 0));
+        progress.step(
+          'writing RAM blocks',
+          snap.blocks.reduce((n, b) => n + b.length, 0),
+        );
         for (const b of snap.blocks) {
-          files[b.name] = join('ram', `${safeName(b.name)}.raw`);
-          await writeRamFile(snap, b.name, join(work, files[b.name]!));
+          const file = join('ram', `${safeName(b.name)}.raw`);
+          files[b.name] = file;
+          await writeRamFile(snap, b.name, join(work, file));
           progress.advance(b.length);
         }
         progress.done('RAM blocks written');
-        manifest.memory = { machine: snap.machineType, main_block: mainBlockOf(snap), ram_section_id: snap.ramSectionId, files, blobs };
-        checkSpecMatches(opts.vm, snap.machineType, snap.blocks.find((b) => b.name === manifest.memory!.main_block)!.length);
+        const main = mainBlockOf(snap);
+        manifest.memory = {
+          machine: snap.machineType,
+          main_block: main,
+          ram_section_id: snap.ramSectionId,
+          files,
+          blobs,
+        };
+        checkSpecMatches(opts.vm, snap.machineType, snap.blocks.find((b) => b.name === main)?.length ?? 0);
       } finally {
         await snap.close();
       }
@@ -112,7 +126,9 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
       const indexed = await indexTargets(stored.list, progress);
       targets.splice(0, targets.length, ...indexed.infos);
       await mkdir(join(work, 'maps'));
-      for (const t of indexed.targets) if (t.map) await writeFile(join(work, mapFile(t.kind, t.name)), t.map.toBuffer());
+      for (const t of indexed.targets) {
+        if (t.kind !== 'blob') await writeFile(join(work, mapFile(t.kind, t.name)), t.map.toBuffer());
+      }
       await writeFile(join(work, ANCHORS_FILE), indexed.anchors.toBuffer());
     } finally {
       await stored.close();
@@ -128,7 +144,8 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
         await copyFile(vm.initrd, join(work, 'initrd'));
         vm.initrd = 'initrd';
       }
-      if (vm.drives?.[0] && manifest.disk) vm.drives = [{ ...vm.drives[0], file: manifest.disk.file, format: manifest.disk.format }];
+      if (vm.drives?.[0] && manifest.disk)
+        vm.drives = [{ ...vm.drives[0], file: manifest.disk.file, format: manifest.disk.format }];
       delete vm.incoming;
       delete vm.memoryBackendFile;
       if (vm.network) vm.network = { ...vm.network, forwards: [] };
@@ -147,7 +164,13 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOTEMPTY' || code === 'EEXIST') {
         await rm(work, { recursive: true, force: true });
-        return { message_type: 'base_import', id, dir: dest, added: false, manifest: await readManifest(join(dest, 'manifest.json')) };
+        return {
+          message_type: 'base_import',
+          id,
+          dir: dest,
+          added: false,
+          manifest: await readManifest(join(dest, 'manifest.json')),
+        };
       }
       throw err;
     }
@@ -168,7 +191,9 @@ function checkSpecMatches(vm: VmSpec | undefined, machine: string, mainBytes: nu
     throw new UsageError(`the VM spec says machine ${vm.machine} but the memory snapshot is from ${machine}`);
   }
   if (vm.memoryMiB * 2 ** 20 !== mainBytes) {
-    throw new UsageError(`the VM spec says ${vm.memoryMiB} MiB of RAM but the snapshot's main RAM block holds ${mainBytes / 2 ** 20} MiB`);
+    throw new UsageError(
+      `the VM spec says ${vm.memoryMiB} MiB of RAM but the snapshot's main RAM block holds ${mainBytes / 2 ** 20} MiB`,
+    );
   }
 }
 
@@ -189,7 +214,11 @@ async function openStored(
       [BLOB_START]: m.memory?.blobs.start,
       [BLOB_TAIL]: m.memory?.blobs.tail,
     };
-    for (const b of blobInfos) list.push({ name: b.name, kind: 'blob', blob: await readFile(join(work, blobFiles[b.name]!)) });
+    for (const b of blobInfos) {
+      const file = blobFiles[b.name];
+      if (!file) throw new Error(`base import: no stored file for ${b.name}`);
+      list.push({ name: b.name, kind: 'blob', blob: await readFile(join(work, file)) });
+    }
     if (m.disk) {
       const d = await openDisk(join(work, m.disk.file), { format: m.disk.format });
       closers.push(() => d.close());

@@ -1,15 +1,17 @@
 /** The base library's operations: list, show, remove, verify, export and import packages. */
+import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
+import { PassThrough, type Readable } from 'node:stream';
 import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
 import { syncDir, tempNameFor } from '../util/atomic.js';
-import { BusyError, CorruptInputError, MissingToolError, NotFoundError } from '../util/errors.js';
+import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import { findTool, missingTool } from '../util/programs.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
-import { listInstances } from './instances.js';
 import { openLibraryBase } from './open.js';
 import { baseDir, basesDir, tmpDir } from './paths.js';
 
@@ -57,27 +59,26 @@ export async function resolveBaseId(root: string, ref: string): Promise<string> 
   const all = await listBases(root);
   const hits = all.filter((b) => b.id.startsWith(ref.toLowerCase()) || b.name === ref);
   if (hits.length === 1) return hits[0]!.id;
-  if (hits.length === 0) throw new NotFoundError(`no base ${ref} in the library ${root} (see: cloudlet-overlay base list)`, { base: ref });
+  if (hits.length === 0)
+    throw new NotFoundError(`no base ${ref} in the library ${root} (see: cloudlet-overlay base list)`, { base: ref });
   throw new NotFoundError(`base ${ref} is ambiguous: ${hits.map((h) => h.id.slice(0, 12)).join(', ')}`, { base: ref });
 }
 
-export async function showBase(root: string, id: string): Promise<BaseManifest & { stored_bytes: number; dir: string }> {
+export async function showBase(
+  root: string,
+  id: string,
+): Promise<BaseManifest & { stored_bytes: number; dir: string }> {
   const dir = baseDir(root, id);
   const m = await readManifest(join(dir, 'manifest.json'));
   return { ...m, stored_bytes: await duBytes(dir), dir };
 }
 
+/** Removes a base; the caller makes sure no running instance uses it (api/base.ts). */
 export async function removeBase(root: string, id: string): Promise<void> {
   const dir = baseDir(root, id);
   await stat(dir).catch(() => {
     throw new NotFoundError(`no base ${id} in the library`, { base: id });
   });
-  const users = (await listInstances(root)).filter((i) => i.base_id === id && i.status === 'running');
-  if (users.length > 0) {
-    throw new BusyError(`base ${id.slice(0, 12)} is in use by instance(s) ${users.map((u) => u.id).join(', ')}: stop them first`, {
-      base: id,
-    });
-  }
   // Rename first so a half-removed base is never visible under its id.
   await mkdir(tmpDir(root), { recursive: true });
   const doomed = join(tmpDir(root), `rm-${id}-${process.pid}`);
@@ -101,13 +102,14 @@ export async function verifyBase(root: string, id: string, progress: Progress = 
     for (const [i, t] of base.targets.entries()) {
       const want = base.infos[i]!;
       let digest: string;
-      if (t.kind === 'blob') digest = sha256Hex(t.blob!);
+      if (t.kind === 'blob') digest = sha256Hex(t.blob);
       else {
         progress.step(`verifying ${t.name}`, t.size);
-        const map = await ChunkMap.build(t.source!, (n) => progress.advance(n));
+        const map = await ChunkMap.build(t.source, (n) => progress.advance(n));
         progress.done(`verified ${t.name}`);
         digest = map.digest();
-        if (!map.toBuffer().equals(t.map!.toBuffer())) problems.push(`${t.name}: stored chunk map differs from the data`);
+        if (!map.toBuffer().equals(t.map.toBuffer()))
+          problems.push(`${t.name}: stored chunk map differs from the data`);
       }
       if (digest !== want.digest) problems.push(`${t.name}: contents changed since import`);
       infos.push({ ...want, digest });
@@ -138,8 +140,57 @@ export async function exportBase(root: string, id: string, output: string): Prom
   }
 }
 
+/**
+ * The package exportBase writes, as a stream (for an upload; nothing lands on disk): a sparse
+ * tar of the base directory that fails, rather than ends short, when tar fails.
+ */
+export async function exportStream(root: string, id: string): Promise<Readable> {
+  await showBase(root, id);
+  return tarStream(await findTool('tar'), ['--sparse', '-cf', '-', '-C', basesDir(root), id]);
+}
+
+/**
+ * `program ARGS` (a tar writing to stdout) as a stream that is destroyed with the error, never
+ * ended cleanly, when tar fails: a consumer cannot mistake a short archive for a whole one.
+ * Destroying the stream early ends tar.
+ */
+export function tarStream(program: string, args: string[]): Readable {
+  const out = new PassThrough();
+  const child = spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (c: Buffer) => {
+    if (stderr.length < 4096) stderr += c.toString('utf8');
+  });
+  const exited = new Promise<Error | undefined>((resolve) => {
+    child.once('error', (err: NodeJS.ErrnoException) =>
+      resolve(err.code === 'ENOENT' ? missingTool('tar', program) : err),
+    );
+    child.once('close', (code, signal) =>
+      resolve(
+        code === 0
+          ? undefined
+          : new CorruptInputError(`tar failed (${signal ?? code}): ${stderr.trim().split('\n').pop()}`),
+      ),
+    );
+  });
+  child.stdout.on('data', (c: Buffer) => {
+    if (!out.write(c)) child.stdout.pause();
+  });
+  out.on('drain', () => child.stdout.resume());
+  child.stdout.once('end', () => void exited.then((err) => (err ? out.destroy(err) : out.end())));
+  void exited.then((err) => err && out.destroy(err));
+  out.once('close', () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+  });
+  return out;
+}
+
 /** Imports a package made by exportBase, checking every byte against the id before it lands. */
-export async function importPackage(root: string, pkg: string, progress: Progress = silent): Promise<{ id: string; added: boolean }> {
+export async function importPackage(
+  root: string,
+  pkg: string,
+  progress: Progress = silent,
+): Promise<{ id: string; added: boolean }> {
   await stat(pkg).catch(() => {
     throw new NotFoundError(`package not found: ${pkg}`, { path: pkg });
   });
@@ -171,12 +222,12 @@ export async function importPackage(root: string, pkg: string, progress: Progres
 }
 
 async function tar(args: string[]): Promise<void> {
+  const program = await findTool('tar');
   try {
     const { execa } = await import('execa');
-    await execa('tar', args);
+    await execa(program, args);
   } catch (err) {
     const e = err as { code?: string; stderr?: string; message: string };
-    if (e.code === 'ENOENT') throw new MissingToolError('tar is not installed (Debian package tar)');
     throw new CorruptInputError(`tar failed: ${(e.stderr ?? e.message).trim().split('\n').pop()}`);
   }
 }

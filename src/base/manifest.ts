@@ -1,7 +1,7 @@
 /** A base VM's manifest: what it holds and what a resume of it must match. */
 import { readFile } from 'node:fs/promises';
 import type { TargetInfo } from '../delta/target.js';
-import type { VmSpec } from '../vm/qemu.js';
+import type { VmSpec } from '../spec/vm-spec.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 
 export interface BaseManifest {
@@ -45,7 +45,12 @@ export async function readManifest(path: string): Promise<BaseManifest> {
     throw new CorruptInputError(`${path}: not valid JSON`);
   }
   const o = m as Partial<BaseManifest>;
-  if (o?.format !== 'cloudlet-overlay-base' || o.version !== 1 || typeof o.id !== 'string' || !Array.isArray(o.targets)) {
+  if (
+    o?.format !== 'cloudlet-overlay-base' ||
+    o.version !== 1 ||
+    typeof o.id !== 'string' ||
+    !Array.isArray(o.targets)
+  ) {
     throw new CorruptInputError(`${path}: not a cloudlet-overlay base manifest`);
   }
   return o as BaseManifest;

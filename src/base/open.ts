@@ -9,8 +9,8 @@ import { ChunkMap } from '../delta/chunk-map.js';
 import type { BaseTarget } from '../delta/target.js';
 import { openDisk, type DiskSource } from '../image/disk/open-disk.js';
 import { openRamFile, type RamFile } from '../image/memory/ram-file.js';
-import type { BaseVm } from '../api/vm-images.js';
-import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../api/vm-images.js';
+import type { BaseVm } from '../targets/base-vm.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 import { readManifest, type BaseManifest } from './manifest.js';
 import { ANCHORS_FILE, baseDir, mapFile } from './paths.js';
@@ -24,7 +24,8 @@ export interface LibraryBase extends BaseVm {
 export async function openLibraryBase(root: string, id: string): Promise<LibraryBase> {
   const dir = baseDir(root, id);
   const manifest = await readManifest(join(dir, 'manifest.json')).catch((err: unknown) => {
-    if (err instanceof NotFoundError) throw new NotFoundError(`no base ${id} in the library ${root}`, { base: id, library: root });
+    if (err instanceof NotFoundError)
+      throw new NotFoundError(`no base ${id} in the library ${root}`, { base: id, library: root });
     throw err;
   });
   if (manifest.id !== id) throw new CorruptInputError(`library entry ${id} holds a manifest for ${manifest.id}`);
@@ -55,10 +56,13 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
         source = await openRamFile(join(dir, file), t.name);
       }
       closers.push(() => source.close());
-      if (source.size !== t.size) throw new CorruptInputError(`base ${id}: ${t.name} is ${source.size} bytes, manifest says ${t.size}`);
+      if (source.size !== t.size)
+        throw new CorruptInputError(`base ${id}: ${t.name} is ${source.size} bytes, manifest says ${t.size}`);
       targets.push({ name: t.name, kind: t.kind, size: t.size, source, map });
     }
     const anchorFile = await readFile(join(dir, ANCHORS_FILE)).catch(() => undefined);
+    const mainRamFile = manifest.memory?.files[manifest.memory.main_block];
+    if (manifest.memory && !mainRamFile) throw new CorruptInputError(`base ${id}: no file for the main RAM block`);
     return {
       id,
       dir,
@@ -71,7 +75,7 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       ramSectionId: manifest.memory?.ram_section_id,
       diskPath: manifest.disk ? join(dir, manifest.disk.file) : undefined,
       diskFormat: manifest.disk?.format,
-      ramFile: manifest.memory ? join(dir, manifest.memory.files[manifest.memory.main_block]!) : undefined,
+      ramFile: mainRamFile ? join(dir, mainRamFile) : undefined,
       async close() {
         await Promise.allSettled(closers.map((c) => c()));
       },

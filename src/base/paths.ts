@@ -10,7 +10,7 @@
  *       maps/<kind>-<name>.map      chunk maps (sha256 of every non-zero chunk)
  *       maps/anchors.idx      content anchors (finds data moved by a non-multiple of 4 KiB)
  *       kernel, initrd        for direct-boot bases (the same option ROMs on resume)
- *   <root>/instances/<iid>/   one synthesized VM: its disk, memory, state.json, logs
+ *   <root>/instances/<iid>/   one synthesized VM (src/instance): disk, memory, state.json, logs
  *   <root>/tmp/               imports and downloads in progress (same filesystem: rename)
  *
  * Root: --library DIR, else $CLOUDLET_LIBRARY, else $XDG_DATA_HOME/cloudlet-overlay
@@ -19,6 +19,7 @@
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { UsageError } from '../util/errors.js';
+import { safeName } from '../util/safe-name.js';
 
 export function libraryRoot(explicit?: string): string {
   if (explicit) return resolve(explicit);
@@ -28,7 +29,6 @@ export function libraryRoot(explicit?: string): string {
 }
 
 export const basesDir = (root: string): string => join(root, 'bases');
-export const instancesDir = (root: string): string => join(root, 'instances');
 export const tmpDir = (root: string): string => join(root, 'tmp');
 
 const ID = /^[0-9a-f]{64}$/;
@@ -36,11 +36,6 @@ const ID = /^[0-9a-f]{64}$/;
 export function baseDir(root: string, id: string): string {
   if (!ID.test(id)) throw new UsageError(`not a base id: ${id}`);
   return join(basesDir(root), id);
-}
-
-/** A RAM block id as a file name ("/rom@etc/acpi/tables" → "rom@etc_acpi_tables"). */
-export function safeName(name: string): string {
-  return name.replace(/^\/+/, '').replace(/[^A-Za-z0-9@._-]/g, '_') || 'block';
 }
 
 export const ANCHORS_FILE = join('maps', 'anchors.idx');

@@ -4,9 +4,9 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { runCleanup } from '../util/cleanup.js';
-import { ExitCode } from '../util/exit-codes.js';
+import { ExitCode, exitCodesHelp } from '../util/exit-codes.js';
 import { InterruptedError } from '../util/errors.js';
-import { VERSION } from '../api/version.js';
+import { VERSION } from '../util/version.js';
 import { reportError } from './output.js';
 import { foregroundHandler } from './signals.js';
 import { registerCreate } from './commands/create.js';
@@ -31,17 +31,12 @@ export function buildProgram(): Command {
     .addOption(new Option('--json', 'machine-readable output: one JSON object on stdout'))
     .addOption(new Option('-q, --quiet', 'no progress and no summary; errors still go to stderr'))
     .addOption(
-      new Option('--library <dir>', 'base library directory').env('CLOUDLET_LIBRARY').default(undefined, '$XDG_DATA_HOME/cloudlet-overlay'),
+      new Option('--library <dir>', 'base library directory')
+        .env('CLOUDLET_LIBRARY')
+        .default(undefined, '$XDG_DATA_HOME/cloudlet-overlay'),
     )
     .showHelpAfterError('(run with --help for usage)')
-    .addHelpText(
-      'after',
-      `
-Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 corrupt input,
-  5 overlay for another base, 6 verification failed, 7 unsupported, 8 QEMU failed,
-  9 timeout, 10 busy (port/base in use, output exists), 11 tool missing, 12 network,
-  130 interrupted.  See docs/cli.md.`,
-    );
+    .addHelpText('after', `\n${exitCodesHelp()}`);
   program.exitOverride();
   registerCreate(program);
   registerApply(program);
@@ -66,7 +61,7 @@ export async function main(argv: string[]): Promise<number> {
     interrupted = true;
     const foreground = foregroundHandler();
     if (foreground) {
-      void foreground(signal);
+      foreground(signal);
       return;
     }
     void runCleanup().finally(() => {
@@ -87,7 +82,8 @@ export async function main(argv: string[]): Promise<number> {
     return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.ok;
   } catch (err) {
     if (err instanceof CommanderError) {
-      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0) return ExitCode.ok;
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0)
+        return ExitCode.ok;
       return ExitCode.usage;
     }
     await runCleanup();

@@ -1,6 +1,6 @@
 /** Argument parsers for commander options. */
 import { InvalidArgumentError } from 'commander';
-import type { PortForward } from '../vm/qemu.js';
+import type { PortForward } from '../api/types.js';
 
 export function intArg(value: string): number {
   const n = Number(value);

@@ -36,7 +36,8 @@ class SpinnerProgress implements Progress {
     const rate = (this.doneBytes / MiB / Math.max(0.001, (now - this.started) / 1000)).toFixed(0);
     this.spinner.text =
       this.total > 0
-        ? `${this.label} ${Math.min(100, (100 * this.doneBytes) / this.total).toFixed(0)}% (${mib}/${(this.total / MiB).toFixed(0)} MiB, ${rate} MiB/s)`
+        ? `${this.label} ${Math.min(100, (100 * this.doneBytes) / this.total).toFixed(0)}% ` +
+          `(${mib}/${(this.total / MiB).toFixed(0)} MiB, ${rate} MiB/s)`
         : `${this.label} ${mib} MiB (${rate} MiB/s)`;
   }
 

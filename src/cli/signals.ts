@@ -2,12 +2,14 @@
  * A command that runs something in the foreground until Ctrl-C (synthesize without --detach)
  * handles the signal itself: stopping there is the normal end, not an interruption.
  */
-let foregroundStop: ((signal: NodeJS.Signals) => Promise<void>) | undefined;
+type ForegroundStop = (signal: NodeJS.Signals) => void;
 
-export function onForegroundSignal(stop: (signal: NodeJS.Signals) => Promise<void>): void {
+let foregroundStop: ForegroundStop | undefined;
+
+export function onForegroundSignal(stop: ForegroundStop): void {
   foregroundStop = stop;
 }
 
-export function foregroundHandler(): ((signal: NodeJS.Signals) => Promise<void>) | undefined {
+export function foregroundHandler(): ForegroundStop | undefined {
   return foregroundStop;
 }

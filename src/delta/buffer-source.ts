@@ -2,7 +2,10 @@
 import type { ChunkSource, Extent } from './source.js';
 
 export class BufferSource implements ChunkSource {
-  constructor(readonly name: string, readonly data: Buffer) {}
+  constructor(
+    readonly name: string,
+    readonly data: Buffer,
+  ) {}
 
   get size(): number {
     return this.data.length;

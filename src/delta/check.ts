@@ -52,7 +52,8 @@ export class RecordChecker {
         const src = this.targets[r.srcTarget];
         if (!src || src.kind === 'blob') return `${t.name}: reference to unknown target ${r.srcTarget}`;
         for (let k = 0; k < count; k++) {
-          if (!this.rebuilt(r.srcTarget, r.srcChunk + k, r.target, r.chunk + k)) return `${t.name}#${r.chunk + k}: reference to a chunk not rebuilt before it`;
+          if (!this.rebuilt(r.srcTarget, r.srcChunk + k, r.target, r.chunk + k))
+            return `${t.name}#${r.chunk + k}: reference to a chunk not rebuilt before it`;
           if (chunkLength(src.size, r.srcChunk + k) !== chunkLength(t.size, r.chunk + k)) {
             return `${t.name}#${r.chunk + k}: reference of the wrong length`;
           }
@@ -63,20 +64,29 @@ export class RecordChecker {
       case Encoding.shiftDelta: {
         if (r.from === ShiftFrom.base) {
           const b = this.base[r.srcTarget];
-          if (!b || b.kind === 'blob' || r.srcOffset + len > b.size) return `${t.name}#${r.chunk}: shifted reference outside the base`;
+          if (!b || b.kind === 'blob' || r.srcOffset + len > b.size)
+            return `${t.name}#${r.chunk}: shifted reference outside the base`;
         } else {
           const src = this.targets[r.srcTarget];
           const last = Math.floor((r.srcOffset + len - 1) / CHUNK_SIZE);
-          if (r.from !== ShiftFrom.self || !src || src.kind === 'blob' || r.srcOffset + len > src.size || !this.rebuilt(r.srcTarget, last, r.target, r.chunk)) {
+          if (
+            r.from !== ShiftFrom.self ||
+            !src ||
+            src.kind === 'blob' ||
+            r.srcOffset + len > src.size ||
+            !this.rebuilt(r.srcTarget, last, r.target, r.chunk)
+          ) {
             return `${t.name}#${r.chunk}: shifted reference to bytes not rebuilt before it`;
           }
         }
-        if (r.enc === Encoding.shiftDelta && r.payload.length > 2 * len + 64) return `${t.name}#${r.chunk}: implausible delta size`;
+        if (r.enc === Encoding.shiftDelta && r.payload.length > 2 * len + 64)
+          return `${t.name}#${r.chunk}: implausible delta size`;
         return undefined;
       }
       case Encoding.raw:
       case Encoding.xor:
-        if (r.payload.length !== len) return `${t.name}#${r.chunk}: ${r.payload.length}-byte payload for a ${len}-byte chunk`;
+        if (r.payload.length !== len)
+          return `${t.name}#${r.chunk}: ${r.payload.length}-byte payload for a ${len}-byte chunk`;
         return undefined;
       case Encoding.xdelta3:
       case Encoding.zstdDict:

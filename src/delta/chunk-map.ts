@@ -95,10 +95,7 @@ export class ChunkMap {
   }
 
   /** Reads a whole source (only its data extents) and hashes every non-zero chunk. */
-  static async build(
-    source: ChunkSource,
-    onBytes: (n: number) => void = () => undefined,
-  ): Promise<ChunkMap> {
+  static async build(source: ChunkSource, onBytes: (n: number) => void = () => undefined): Promise<ChunkMap> {
     const builder = new ChunkMapBuilder(source.size);
     const ranges = extentsToChunkRanges(await source.dataExtents(), source.size);
     const step = 256; // chunks per read: 1 MiB

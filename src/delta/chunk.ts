@@ -1,9 +1,11 @@
 /**
  * Chunks: every target is cut into fixed 4 KiB chunks (a guest page, a common filesystem
- * block). The last chunk of a target may be shorter.
+ * block: util/page.ts). The last chunk of a target may be shorter.
  */
-export const CHUNK_SIZE = 4096;
-export const CHUNK_SHIFT = 12;
+import { PAGE_SHIFT, PAGE_SIZE } from '../util/page.js';
+
+export const CHUNK_SIZE = PAGE_SIZE;
+export const CHUNK_SHIFT = PAGE_SHIFT;
 
 const ZEROS = Buffer.alloc(CHUNK_SIZE * 256);
 

@@ -65,7 +65,8 @@ export class HashIndex {
     for (let slot = k0 & mask; ; slot = (slot + 1) & mask) {
       if (this.vals[slot * 2] === 0) return slot;
       const o = slot * 4;
-      if (this.keys[o] === k0 && this.keys[o + 1] === k1 && this.keys[o + 2] === k2 && this.keys[o + 3] === k3) return slot;
+      if (this.keys[o] === k0 && this.keys[o + 1] === k1 && this.keys[o + 2] === k2 && this.keys[o + 3] === k3)
+        return slot;
     }
   }
 

@@ -21,10 +21,7 @@ export interface LiteralOptions {
 export const defaultLiteralOptions: LiteralOptions = { zstdDict: true, xor: true, xdelta3: true };
 
 export type LiteralEncoding =
-  | typeof Encoding.raw
-  | typeof Encoding.xor
-  | typeof Encoding.xdelta3
-  | typeof Encoding.zstdDict;
+  typeof Encoding.raw | typeof Encoding.xor | typeof Encoding.xdelta3 | typeof Encoding.zstdDict;
 
 export interface Literal {
   enc: LiteralEncoding;

@@ -12,7 +12,7 @@ import { decodeDelta } from './literal.js';
 import { Encoding, ShiftFrom, readRecord, recordCount, type ChunkRecord } from './record.js';
 import { ByteReader } from './varint.js';
 import { decompressWithDict } from './zstd.js';
-import { eligible, findSamePlace, type BaseTarget, type TargetInfo } from './target.js';
+import { eligible, findSamePlace, type BaseChunkedTarget, type BaseTarget, type TargetInfo } from './target.js';
 import { CorruptInputError, HashMismatchError } from '../util/errors.js';
 
 /** Receives the chunks of one rebuilt target in ascending order. */
@@ -47,23 +47,36 @@ const MAX_BLOB = 256 * 1024 * 1024;
 /** Bound on references to references (a corrupt overlay could chain them without end). */
 const MAX_DEPTH = 32;
 
-interface State {
+interface CommonState {
   info: TargetInfo;
-  same: BaseTarget | undefined;
   n: number;
-  digest: TargetDigest | undefined;
   /** Next chunk not yet handled. */
   next: number;
-  mapPos: number;
   output: TargetOutput | undefined;
+  changed: number;
+  done: boolean;
+}
+
+interface BlobState extends CommonState {
+  kind: 'blob';
+  /** The base's blob at the same place (the dictionary of BLOB_ZSTD_DICT). */
+  sameBlob: Buffer | undefined;
+}
+
+interface ChunkedState extends CommonState {
+  kind: 'chunked';
+  same: BaseChunkedTarget | undefined;
+  digest: TargetDigest;
+  /** Position in the base's chunk map (of `same`) of the next base chunk to account for. */
+  mapPos: number;
   /** Every record of this target so far, as runs [first, end) → location (segment·2³² + offset). */
   runFirst: Float64Array;
   runEnd: Float64Array;
   runLoc: Float64Array;
   runCount: number;
-  changed: number;
-  done: boolean;
 }
+
+type State = BlobState | ChunkedState;
 
 export class Patcher {
   private readonly states: State[];
@@ -78,22 +91,23 @@ export class Patcher {
     outputs: ReadonlyArray<TargetOutput | undefined>,
     private readonly segments: SegmentStore,
   ) {
-    this.states = targets.map((info, i) => {
-      const bi = findSamePlace(base, info);
+    this.states = targets.map((info, i): State => {
+      const same = base[findSamePlace(base, info)];
+      const common = { info, next: 0, output: outputs[i], changed: 0, done: false };
+      if (info.kind === 'blob') {
+        return { ...common, kind: 'blob', n: 1, sameBlob: same?.kind === 'blob' ? same.blob : undefined };
+      }
       return {
-        info,
-        same: bi >= 0 ? base[bi] : undefined,
-        n: info.kind === 'blob' ? 1 : chunkCount(info.size),
-        digest: info.kind === 'blob' ? undefined : new TargetDigest(info.size),
-        next: 0,
+        ...common,
+        kind: 'chunked',
+        n: chunkCount(info.size),
+        same: same?.kind === 'blob' ? undefined : same,
+        digest: new TargetDigest(info.size),
         mapPos: 0,
-        output: outputs[i],
         runFirst: new Float64Array(64),
         runEnd: new Float64Array(64),
         runLoc: new Float64Array(64),
         runCount: 0,
-        changed: 0,
-        done: false,
       };
     });
   }
@@ -110,7 +124,7 @@ export class Patcher {
       throw new CorruptInputError(`${where}: ${st.info.name} chunk ${r.chunk}+${count} out of order or range`);
     }
 
-    if (st.info.kind === 'blob') {
+    if (st.kind === 'blob') {
       this.blobs.set(st.info.name, this.decodeBlob(st, r, where));
       st.next = 1;
       st.changed++;
@@ -125,7 +139,7 @@ export class Patcher {
       const c = r.chunk + k;
       const data = await this.decodeChunk(st, r, k, where, 0);
       st.changed++;
-      if (data) st.digest!.add(c, chunkHash(data));
+      if (data) st.digest.add(c, chunkHash(data));
       if (st.output) await st.output.put(c, data);
       st.next = c + 1;
     }
@@ -150,7 +164,7 @@ export class Patcher {
   private async finishTarget(st: State): Promise<void> {
     if (st.done) return;
     st.done = true;
-    if (st.info.kind === 'blob') {
+    if (st.kind === 'blob') {
       const blob = this.blobs.get(st.info.name);
       if (!blob) throw new CorruptInputError(`overlay has no record for ${st.info.name}`);
       if (sha256Hex(blob) !== st.info.digest) {
@@ -160,7 +174,7 @@ export class Patcher {
       }
     } else {
       await this.advance(st, st.n);
-      const got = st.digest!.finish();
+      const got = st.digest.finish();
       if (got !== st.info.digest) {
         throw new HashMismatchError(
           `${st.info.name}: rebuilt ${st.info.kind} does not match the overlay's checksum (wrong or damaged base?)`,
@@ -172,14 +186,14 @@ export class Patcher {
   }
 
   /** Handles chunks [st.next, end) that have no record: unchanged where eligible, else zero. */
-  private async advance(st: State, end: number): Promise<void> {
+  private async advance(st: ChunkedState, end: number): Promise<void> {
     const map = st.same?.map;
     if (st.output?.wantsAll) {
-      await this.emitUnchanged(st, end);
+      await this.emitUnchanged(st, st.output, end);
     } else if (map) {
       while (st.mapPos < map.count && map.indexes[st.mapPos]! < end) {
         const i = map.indexes[st.mapPos]!;
-        if (i >= st.next && eligible(st.same, st.info.size, i)) st.digest!.add(i, map.hashAt(st.mapPos));
+        if (i >= st.next && eligible(st.same, st.info.size, i)) st.digest.add(i, map.hashAt(st.mapPos));
         st.mapPos++;
       }
     }
@@ -187,44 +201,58 @@ export class Patcher {
   }
 
   /** For outputs that want every chunk: reads unchanged base chunks in 1 MiB batches. */
-  private async emitUnchanged(st: State, end: number): Promise<void> {
-    const map = st.same?.map;
+  private async emitUnchanged(st: ChunkedState, output: TargetOutput, end: number): Promise<void> {
+    const same = st.same;
+    const map = same?.map;
     const buf = (this.batch ??= Buffer.alloc(256 * CHUNK_SIZE));
     let c = st.next;
     while (c < end) {
       // Zero run up to the next non-zero eligible base chunk.
       while (map && st.mapPos < map.count && map.indexes[st.mapPos]! < c) st.mapPos++;
       const nextData = map && st.mapPos < map.count ? map.indexes[st.mapPos]! : Infinity;
-      if (nextData > c || !eligible(st.same, st.info.size, c)) {
-        await st.output!.put(c, null);
+      if (!same || !map || nextData > c || !eligible(same, st.info.size, c)) {
+        await output.put(c, null);
         c++;
         continue;
       }
       // A run of consecutive non-zero base chunks.
       let runEnd = c;
       let p = st.mapPos;
-      while (runEnd < end && runEnd - c < 256 && p < map!.count && map!.indexes[p] === runEnd && eligible(st.same, st.info.size, runEnd)) {
+      while (
+        runEnd < end &&
+        runEnd - c < 256 &&
+        p < map.count &&
+        map.indexes[p] === runEnd &&
+        eligible(same, st.info.size, runEnd)
+      ) {
         runEnd++;
         p++;
       }
       const len = Math.min((runEnd - c) * CHUNK_SIZE, st.info.size - c * CHUNK_SIZE);
-      await st.same!.source!.read(c * CHUNK_SIZE, len, buf);
+      await same.source.read(c * CHUNK_SIZE, len, buf);
       for (let i = c; i < runEnd; i++, st.mapPos++) {
-        const data = Buffer.from(buf.subarray((i - c) * CHUNK_SIZE, (i - c) * CHUNK_SIZE + chunkLength(st.info.size, i)));
-        st.digest!.add(i, map!.hashAt(st.mapPos));
-        await st.output!.put(i, data);
+        const at = (i - c) * CHUNK_SIZE;
+        const data = Buffer.from(buf.subarray(at, at + chunkLength(st.info.size, i)));
+        st.digest.add(i, map.hashAt(st.mapPos));
+        await output.put(i, data);
       }
       c = runEnd;
     }
   }
 
-  private skipMap(st: State, upTo: number): void {
+  private skipMap(st: ChunkedState, upTo: number): void {
     const map = st.same?.map;
     if (!map) return;
     while (st.mapPos < map.count && map.indexes[st.mapPos]! < upTo) st.mapPos++;
   }
 
-  private async decodeChunk(st: State, r: ChunkRecord, k: number, where: string, depth: number): Promise<Buffer | null> {
+  private async decodeChunk(
+    st: ChunkedState,
+    r: ChunkRecord,
+    k: number,
+    where: string,
+    depth: number,
+  ): Promise<Buffer | null> {
     const c = r.chunk + k;
     const len = chunkLength(st.info.size, c);
     switch (r.enc) {
@@ -232,7 +260,9 @@ export class Patcher {
         return null;
       case Encoding.baseRef: {
         const b = this.base[r.srcTarget];
-        if (!b || !b.source) throw new CorruptInputError(`${where}: reference to unknown base target ${r.srcTarget}`);
+        if (!b || b.kind === 'blob') {
+          throw new CorruptInputError(`${where}: reference to unknown base target ${r.srcTarget}`);
+        }
         const sc = r.srcChunk + k;
         if (chunkLength(b.size, sc) !== len) {
           throw new CorruptInputError(`${where}: base reference ${b.name}#${sc} has the wrong length`);
@@ -242,7 +272,7 @@ export class Patcher {
       case Encoding.selfRef: {
         const src = this.states[r.srcTarget];
         const sc = r.srcChunk + k;
-        if (!src || src.info.kind === 'blob' || chunkLength(src.info.size, sc) !== len) {
+        if (!src || src.kind === 'blob' || chunkLength(src.info.size, sc) !== len) {
           throw new CorruptInputError(`${where}: reference to an invalid earlier chunk`);
         }
         const data = await this.rebuiltChunk(src, sc, where, depth + 1);
@@ -268,13 +298,15 @@ export class Patcher {
   ): Promise<Buffer> {
     if (r.from === ShiftFrom.base) {
       const b = this.base[r.srcTarget];
-      if (!b || !b.source || r.srcOffset + len > b.size) throw new CorruptInputError(`${where}: shifted reference outside the base`);
+      if (!b || b.kind === 'blob' || r.srcOffset + len > b.size) {
+        throw new CorruptInputError(`${where}: shifted reference outside the base`);
+      }
       const buf = Buffer.alloc(len);
       await b.source.read(r.srcOffset, len, buf);
       return buf;
     }
     const src = this.states[r.srcTarget];
-    if (r.from !== ShiftFrom.self || !src || src.info.kind === 'blob' || r.srcOffset + len > src.info.size) {
+    if (r.from !== ShiftFrom.self || !src || src.kind === 'blob' || r.srcOffset + len > src.info.size) {
       throw new CorruptInputError(`${where}: shifted reference outside the rebuilt targets`);
     }
     const out = Buffer.alloc(len);
@@ -293,7 +325,7 @@ export class Patcher {
    * Chunk `c` of a target as rebuilt so far: its record decoded again from its segment, else
    * the base's chunk or zeros. Only chunks already rebuilt may be asked for.
    */
-  private async rebuiltChunk(st: State, c: number, where: string, depth: number): Promise<Buffer> {
+  private async rebuiltChunk(st: ChunkedState, c: number, where: string, depth: number): Promise<Buffer> {
     if (depth > MAX_DEPTH) throw new CorruptInputError(`${where}: references nest deeper than ${MAX_DEPTH}`);
     const index = this.states.indexOf(st);
     if (index > this.current || (index === this.current && c >= st.next) || c >= st.n) {
@@ -308,25 +340,28 @@ export class Patcher {
       const rd = new ByteReader(await this.segments.get(segment), `segment ${segment}`);
       rd.pos = offset;
       const rec = readRecord(rd);
-      if (rec.target !== index || rec.chunk !== st.runFirst[run]) throw new CorruptInputError(`segment ${segment} offset ${offset}: record moved`);
+      if (rec.target !== index || rec.chunk !== st.runFirst[run])
+        throw new CorruptInputError(`segment ${segment} offset ${offset}: record moved`);
       const data = await this.decodeChunk(st, rec, c - rec.chunk, `segment ${segment} offset ${offset}`, depth);
       return data ?? Buffer.alloc(len);
     }
-    if (eligible(st.same, st.info.size, c)) return readChunk(st.same!, c, len);
+    if (st.same && eligible(st.same, st.info.size, c)) return readChunk(st.same, c, len);
     return Buffer.alloc(len);
   }
 
-  private async decodeLiteral(st: State, r: ChunkRecord, c: number, where: string): Promise<Buffer | null> {
+  private async decodeLiteral(st: ChunkedState, r: ChunkRecord, c: number, where: string): Promise<Buffer | null> {
     const len = chunkLength(st.info.size, c);
-    if (!('payload' in r) || r.chunk !== c) throw new CorruptInputError(`${where}: not a literal record for chunk ${c}`);
+    if (!('payload' in r) || r.chunk !== c)
+      throw new CorruptInputError(`${where}: not a literal record for chunk ${c}`);
     let data: Buffer;
     if (r.enc === Encoding.raw) {
-      if (r.payload.length !== len) throw new CorruptInputError(`${where}: raw chunk of ${r.payload.length} bytes, expected ${len}`);
+      if (r.payload.length !== len)
+        throw new CorruptInputError(`${where}: raw chunk of ${r.payload.length} bytes, expected ${len}`);
       data = Buffer.from(r.payload);
     } else if (r.enc === Encoding.xor || r.enc === Encoding.xdelta3 || r.enc === Encoding.zstdDict) {
       const same = st.same;
       const baseLen = same ? chunkLength(same.size, c) : 0;
-      if (!same || !same.source || baseLen === 0) {
+      if (!same || baseLen === 0) {
         throw new CorruptInputError(`${where}: delta record for ${st.info.name}#${c} has no base chunk`);
       }
       data = decodeDelta(r.enc, r.payload, await readChunk(same, c, baseLen), len, where);
@@ -336,22 +371,24 @@ export class Patcher {
     return isZero(data) ? null : data;
   }
 
-  private decodeBlob(st: State, r: ChunkRecord, where: string): Buffer {
-    if (r.chunk !== 0 || !('payload' in r)) throw new CorruptInputError(`${where}: bad record for blob ${st.info.name}`);
+  private decodeBlob(st: BlobState, r: ChunkRecord, where: string): Buffer {
+    if (r.chunk !== 0 || !('payload' in r))
+      throw new CorruptInputError(`${where}: bad record for blob ${st.info.name}`);
     if (st.info.size > MAX_BLOB) throw new CorruptInputError(`${where}: blob ${st.info.name} too large`);
     if (r.enc === Encoding.blob) {
-      if (r.payload.length !== st.info.size) throw new CorruptInputError(`${where}: blob ${st.info.name} has the wrong size`);
+      if (r.payload.length !== st.info.size)
+        throw new CorruptInputError(`${where}: blob ${st.info.name} has the wrong size`);
       return Buffer.from(r.payload);
     }
     if (r.enc === Encoding.blobZstdDict) {
-      const baseBlob = st.same?.blob;
+      const baseBlob = st.sameBlob;
       if (!baseBlob) throw new CorruptInputError(`${where}: blob delta for ${st.info.name} without a base blob`);
       return decompressWithDict(r.payload, baseBlob, st.info.size, where);
     }
     throw new CorruptInputError(`${where}: chunk record for blob ${st.info.name}`);
   }
 
-  private remember(st: State, first: number, count: number, at: PositionedRecord): void {
+  private remember(st: ChunkedState, first: number, count: number, at: PositionedRecord): void {
     if (st.runCount === st.runFirst.length) {
       const grow = (a: Float64Array): Float64Array => {
         const g = new Float64Array(a.length * 2);
@@ -369,7 +406,7 @@ export class Patcher {
   }
 
   /** The run holding chunk c, or -1 (runs are ascending and disjoint). */
-  private findRun(st: State, c: number): number {
+  private findRun(st: ChunkedState, c: number): number {
     let lo = 0;
     let hi = st.runCount - 1;
     while (lo <= hi) {
@@ -382,8 +419,8 @@ export class Patcher {
   }
 }
 
-async function readChunk(b: BaseTarget, index: number, len: number): Promise<Buffer> {
+async function readChunk(b: BaseChunkedTarget, index: number, len: number): Promise<Buffer> {
   const buf = Buffer.alloc(len);
-  await b.source!.read(index * CHUNK_SIZE, len, buf);
+  await b.source.read(index * CHUNK_SIZE, len, buf);
   return buf;
 }

@@ -16,7 +16,8 @@
  *                                             target (from 0) or of a target rebuilt earlier (1)
  *   SHIFT_DELTA from, srcTarget, srcOffset, len, bytes   zstd frame with those bytes as dictionary
  */
-import { ByteReader, uvarintLength, writeUvarint } from './varint.js';
+import type { ByteReader } from './varint.js';
+import { uvarintLength, writeUvarint } from './varint.js';
 import { CorruptInputError } from '../util/errors.js';
 
 export const Encoding = {
@@ -84,13 +85,18 @@ export type ChunkRecord =
       payload: Buffer;
     };
 
+/** Where the differ sends records, in order (the overlay writer). */
+export interface RecordSink {
+  push(r: ChunkRecord): Promise<void>;
+}
+
 /** Number of target chunks a record covers. */
 export function recordCount(r: ChunkRecord): number {
   return 'count' in r ? r.count : 1;
 }
 
 export function encodedLength(r: ChunkRecord): number {
-  let n = 1 + uvarintLength(r.target) + uvarintLength(r.chunk);
+  const n = 1 + uvarintLength(r.target) + uvarintLength(r.chunk);
   switch (r.enc) {
     case Encoding.zero:
       return n + uvarintLength(r.count);
@@ -101,7 +107,12 @@ export function encodedLength(r: ChunkRecord): number {
       return n + uvarintLength(r.from) + uvarintLength(r.srcTarget) + uvarintLength(r.srcOffset);
     case Encoding.shiftDelta:
       return (
-        n + uvarintLength(r.from) + uvarintLength(r.srcTarget) + uvarintLength(r.srcOffset) + uvarintLength(r.payload.length) + r.payload.length
+        n +
+        uvarintLength(r.from) +
+        uvarintLength(r.srcTarget) +
+        uvarintLength(r.srcOffset) +
+        uvarintLength(r.payload.length) +
+        r.payload.length
       );
     default:
       return n + uvarintLength(r.payload.length) + r.payload.length;

@@ -1,7 +1,8 @@
 /**
  * What the delta library reads: a target (a disk image, one RAM block of a memory snapshot)
  * as random-access bytes plus a map of where data may be. Implementations live in src/image;
- * the library itself does no I/O of its own.
+ * the library itself does no I/O of its own. A name ending in Source is always a ChunkSource:
+ * BufferSource (a Buffer), DiskSource (a disk image), BlockSource (a RAM block of a stream).
  */
 
 /** A byte range [start, start + length). */

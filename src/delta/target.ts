@@ -6,10 +6,12 @@
  */
 import { createHash } from 'node:crypto';
 import type { ChunkMap } from './chunk-map.js';
-import type { ChunkSource } from './source.js';
+import type { ChunkSource, Extent } from './source.js';
 import { chunkLength } from './chunk.js';
 
 export type TargetKind = 'disk' | 'ram' | 'blob';
+/** The kinds cut into chunks (a blob is kept whole). */
+export type ChunkedKind = Exclude<TargetKind, 'blob'>;
 
 export interface TargetInfo {
   name: string;
@@ -19,16 +21,49 @@ export interface TargetInfo {
   digest: string;
 }
 
-/** One target of the base VM as the library sees it. */
-export interface BaseTarget {
+/** One target of the base VM as the library sees it: chunked (bytes + chunk map) or a blob. */
+export type BaseTarget = BaseChunkedTarget | BaseBlobTarget;
+
+export interface BaseChunkedTarget {
   name: string;
-  kind: TargetKind;
+  kind: ChunkedKind;
   size: number;
-  /** Chunked targets: random-access bytes and the chunk map. */
-  source?: ChunkSource;
-  map?: ChunkMap;
-  /** Blob targets: the bytes. */
-  blob?: Buffer;
+  /** Random-access bytes. */
+  source: ChunkSource;
+  /** The sha256 of every non-zero chunk. */
+  map: ChunkMap;
+}
+
+export interface BaseBlobTarget {
+  name: string;
+  kind: 'blob';
+  size: number;
+  blob: Buffer;
+}
+
+/** A customized target to diff: chunked (random-access bytes) or a blob. */
+export type NewTarget = NewChunkedTarget | NewBlobTarget;
+
+export interface NewChunkedTarget {
+  name: string;
+  kind: ChunkedKind;
+  source: ChunkSource;
+  /**
+   * Byte ranges outside of which the target is known to equal the base at the same place
+   * (e.g. a qcow2 whose backing file is the base: only its own clusters can differ). Used
+   * only when the base target has the same size.
+   */
+  changedHint?: Extent[];
+}
+
+export interface NewBlobTarget {
+  name: string;
+  kind: 'blob';
+  blob: Buffer;
+}
+
+export function targetSize(t: NewTarget): number {
+  return t.kind === 'blob' ? t.blob.length : t.source.size;
 }
 
 export function sameKey(a: { name: string; kind: TargetKind }, b: { name: string; kind: TargetKind }): boolean {
@@ -49,6 +84,7 @@ export function eligible(base: BaseTarget | undefined, size: number, index: numb
 
 /** The base id: sha256 over each base target's kind, name, size and digest (docs/FORMAT.md). */
 export function baseIdOf(targets: readonly TargetInfo[]): string {
-  const text = 'cloudlet-overlay base v1\n' + targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('');
+  const text =
+    'cloudlet-overlay base v1\n' + targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('');
   return createHash('sha256').update(text, 'utf8').digest('hex');
 }

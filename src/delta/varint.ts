@@ -28,7 +28,10 @@ export function uvarintLength(value: number): number {
 /** A cursor over a buffer that refuses to read past its end. */
 export class ByteReader {
   pos = 0;
-  constructor(readonly buf: Buffer, readonly where: string) {}
+  constructor(
+    readonly buf: Buffer,
+    readonly where: string,
+  ) {}
 
   get remaining(): number {
     return this.buf.length - this.pos;

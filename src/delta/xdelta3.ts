@@ -3,9 +3,11 @@
  * ~1 MiB fail and above 8 MiB corrupt the module for the rest of the process, so this wrapper
  * only ever accepts chunk-sized pairs and checks every return code.
  */
-type Xd3 = typeof import('xdelta3-wasm');
+import type * as Xd3Module from 'xdelta3-wasm';
 import { CHUNK_SIZE } from './chunk.js';
 import { CorruptInputError } from '../util/errors.js';
+
+type Xd3 = typeof Xd3Module;
 
 let ready: Promise<void> | undefined;
 let xd3: Xd3 | undefined;

@@ -50,12 +50,7 @@ export function compressedSize(data: Uint8Array, level: number, dict?: Uint8Arra
   return dict ? cctx.compressUsingDict(dst, data, dict, level) : cctx.compress(dst, data, level);
 }
 
-export function decompressWithDict(
-  frame: Uint8Array,
-  dict: Uint8Array,
-  rawLength: number,
-  where: string,
-): Buffer {
+export function decompressWithDict(frame: Uint8Array, dict: Uint8Array, rawLength: number, where: string): Buffer {
   const out = Buffer.allocUnsafe(rawLength);
   let n: number;
   try {

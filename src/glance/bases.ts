@@ -1,35 +1,14 @@
 /**
- * Bases in Glance: one image per base VM, the `base export` package (a sparse tar of the
- * library's base directory) with cloudlet_type=base_package, cloudlet_base_id and a summary of
- * the VM spec. A pull is checked against Glance's hash, then verified like `base import`.
+ * Base packages in Glance: one image per base VM, cloudlet_type=base_package, cloudlet_base_id
+ * and a summary of the VM spec as properties. The image's data is the `base export` package;
+ * here it is opaque bytes (api/glance.ts makes it from the library and imports it back).
  */
-import { mkdir } from 'node:fs/promises';
-import { join } from 'node:path';
-import { TOOL } from '../api/version.js';
-import { importPackage, removeBase, resolveBaseId, showBase } from '../base/library.js';
-import { readManifest } from '../base/manifest.js';
-import { baseDir, basesDir, tmpDir } from '../base/paths.js';
-import { fetchToFile } from '../net/fetch.js';
-import { CorruptInputError, NetworkError, NotFoundError } from '../util/errors.js';
-import { silent, type Progress } from '../util/progress.js';
-import type { SessionOptions } from './auth.js';
+import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import type { Progress } from '../util/progress.js';
+import { TOOL } from '../util/version.js';
 import type { GlanceClient, GlanceImage } from './client.js';
-import {
-  BASE_ID,
-  CloudletType,
-  UUID,
-  expectType,
-  glanceImageId,
-  glanceRef,
-  isGlanceRef,
-  openGlance,
-  prop,
-  sha256Of,
-} from './image.js';
-import { tarStream, uploadImage } from './upload.js';
-
-/** A base package is as large as the base (GiBs): no overall deadline, only the idle timeout. */
-const PACKAGE_TIMEOUT_MS = 24 * 3600_000;
+import { BASE_ID, CloudletType, UUID, expectType, glanceImageId, isGlanceRef, prop } from './image.js';
+import { uploadImage, type UploadSpec, type Uploaded } from './upload.js';
 
 export interface GlanceBase {
   id: string;
@@ -42,6 +21,24 @@ export interface GlanceBase {
   size: number | null;
   created_at: string;
 }
+
+/** What a base package image records about its base (as properties; the manifest has it all). */
+export interface BasePackageInfo {
+  baseId: string;
+  name?: string;
+  machine?: string;
+  memoryBytes?: number;
+  diskBytes?: number;
+  memoryMiB?: number;
+  cpu?: string;
+  smp?: number;
+  directBoot?: boolean;
+  nic?: string;
+  qemuVersion?: string;
+}
+
+/** The complete package images, newest first. */
+const ACTIVE_PACKAGES = { cloudlet_type: CloudletType.basePackage, status: 'active', sort: 'created_at:desc' };
 
 function toGlanceBase(i: GlanceImage): GlanceBase {
   const num = (k: string): number | undefined => {
@@ -60,181 +57,105 @@ function toGlanceBase(i: GlanceImage): GlanceBase {
   };
 }
 
-/** The base packages in Glance (complete ones only), newest first. */
-export async function listGlanceBases(opts: SessionOptions = {}): Promise<{ glance: string; bases: GlanceBase[] }> {
-  const client = await openGlance(opts);
-  const images = await client.listImages({
-    cloudlet_type: CloudletType.basePackage,
-    status: 'active',
-    sort: 'created_at:desc',
-  });
-  return { glance: client.endpoint, bases: images.map(toGlanceBase).filter((b) => BASE_ID.test(b.id)) };
+/** The base packages in Glance (complete ones with a valid base id), newest first. */
+export async function listBasePackages(client: GlanceClient): Promise<GlanceBase[]> {
+  const images = await client.listImages(ACTIVE_PACKAGES);
+  return images.map(toGlanceBase).filter((b) => BASE_ID.test(b.id));
 }
 
-export interface BasePushResult {
-  message_type: 'base_push';
-  id: string;
-  name?: string;
-  image_id: string;
-  url: string;
-  glance: string;
-  /** False when Glance already held a complete package of this base (nothing uploaded). */
-  added: boolean;
-  size: number;
-  sha256?: string;
+/** The newest complete package of base `id`, when Glance has one. */
+export async function findBasePackage(client: GlanceClient, id: string): Promise<GlanceImage | undefined> {
+  const [newest] = await client.listImages({ ...ACTIVE_PACKAGES, cloudlet_base_id: id });
+  return newest;
 }
 
-/** Uploads a library base as one package image, unless Glance already has it. */
-export async function pushBase(
-  root: string,
-  ref: string,
-  opts: SessionOptions & { visibility?: string; progress?: Progress } = {},
-): Promise<BasePushResult> {
-  const progress = opts.progress ?? silent;
-  const id = await resolveBaseId(root, ref);
-  const m = await showBase(root, id);
-  const client = await openGlance(opts);
-  const existing = await client.listImages({
-    cloudlet_type: CloudletType.basePackage,
-    cloudlet_base_id: id,
-    status: 'active',
-    sort: 'created_at:desc',
-  });
-  const result = { message_type: 'base_push' as const, id, name: m.name, glance: client.endpoint };
-  if (existing[0]) {
-    const e = existing[0];
-    return { ...result, image_id: e.id, url: glanceRef(e.id), added: false, size: e.size ?? 0, sha256: sha256Of(e) };
-  }
-  const ram = m.targets.filter((t) => t.kind === 'ram').reduce((n, t) => n + t.size, 0);
-  const vm = m.vm;
-  const properties: Record<string, string> = {
-    cloudlet_type: CloudletType.basePackage,
-    cloudlet_base_id: id,
-    cloudlet_package_format: 'tar-1',
-    cloudlet_creator: TOOL,
-  };
-  const optional: Record<string, string | number | undefined> = {
-    cloudlet_base_name: m.name,
-    cloudlet_machine: m.memory?.machine ?? vm?.machine,
-    cloudlet_memory_bytes: m.memory ? ram : undefined,
-    cloudlet_disk_bytes: m.disk?.virtual_size,
-    cloudlet_memory_mib: vm?.memoryMiB,
-    cloudlet_cpu: vm?.cpu,
-    cloudlet_smp: vm?.smp,
-    cloudlet_direct_boot: vm ? String(Boolean(vm.kernel)) : undefined,
-    cloudlet_nic: vm?.network?.model,
-    cloudlet_qemu_version: m.qemu_version,
-  };
-  for (const [k, v] of Object.entries(optional))
-    if (v !== undefined && String(v).length <= 255) properties[k] = String(v);
-  const name = `cloudlet-base-${m.name ?? id.slice(0, 12)}`;
-  const up = await uploadImage(client, {
-    image: { name, disk_format: 'raw', container_format: 'bare', visibility: opts.visibility, properties },
-    data: () => tarStream(['--sparse', '-cf', '-', '-C', basesDir(root), id]),
-    size: undefined,
-    label: `uploading base ${m.name ?? id.slice(0, 12)}`,
-    total: m.stored_bytes,
-    progress,
-  });
-  return { ...result, image_id: up.id, url: glanceRef(up.id), added: true, size: up.bytes, sha256: up.sha256 };
-}
-
-export interface BasePullResult {
-  message_type: 'base_pull';
-  id: string;
-  name?: string;
-  image_id: string;
-  glance: string;
-  /** False when the library already had the base (nothing downloaded). */
-  added: boolean;
-}
-
-/**
- * Brings a base package from Glance into the library: by image (glance://ID or the bare UUID),
- * base id (or a unique prefix) or base name. The download is checked against Glance's hash and
- * the package verified like `base import` (every file against the base id) before it lands.
- */
-export async function pullBase(
-  root: string,
-  ref: string,
-  opts: SessionOptions & { progress?: Progress } = {},
-): Promise<BasePullResult> {
-  const progress = opts.progress ?? silent;
-  const client = await openGlance(opts);
-  const image = await findBaseImage(client, ref);
+/** The base id a package image claims (checked again against the package's contents on import). */
+export function packageBaseId(image: GlanceImage): string {
   const id = prop(image, 'cloudlet_base_id') ?? '';
   if (!BASE_ID.test(id))
     throw new CorruptInputError(`Glance image ${image.id} has no valid cloudlet_base_id`, { image: image.id });
-  const result = {
-    message_type: 'base_pull' as const,
-    id,
-    name: prop(image, 'cloudlet_base_name'),
-    image_id: image.id,
-  };
-  if (await readManifest(join(baseDir(root, id), 'manifest.json')).catch(() => undefined)) {
-    return { ...result, glance: client.endpoint, added: false };
-  }
-  await mkdir(tmpDir(root), { recursive: true });
-  const fetched = await fetchToFile(client.fileUrl(image.id), tmpDir(root), progress, PACKAGE_TIMEOUT_MS, {
-    headers: client.authHeaders(),
-    sha256: sha256Of(image),
-  });
-  try {
-    if (image.size !== null && fetched.bytes !== image.size) {
-      throw new NetworkError(
-        `download of Glance image ${image.id} ended after ${fetched.bytes} of ${image.size} bytes`,
-      );
-    }
-    const r = await importPackage(root, fetched.path, progress);
-    if (r.id !== id) {
-      if (r.added) await removeBase(root, r.id);
-      throw new CorruptInputError(
-        `Glance image ${image.id} holds base ${r.id.slice(0, 12)}, not ${id.slice(0, 12)} as it claims`,
-        {
-          image: image.id,
-        },
-      );
-    }
-    return { ...result, glance: client.endpoint, added: r.added };
-  } catch (err) {
-    // importPackage names the temporary download; name the image instead.
-    if (err instanceof CorruptInputError && err.message.startsWith(fetched.path)) {
-      throw new CorruptInputError(`Glance image ${image.id}${err.message.slice(fetched.path.length)}`, {
-        image: image.id,
-      });
-    }
-    throw err;
-  } finally {
-    await fetched.remove();
-  }
+  return id;
 }
 
+/**
+ * A base package image by reference: glance://IMAGE_ID or the bare UUID (checked to be a
+ * complete package), else a base id, unique id prefix (≥ 4 hex digits) or base name among the
+ * complete packages, the newest one when a base was pushed more than once.
+ */
 export async function findBaseImage(client: GlanceClient, ref: string): Promise<GlanceImage> {
   if (isGlanceRef(ref) || UUID.test(ref)) {
     const image = await client.getImage(glanceImageId(ref));
     expectType(client, image, CloudletType.basePackage);
     return image;
   }
-  const all = await client.listImages({
-    cloudlet_type: CloudletType.basePackage,
-    status: 'active',
-    sort: 'created_at:desc',
-  });
+  const all = await client.listImages(ACTIVE_PACKAGES);
   const r = ref.toLowerCase();
   const hits = all.filter((i) => {
     const id = prop(i, 'cloudlet_base_id') ?? '';
     return (r.length >= 4 && /^[0-9a-f]+$/.test(r) && id.startsWith(r)) || prop(i, 'cloudlet_base_name') === ref;
   });
-  const ids = [...new Set(hits.map((h) => prop(h, 'cloudlet_base_id')))];
-  if (ids.length === 0) {
+  const ids = [...new Set(hits.map((h) => prop(h, 'cloudlet_base_id') ?? ''))];
+  const [newest] = hits;
+  if (!newest)
     throw new NotFoundError(
       `no base ${ref} in Glance at ${client.endpoint} (see: cloudlet-overlay base list --glance)`,
       {
         base: ref,
       },
     );
-  }
   if (ids.length > 1)
-    throw new NotFoundError(`base ${ref} is ambiguous in Glance: ${ids.map((i) => i?.slice(0, 12)).join(', ')}`);
-  return hits[0]!;
+    throw new NotFoundError(`base ${ref} is ambiguous in Glance: ${ids.map((i) => i.slice(0, 12)).join(', ')}`, {
+      base: ref,
+    });
+  return newest;
+}
+
+/** Uploads a base package (`data`: the package bytes, streamed) as one checked image. */
+export async function uploadBasePackage(
+  client: GlanceClient,
+  info: BasePackageInfo,
+  opts: {
+    data: UploadSpec['data'];
+    /** The package's approximate size, for progress. */
+    total?: number;
+    visibility?: string;
+    progress: Progress;
+  },
+): Promise<Uploaded> {
+  const properties: Record<string, string> = {
+    cloudlet_type: CloudletType.basePackage,
+    cloudlet_base_id: info.baseId,
+    cloudlet_package_format: 'tar-1',
+    cloudlet_creator: TOOL,
+  };
+  const optional: Record<string, string | number | boolean | undefined> = {
+    cloudlet_base_name: info.name,
+    cloudlet_machine: info.machine,
+    cloudlet_memory_bytes: info.memoryBytes,
+    cloudlet_disk_bytes: info.diskBytes,
+    cloudlet_memory_mib: info.memoryMiB,
+    cloudlet_cpu: info.cpu,
+    cloudlet_smp: info.smp,
+    cloudlet_direct_boot: info.directBoot,
+    cloudlet_nic: info.nic,
+    cloudlet_qemu_version: info.qemuVersion,
+  };
+  // Glance keeps property values of ≤ 255 characters; the manifest in the package has them all.
+  for (const [k, v] of Object.entries(optional))
+    if (v !== undefined && String(v).length <= 255) properties[k] = String(v);
+  const label = info.name ?? info.baseId.slice(0, 12);
+  return uploadImage(client, {
+    image: {
+      name: `cloudlet-base-${label}`,
+      disk_format: 'raw',
+      container_format: 'bare',
+      visibility: opts.visibility,
+      properties,
+    },
+    data: opts.data,
+    size: undefined,
+    label: `uploading base ${label}`,
+    total: opts.total,
+    progress: opts.progress,
+  });
 }

@@ -2,17 +2,16 @@
  * Overlays in Glance: one image per overlay file (cloudlet_type=overlay, cloudlet_base_id).
  * resolveOverlaySource() turns glance://IMAGE_ID into a URL + headers after checking the
  * image's type and base, for the synthesis pipeline to fetch (Glance honours Range requests).
+ * The file's bytes are opaque here: api/glance.ts checks an overlay before it is uploaded.
  */
-import { createReadStream } from 'node:fs';
-import { basename } from 'node:path';
-import { TOOL } from '../api/version.js';
-import { OverlayReader } from '../overlay/reader.js';
 import { BaseMismatchError } from '../util/errors.js';
-import { silent, type Progress } from '../util/progress.js';
+import type { Progress } from '../util/progress.js';
+import { TOOL } from '../util/version.js';
 import type { SessionOptions } from './auth.js';
 import { findBaseImage } from './bases.js';
+import type { GlanceClient } from './client.js';
 import { BASE_ID, CloudletType, expectType, glanceImageId, glanceRef, openGlance, prop, sha256Of } from './image.js';
-import { uploadImage } from './upload.js';
+import { uploadImage, type UploadSpec, type Uploaded } from './upload.js';
 
 export interface OverlaySource {
   /** GET this (with `headers`) for the overlay's bytes; Range requests are honoured. */
@@ -55,53 +54,37 @@ export async function resolveOverlaySource(ref: string, opts: ResolveOptions = {
   };
 }
 
-export interface OverlayPushResult {
-  message_type: 'overlay_push';
-  image_id: string;
-  url: string;
-  glance: string;
-  base_id: string;
-  name: string;
-  size: number;
-  sha256: string;
+/** What an overlay image records about its overlay (read from the file's checked header). */
+export interface OverlayInfo {
+  baseId: string;
+  /** Format major.minor. */
+  version: string;
+  /** Carries a memory snapshot (synthesize can resume it). */
+  resumable: boolean;
+  machine?: string;
 }
 
-/** Uploads an overlay file (its header, footer and index checked first) as one image. */
-export async function pushOverlay(
-  file: string,
-  opts: SessionOptions & { name?: string; visibility?: string; progress?: Progress } = {},
-): Promise<OverlayPushResult> {
-  const progress = opts.progress ?? silent;
-  const reader = await OverlayReader.open(file);
-  const { header, fileSize } = reader;
-  await reader.close();
-  const client = await openGlance(opts);
-  const name = opts.name ?? basename(file);
+/** Uploads an overlay file's bytes (`data`, `size` of them) as one checked image. */
+export async function uploadOverlay(
+  client: GlanceClient,
+  info: OverlayInfo,
+  opts: { name: string; data: UploadSpec['data']; size: number; visibility?: string; progress: Progress },
+): Promise<Uploaded> {
   const properties: Record<string, string> = {
     cloudlet_type: CloudletType.overlay,
-    cloudlet_base_id: header.base.id,
-    cloudlet_overlay_version: `${header.version[0]}.${header.version[1]}`,
-    cloudlet_resumable: String(header.targets.some((t) => t.kind === 'ram')),
+    cloudlet_base_id: info.baseId,
+    cloudlet_overlay_version: info.version,
+    cloudlet_resumable: String(info.resumable),
     cloudlet_creator: TOOL,
   };
-  if (header.memory) properties.cloudlet_machine = header.memory.machine;
-  const up = await uploadImage(client, {
-    image: { name, disk_format: 'raw', container_format: 'bare', visibility: opts.visibility, properties },
-    data: () => createReadStream(file),
-    size: fileSize,
-    label: `uploading ${name}`,
-    progress,
+  if (info.machine) properties['cloudlet_machine'] = info.machine;
+  return uploadImage(client, {
+    image: { name: opts.name, disk_format: 'raw', container_format: 'bare', visibility: opts.visibility, properties },
+    data: opts.data,
+    size: opts.size,
+    label: `uploading ${opts.name}`,
+    progress: opts.progress,
   });
-  return {
-    message_type: 'overlay_push',
-    image_id: up.id,
-    url: glanceRef(up.id),
-    glance: client.endpoint,
-    base_id: header.base.id,
-    name,
-    size: up.bytes,
-    sha256: up.sha256,
-  };
 }
 
 export interface GlanceOverlay {
@@ -114,15 +97,14 @@ export interface GlanceOverlay {
   created_at: string;
 }
 
-/** Overlays in Glance, all or those made for one base. */
-export async function listOverlays(opts: SessionOptions & { base?: string } = {}): Promise<GlanceOverlay[]> {
-  const client = await openGlance(opts);
+/** Overlays in Glance, all or those made for one base (a full id, or a base id prefix or name in Glance). */
+export async function listOverlays(client: GlanceClient, base?: string): Promise<GlanceOverlay[]> {
   const filters: Record<string, string> = { cloudlet_type: CloudletType.overlay };
-  if (opts.base) {
+  if (base) {
     // A full id as is; a name or id prefix through the base packages in Glance.
-    filters.cloudlet_base_id = BASE_ID.test(opts.base)
-      ? opts.base
-      : (prop(await findBaseImage(client, opts.base), 'cloudlet_base_id') ?? opts.base);
+    filters['cloudlet_base_id'] = BASE_ID.test(base)
+      ? base
+      : (prop(await findBaseImage(client, base), 'cloudlet_base_id') ?? base);
   }
   const images = await client.listImages(filters);
   return images.map((i) => ({
@@ -136,13 +118,12 @@ export async function listOverlays(opts: SessionOptions & { base?: string } = {}
   }));
 }
 
-/** Deletes an overlay image (refusing to delete anything that is not one). */
-export async function removeOverlay(ref: string, opts: SessionOptions = {}): Promise<{ image_id: string }> {
+/** Deletes an overlay image (refusing to delete anything that is not one); returns its id. */
+export async function removeOverlay(client: GlanceClient, ref: string): Promise<string> {
   const id = glanceImageId(ref);
-  const client = await openGlance(opts);
   const image = await client.getImage(id);
   // Any overlay image, also one whose upload never finished; nothing else.
   if (prop(image, 'cloudlet_type') !== CloudletType.overlay) expectType(client, image, CloudletType.overlay);
   await client.deleteImage(id);
-  return { image_id: id };
+  return id;
 }

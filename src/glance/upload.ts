@@ -1,23 +1,25 @@
 /**
  * Uploading an image so that only complete, checked images stay in Glance: created with a
  * one-time tag, streamed, compared with what Glance says it stored, then untagged; any failure
- * or interrupt deletes it. And tar as a stream that fails rather than ends short.
+ * or interrupt deletes it.
  */
-import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { PassThrough, pipeline, Transform, type Readable } from 'node:stream';
+import { pipeline, Transform, type Readable } from 'node:stream';
 import { onCleanup } from '../util/cleanup.js';
-import { CloudletError, CorruptInputError, MissingToolError, NetworkError } from '../util/errors.js';
+import { CloudletError, NetworkError } from '../util/errors.js';
 import type { Progress } from '../util/progress.js';
-import type { GlanceClient } from './client.js';
+import type { GlanceClient, NewImage } from './client.js';
 
 /** Marks an image whose upload is in progress (removed once it is complete and checked). */
 const UPLOAD_TAG = 'cloudlet_upload';
 
 export interface UploadSpec {
-  image: Parameters<GlanceClient['createImage']>[0];
-  /** Opened only once the image exists. */
-  data: () => Readable;
+  image: NewImage;
+  /**
+   * Opened only once the image exists. A source must fail (destroy itself with an error), not
+   * end, when it cannot deliver everything: a cleanly ended short body is a complete image.
+   */
+  data: () => Readable | Promise<Readable>;
   size: number | undefined;
   label: string;
   /** For the progress percentage when `size` is unknown (an estimate). */
@@ -25,15 +27,18 @@ export interface UploadSpec {
   progress: Progress;
 }
 
+export interface Uploaded {
+  id: string;
+  bytes: number;
+  sha256: string;
+}
+
 /**
  * Creates an image, streams its data, checks what Glance stored (status, size, hash) and
  * records our sha256 as cloudlet_sha256 (Glance's own os_hash_value is sha512 by default).
  * Any failure, or an interrupt, deletes the image.
  */
-export async function uploadImage(
-  client: GlanceClient,
-  spec: UploadSpec,
-): Promise<{ id: string; bytes: number; sha256: string }> {
+export async function uploadImage(client: GlanceClient, spec: UploadSpec): Promise<Uploaded> {
   // An interrupt may come while Glance creates the image, before we know its id: the image
   // carries a one-time tag until it is complete, and cleanup finds it by that tag.
   const tag = randomBytes(12).toString('hex');
@@ -52,7 +57,7 @@ export async function uploadImage(
   try {
     spec.progress.step(spec.label, spec.size ?? spec.total);
     const md5 = createHash('md5');
-    const source = spec.data();
+    const source = await spec.data();
     const tee = new Transform({
       transform(chunk: Buffer, _enc, cb) {
         md5.update(chunk);
@@ -85,36 +90,4 @@ export async function uploadImage(
     if (err instanceof CloudletError) throw err;
     throw new NetworkError(`upload of image ${id} failed: ${(err as Error).message}`, { image: id });
   }
-}
-
-/** `tar ARGS` on stdout as a stream that fails (instead of ending short) when tar fails. */
-export function tarStream(args: string[]): Readable {
-  const out = new PassThrough();
-  const child = spawn('tar', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (c: Buffer) => {
-    if (stderr.length < 4096) stderr += c.toString('utf8');
-  });
-  const exited = new Promise<Error | undefined>((resolve) => {
-    child.once('error', (err: NodeJS.ErrnoException) =>
-      resolve(err.code === 'ENOENT' ? new MissingToolError('tar is not installed (Debian package tar)') : err),
-    );
-    child.once('close', (code, signal) =>
-      resolve(
-        code === 0
-          ? undefined
-          : new CorruptInputError(`tar failed (${signal ?? code}): ${stderr.trim().split('\n').pop()}`),
-      ),
-    );
-  });
-  child.stdout.on('data', (c: Buffer) => {
-    if (!out.write(c)) child.stdout.pause();
-  });
-  out.on('drain', () => child.stdout.resume());
-  child.stdout.once('end', () => void exited.then((err) => (err ? out.destroy(err) : out.end())));
-  void exited.then((err) => err && out.destroy(err));
-  out.once('close', () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-  });
-  return out;
 }

@@ -9,6 +9,7 @@ import { rm } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { Readable, Transform } from 'node:stream';
 import { join } from 'node:path';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { createHash, randomBytes } from 'node:crypto';
 import { CorruptInputError, NetworkError, NotFoundError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
@@ -40,13 +41,17 @@ export async function fetchToFile(
 ): Promise<Fetched> {
   const path = join(dir, `download-${randomBytes(6).toString('hex')}.overlay`);
   const unregister = onCleanup(() => rm(path, { force: true }));
-  const hash = options.sha256 ? createHash('sha256') : undefined;
+  const wantSha256 = options.sha256?.toLowerCase();
+  const hash = wantSha256 ? createHash('sha256') : undefined;
   let res: Response;
   try {
     res = await fetch(url, { headers: options.headers, signal: AbortSignal.timeout(timeoutMs) });
   } catch (err) {
     unregister();
-    throw new NetworkError(`cannot fetch ${url}: ${(err as Error).cause ? String((err as Error).cause) : (err as Error).message}`, { url });
+    throw new NetworkError(
+      `cannot fetch ${url}: ${(err as Error).cause ? String((err as Error).cause) : (err as Error).message}`,
+      { url },
+    );
   }
   if (res.status === 404) {
     unregister();
@@ -68,7 +73,11 @@ export async function fetchToFile(
     },
   });
   try {
-    await pipeline(Readable.fromWeb(res.body as import('node:stream/web').ReadableStream<Uint8Array>), count, createWriteStream(path, { flags: 'wx' }));
+    await pipeline(
+      Readable.fromWeb(res.body as WebReadableStream<Uint8Array>),
+      count,
+      createWriteStream(path, { flags: 'wx' }),
+    );
   } catch (err) {
     await rm(path, { force: true });
     unregister();
@@ -80,11 +89,11 @@ export async function fetchToFile(
     unregister();
     throw new NetworkError(`download of ${url} ended after ${bytes} of ${total} bytes`, { url });
   }
-  if (hash && hash.digest('hex') !== options.sha256!.toLowerCase()) {
+  if (hash && hash.digest('hex') !== wantSha256) {
     await rm(path, { force: true });
     unregister();
     progress.fail('download damaged');
-    throw new CorruptInputError(`download of ${url} does not match its sha256 ${options.sha256}`, { url });
+    throw new CorruptInputError(`download of ${url} does not match its sha256 ${wantSha256}`, { url });
   }
   progress.done(`downloaded ${url}`);
   return {

@@ -84,7 +84,13 @@ export interface FrameHeader {
   sha256: Buffer;
 }
 
-export function encodeFrameHeader(magic: Buffer, comp: Buffer, rawLength: number, records: number, sha: Buffer): Buffer {
+export function encodeFrameHeader(
+  magic: Buffer,
+  comp: Buffer,
+  rawLength: number,
+  records: number,
+  sha: Buffer,
+): Buffer {
   const h = Buffer.alloc(FRAME_HEADER);
   magic.copy(h, 0);
   h.writeUInt32LE(comp.length, 4);

@@ -102,7 +102,9 @@ export class OverlayReader implements SegmentStore {
         count++;
         yield { record, segment: n, offset };
       }
-      check(count === seg.records, `segment ${n}: holds ${count} records, its header says ${seg.records}`, { segment: n });
+      check(count === seg.records, `segment ${n}: holds ${count} records, its header says ${seg.records}`, {
+        segment: n,
+      });
     }
   }
 
@@ -110,7 +112,10 @@ export class OverlayReader implements SegmentStore {
     const where = `segment ${n}`;
     const head = await readExact(this.fh, seg.offset, FRAME_HEADER, this.fileSize, where);
     const fh = decodeFrameHeader(head);
-    check(fh.magic.equals(SEGMENT_MAGIC), `${where}: no segment at offset ${seg.offset}`, { segment: n, offset: seg.offset });
+    check(fh.magic.equals(SEGMENT_MAGIC), `${where}: no segment at offset ${seg.offset}`, {
+      segment: n,
+      offset: seg.offset,
+    });
     check(
       fh.compLength === seg.length && fh.rawLength === seg.rawLength && fh.records === seg.records,
       `${where}: header disagrees with the index`,
@@ -118,40 +123,62 @@ export class OverlayReader implements SegmentStore {
     );
     const frame = await readExact(this.fh, seg.offset + FRAME_HEADER, seg.length, this.fileSize, where);
     const sha = createHash('sha256').update(frame).digest();
-    check(sha.equals(fh.sha256) && sha.toString('hex') === seg.sha256, `${where}: checksum mismatch (damaged overlay)`, {
-      segment: n,
-      offset: seg.offset,
-    });
+    check(
+      sha.equals(fh.sha256) && sha.toString('hex') === seg.sha256,
+      `${where}: checksum mismatch (damaged overlay)`,
+      {
+        segment: n,
+        offset: seg.offset,
+      },
+    );
     return decompress(frame, seg.rawLength, where);
   }
 }
 
-async function readExact(fh: FileHandle, offset: number, length: number, fileSize: number, where: string): Promise<Buffer> {
-  check(offset >= 0 && length >= 0 && offset + length <= fileSize, `${where}: runs past the end of the file (truncated?)`, {
-    offset,
-  });
+async function readExact(
+  fh: FileHandle,
+  offset: number,
+  length: number,
+  fileSize: number,
+  where: string,
+): Promise<Buffer> {
+  check(
+    offset >= 0 && length >= 0 && offset + length <= fileSize,
+    `${where}: runs past the end of the file (truncated?)`,
+    {
+      offset,
+    },
+  );
   const buf = Buffer.alloc(length);
   const { bytesRead } = await fh.read(buf, 0, length, offset);
   check(bytesRead === length, `${where}: short read (file truncated?)`, { offset });
   return buf;
 }
 
-async function readHeader(fh: FileHandle, size: number): Promise<{ header: OverlayHeader; length: number; hash: Buffer }> {
+async function readHeader(
+  fh: FileHandle,
+  size: number,
+): Promise<{ header: OverlayHeader; length: number; hash: Buffer }> {
   check(size >= HEADER_FIXED, 'not an overlay: file too short');
   const fixed = await readExact(fh, 0, HEADER_FIXED, size, 'header');
   check(fixed.subarray(0, 8).equals(MAGIC), 'not a cloudlet-overlay file (bad magic)');
   const major = fixed.readUInt16LE(8);
   const minor = fixed.readUInt16LE(10);
   if (major !== VERSION_MAJOR) {
-    throw new UnsupportedError(`overlay format version ${major}.${minor} is not supported (this tool reads ${VERSION_MAJOR}.x)`, {
-      version: `${major}.${minor}`,
-    });
+    throw new UnsupportedError(
+      `overlay format version ${major}.${minor} is not supported (this tool reads ${VERSION_MAJOR}.x)`,
+      {
+        version: `${major}.${minor}`,
+      },
+    );
   }
   const jsonLen = fixed.readUInt32LE(12);
   check(jsonLen <= MAX_HEADER_JSON, 'header: implausible length', { length: jsonLen });
   const rest = await readExact(fh, HEADER_FIXED, jsonLen + HASH_LEN, size, 'header');
   const whole = Buffer.concat([fixed, rest]);
-  const hash = createHash('sha256').update(whole.subarray(0, HEADER_FIXED + jsonLen)).digest();
+  const hash = createHash('sha256')
+    .update(whole.subarray(0, HEADER_FIXED + jsonLen))
+    .digest();
   check(hash.equals(whole.subarray(HEADER_FIXED + jsonLen)), 'header: checksum mismatch (damaged overlay)');
   const header = parseHeader(whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen));
   return { header, length: whole.length, hash: createHash('sha256').update(whole).digest() };

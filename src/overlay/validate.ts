@@ -3,9 +3,16 @@
  * these turn it into typed values or a CorruptInputError that names the field.
  */
 import { CorruptInputError } from '../util/errors.js';
+import { CHUNK_SIZE } from '../delta/chunk.js';
 import type { TargetKind } from '../delta/target.js';
 import type { DiffStats } from '../delta/stats.js';
-import { MAX_SEGMENT_RAW, type OverlayHeader, type OverlayIndex, type OverlayTarget, type SegmentEntry } from './format.js';
+import {
+  MAX_SEGMENT_RAW,
+  type OverlayHeader,
+  type OverlayIndex,
+  type OverlayTarget,
+  type SegmentEntry,
+} from './format.js';
 
 type Obj = { [key: string]: unknown };
 
@@ -24,7 +31,8 @@ function str(v: unknown, where: string): string {
 }
 
 function int(v: unknown, where: string, max = Number.MAX_SAFE_INTEGER): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0 || v > max) fail(where, 'expected a non-negative integer');
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0 || v > max)
+    fail(where, 'expected a non-negative integer');
   return v;
 }
 
@@ -59,7 +67,7 @@ export function parseHeader(buf: Buffer): OverlayHeader {
   const version = arr(o.version, 'header.version').map((x, i) => int(x, `header.version[${i}]`));
   if (version.length !== 2) fail('header.version', 'expected [major, minor]');
   const chunkSize = int(o.chunkSize, 'header.chunkSize');
-  if (chunkSize !== 4096) fail('header.chunkSize', `unsupported chunk size ${chunkSize}`);
+  if (chunkSize !== CHUNK_SIZE) fail('header.chunkSize', `unsupported chunk size ${chunkSize}`);
   const base = obj(o.base, 'header.base');
   const baseId = str(base.id, 'header.base.id');
   if (!HEX64.test(baseId)) fail('header.base.id', 'expected 64 hex digits');
@@ -74,7 +82,10 @@ export function parseHeader(buf: Buffer): OverlayHeader {
     createdAt: str(o.createdAt, 'header.createdAt'),
     creator: str(o.creator, 'header.creator'),
     chunkSize,
-    base: { id: baseId, targets: arr(base.targets, 'header.base.targets').map((t, i) => target(t, `header.base.targets[${i}]`)) },
+    base: {
+      id: baseId,
+      targets: arr(base.targets, 'header.base.targets').map((t, i) => target(t, `header.base.targets[${i}]`)),
+    },
     targets,
     compression: { codec: 'zstd', level: int(compression.level, 'header.compression.level', 22) },
   };

@@ -6,8 +6,7 @@
 import { createHash } from 'node:crypto';
 import { AtomicFile } from '../util/atomic.js';
 import { compress } from '../delta/zstd.js';
-import { encodedLength, recordCount, writeRecord, type ChunkRecord } from '../delta/record.js';
-import type { RecordSink } from '../delta/diff.js';
+import { encodedLength, recordCount, writeRecord, type ChunkRecord, type RecordSink } from '../delta/record.js';
 import type { DiffStats } from '../delta/stats.js';
 import type { TargetInfo } from '../delta/target.js';
 import {
@@ -175,6 +174,9 @@ export function headerBytes(header: OverlayHeader): Buffer {
   out.writeUInt16LE(VERSION_MINOR, 10);
   out.writeUInt32LE(json.length, 12);
   json.copy(out, HEADER_FIXED);
-  createHash('sha256').update(out.subarray(0, HEADER_FIXED + json.length)).digest().copy(out, HEADER_FIXED + json.length);
+  createHash('sha256')
+    .update(out.subarray(0, HEADER_FIXED + json.length))
+    .digest()
+    .copy(out, HEADER_FIXED + json.length);
   return out;
 }

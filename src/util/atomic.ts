@@ -30,7 +30,11 @@ export class AtomicFile {
   private done = false;
   private readonly unregister: () => void;
 
-  private constructor(readonly path: string, readonly handle: FileHandle, tempPath: string) {
+  private constructor(
+    readonly path: string,
+    readonly handle: FileHandle,
+    tempPath: string,
+  ) {
     this.tempPath = tempPath;
     this.unregister = onCleanup(() => this.abort());
   }

@@ -13,9 +13,10 @@ import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access, mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 import { writeFileAtomic } from '../util/atomic.js';
 import { UsageError } from '../util/errors.js';
+import { locateProgram } from '../util/programs.js';
 
 export type Accel = 'kvm' | 'tcg';
 export type AccelChoice = Accel | 'auto';
@@ -61,7 +62,11 @@ export interface ProbeOptions {
 
 /** Whether KVM really runs a long-mode guest here; probed once per process (and boot). */
 export function probeKvm(options: ProbeOptions = {}): Promise<KvmProbeResult> {
-  cached ??= probeCached(options.qemuBinary ?? 'qemu-system-x86_64', options.timeoutMs ?? 1500, options.diskCache ?? true);
+  cached ??= probeCached(
+    options.qemuBinary ?? 'qemu-system-x86_64',
+    options.timeoutMs ?? 1500,
+    options.diskCache ?? true,
+  );
   return cached;
 }
 
@@ -79,15 +84,11 @@ function cacheFile(): string {
 async function cacheKey(qemuBinary: string): Promise<string | null> {
   try {
     const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
-    const dirs = qemuBinary.includes('/') ? [''] : (process.env['PATH'] ?? '').split(delimiter);
-    for (const dir of dirs) {
-      const path = dir ? join(dir, qemuBinary) : qemuBinary;
-      const st = await stat(path).catch(() => null);
-      if (!st) continue;
-      const kvm = await stat('/dev/kvm').catch(() => null);
-      return [bootId, path, st.size, st.mtimeMs, kvm ? `${kvm.rdev}:${kvm.mode}` : 'none'].join('|');
-    }
-    return null;
+    const path = await locateProgram(qemuBinary);
+    if (!path) return null;
+    const st = await stat(path);
+    const kvm = await stat('/dev/kvm').catch(() => null);
+    return [bootId, path, st.size, st.mtimeMs, kvm ? `${kvm.rdev}:${kvm.mode}` : 'none'].join('|');
   } catch {
     return null;
   }
@@ -157,41 +158,71 @@ async function runProbe(qemuBinary: string, timeoutMs: number): Promise<KvmProbe
     const firmware = join(dir, 'probe.bin');
     await writeFile(firmware, kvmProbeFirmware());
     const args = [
-      '-machine', 'pc-q35-7.2', '-accel', 'kvm', '-m', '16', '-cpu', 'qemu64',
-      '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-      '-monitor', 'none', '-serial', 'none', '-parallel', 'none',
-      '-bios', firmware, '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04',
+      '-machine',
+      'pc-q35-7.2',
+      '-accel',
+      'kvm',
+      '-m',
+      '16',
+      '-cpu',
+      'qemu64',
+      '-nodefaults',
+      '-no-user-config',
+      '-display',
+      'none',
+      '-no-reboot',
+      '-monitor',
+      'none',
+      '-serial',
+      'none',
+      '-parallel',
+      'none',
+      '-bios',
+      firmware,
+      '-device',
+      'isa-debug-exit,iobase=0xf4,iosize=0x04',
     ];
-    const outcome = await new Promise<{ status: number | null; stderr: string; timedOut: boolean; spawnError?: string }>(
-      (resolve) => {
-        let stderr = '';
-        let timedOut = false;
-        const child = spawn(qemuBinary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-        child.stderr.setEncoding('utf8');
-        child.stderr.on('data', (d: string) => {
-          if (stderr.length < 4096) stderr += d;
-        });
-        const timer = setTimeout(() => {
-          timedOut = true;
-          child.kill('SIGKILL');
-        }, timeoutMs);
-        child.on('error', (err) => {
-          clearTimeout(timer);
-          resolve({ status: null, stderr, timedOut, spawnError: err.message });
-        });
-        child.on('close', (status) => {
-          clearTimeout(timer);
-          resolve({ status, stderr, timedOut });
-        });
-      },
-    );
+    const outcome = await new Promise<{
+      status: number | null;
+      stderr: string;
+      timedOut: boolean;
+      spawnError?: string;
+    }>((resolve) => {
+      let stderr = '';
+      let timedOut = false;
+      const child = spawn(qemuBinary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+      child.stderr.setEncoding('utf8');
+      child.stderr.on('data', (d: string) => {
+        if (stderr.length < 4096) stderr += d;
+      });
+      const timer = setTimeout(() => {
+        timedOut = true;
+        child.kill('SIGKILL');
+      }, timeoutMs);
+      child.on('error', (err) => {
+        clearTimeout(timer);
+        resolve({ status: null, stderr, timedOut, spawnError: err.message });
+      });
+      child.on('close', (status) => {
+        clearTimeout(timer);
+        resolve({ status, stderr, timedOut });
+      });
+    });
     if (outcome.spawnError) return result(false, `cannot run ${qemuBinary}: ${outcome.spawnError}`);
     if (outcome.timedOut) {
       return result(false, `a KVM test guest did not reach long mode within ${timeoutMs} ms (KVM hangs on this host)`);
     }
     if (outcome.status === PROBE_OK_STATUS) return result(true, '');
-    const lastLine = outcome.stderr.trim().split('\n').filter((l) => !/warning:/.test(l)).pop() ?? '';
-    return result(false, `a KVM test guest failed (exit ${outcome.status ?? 'signal'})${lastLine ? `: ${lastLine}` : ''}`);
+    const lastLine =
+      outcome.stderr
+        .trim()
+        .split('\n')
+        .filter((l) => !/warning:/.test(l))
+        .pop() ?? '';
+    return result(
+      false,
+      `a KVM test guest failed (exit ${outcome.status ?? 'signal'})${lastLine ? `: ${lastLine}` : ''}`,
+    );
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -4,12 +4,33 @@
  * (QMP, serial sockets, -incoming, daemonize, pidfile) is dropped; guest-visible options we do
  * not model are kept verbatim in extraArgs.
  */
-import type { DriveSpec, NetworkSpec, PortForward, VmSpec } from './qemu.js';
+import type { DriveSpec, NetworkSpec, PortForward, VmSpec } from '../spec/vm-spec.js';
 import { UnsupportedError } from '../util/errors.js';
 
 /** Options that only concern the host side of this one process. */
-const HOST_ONLY = new Set(['-qmp', '-monitor', '-mon', '-serial', '-incoming', '-pidfile', '-name', '-display', '-vnc', '-accel', '-enable-kvm']);
-const FLAGS = new Set(['-nodefaults', '-no-user-config', '-no-reboot', '-daemonize', '-enable-kvm', '-S', '-nographic', '-no-shutdown']);
+const HOST_ONLY = new Set([
+  '-qmp',
+  '-monitor',
+  '-mon',
+  '-serial',
+  '-incoming',
+  '-pidfile',
+  '-name',
+  '-display',
+  '-vnc',
+  '-accel',
+  '-enable-kvm',
+]);
+const FLAGS = new Set([
+  '-nodefaults',
+  '-no-user-config',
+  '-no-reboot',
+  '-daemonize',
+  '-enable-kvm',
+  '-S',
+  '-nographic',
+  '-no-shutdown',
+]);
 
 function opts(value: string): Map<string, string> {
   const m = new Map<string, string>();
@@ -66,14 +87,18 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
       case '-drive': {
         const o = opts(v);
         const format = o.get('format');
-        if (format !== 'raw' && format !== 'qcow2') throw new UnsupportedError(`drive format ${format ?? '(probed)'} is not supported for snapshots: give format=raw or qcow2`);
+        if (format !== 'raw' && format !== 'qcow2')
+          throw new UnsupportedError(
+            `drive format ${format ?? '(probed)'} is not supported for snapshots: give format=raw or qcow2`,
+          );
         const iface = (o.get('if') ?? 'ide') as DriveSpec['if'];
         spec.drives.push({ file: o.get('file') ?? '', format, if: iface, ...(o.get('id') ? { id: o.get('id') } : {}) });
         break;
       }
       case '-netdev': {
         const o = opts(v);
-        if (o.get('') !== 'user') throw new UnsupportedError(`netdev ${o.get('')} is not supported: only user-mode networking`);
+        if (o.get('') !== 'user')
+          throw new UnsupportedError(`netdev ${o.get('')} is not supported: only user-mode networking`);
         const fwd: PortForward[] = [];
         for (const [k, val] of o) {
           if (k !== 'hostfwd') continue;
@@ -86,8 +111,9 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
       case '-device': {
         const o = opts(v);
         const model = o.get('') ?? '';
-        if (o.has('netdev') && !network) {
-          network = { model, romfile: o.get('romfile') ?? undefined, forwards: netdevs.get(o.get('netdev')!) ?? [] };
+        const netdev = o.get('netdev');
+        if (netdev !== undefined && !network) {
+          network = { model, romfile: o.get('romfile') ?? undefined, forwards: netdevs.get(netdev) ?? [] };
           if (o.get('mac')) network.mac = o.get('mac');
         } else {
           spec.extraArgs.push('-device', v);
@@ -106,7 +132,8 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
         spec.extraArgs.push(a, v);
     }
   }
-  if (!spec.machine || !spec.memoryMiB) throw new UnsupportedError('cannot read machine type and memory size from the QEMU command line');
+  if (!spec.machine || !spec.memoryMiB)
+    throw new UnsupportedError('cannot read machine type and memory size from the QEMU command line');
   const out: VmSpec = { machine: spec.machine, memoryMiB: spec.memoryMiB };
   if (spec.cpu) out.cpu = spec.cpu;
   if (spec.smp) out.smp = spec.smp;

@@ -7,7 +7,7 @@ import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient } from './qmp.js';
 import { specFromArgv } from './argv-spec.js';
-import type { VmSpec } from './qemu.js';
+import type { VmSpec } from '../spec/vm-spec.js';
 import { NotFoundError } from '../util/errors.js';
 
 export class AttachedVm {
@@ -28,7 +28,8 @@ export class AttachedVm {
     const path = resolve(qmpSocket);
     const qmp = await QmpClient.connect(path, { timeoutMs: 5000 }).catch((err: unknown) => {
       throw new NotFoundError(
-        `no QEMU answers on ${path} (QEMU serves one QMP client per socket: is another one connected?): ${(err as Error).message}`,
+        `no QEMU answers on ${path} (QEMU serves one QMP client per socket: is another one connected?): ` +
+          (err as Error).message,
         { path },
       );
     });

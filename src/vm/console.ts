@@ -129,7 +129,6 @@ export class SerialConsole {
     };
   }
 
-
   /** Resolves with the first match of `pattern` in text received at or after offset `from`. */
   waitFor(pattern: RegExp, options: { timeoutMs?: number; from?: number } = {}): Promise<RegExpExecArray> {
     const timeoutMs = options.timeoutMs ?? 30_000;

@@ -59,8 +59,7 @@ export class QmpClient extends EventEmitter<QmpEvents> {
   private nextId = 1;
   private readonly pending = new Map<string, Pending>();
   private isClosed = false;
-  private greetingWaiter: { resolve: (g: QmpGreeting) => void; reject: (e: Error) => void } | null =
-    null;
+  private greetingWaiter: { resolve: (g: QmpGreeting) => void; reject: (e: Error) => void } | null = null;
   private greetingValue: QmpGreeting | null = null;
 
   private constructor(
@@ -107,9 +106,7 @@ export class QmpClient extends EventEmitter<QmpEvents> {
           lastError: String(lastError),
         });
       }
-      await sleep(retryMs, undefined, options.signal ? { signal: options.signal } : undefined).catch(
-        () => undefined,
-      );
+      await sleep(retryMs, undefined, options.signal ? { signal: options.signal } : undefined).catch(() => undefined);
     }
   }
 
@@ -127,11 +124,7 @@ export class QmpClient extends EventEmitter<QmpEvents> {
    * Runs one command. Resolves with its `return` value; rejects with QemuError carrying QMP's
    * error class and description, TimeoutError, or QemuError if the connection closes first.
    */
-  execute<T = unknown>(
-    command: string,
-    args?: Record<string, unknown>,
-    options: QmpExecuteOptions = {},
-  ): Promise<T> {
+  execute<T = unknown>(command: string, args?: Record<string, unknown>, options: QmpExecuteOptions = {}): Promise<T> {
     if (this.isClosed) {
       return Promise.reject(new QemuError(`QMP connection closed; cannot run ${command}`, { command }));
     }

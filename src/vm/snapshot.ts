@@ -1,6 +1,6 @@
 /**
  * Capturing a running VM: its memory as a QEMU migration stream file, its disk copied while the
- * VM is stopped (so disk and memory are one consistent instant), and a manifest of what a resume
+ * VM is stopped (so disk and memory are one consistent instant), and a record of what a resume
  * must match (machine type, RAM, CPU, the exact argv), read from the running QEMU itself.
  *
  * Order matters: `stop` (QEMU drains and flushes the disks), raise the migration bandwidth cap
@@ -14,11 +14,12 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { syncDir, tempNameFor, writeFileAtomic } from '../util/atomic.js';
 import { onCleanup } from '../util/cleanup.js';
 import { CloudletError, QemuError, TimeoutError } from '../util/errors.js';
-import { shellQuote, type VmSpec } from './qemu.js';
+import type { VmSpec } from '../spec/vm-spec.js';
+import { shellQuote } from './argv.js';
 import type { QmpClient } from './qmp.js';
 
 /** What a snapshot needs of a VM: one we started (QemuVm) or one we attached to (AttachedVm). */
-export interface SnapshotTarget {
+export interface CapturableVm {
   readonly qmp: QmpClient;
   readonly spec: VmSpec;
   readonly pid: number;
@@ -29,7 +30,7 @@ export interface SnapshotTarget {
 }
 
 /** What a resume must match, recorded from the source QEMU. */
-export interface VmManifest {
+export interface CaptureInfo {
   version: 1;
   createdAt: string;
   qemuVersion: string;
@@ -55,15 +56,15 @@ export interface DiskCopy {
   to: string;
 }
 
-export interface SnapshotOptions {
+export interface CaptureSnapshotOptions {
   /** Final path of the memory snapshot (migration stream). */
   memPath: string;
   /** After capture: keep running (`cont`), `quit` QEMU, or stay stopped. Default 'resume'. */
-  then?: 'resume' | 'quit' | 'stop';
+  afterCapture?: 'resume' | 'quit' | 'stop';
   /** Disk images to copy while the VM is stopped. */
   disks?: DiskCopy[];
-  /** Where to write the manifest as JSON (atomically); none when omitted. */
-  manifestPath?: string;
+  /** Where to write the CaptureInfo as JSON (atomically); none when omitted. */
+  infoPath?: string;
   /** Migration bandwidth cap in bytes/s. Default 64 GiB/s (effectively none). */
   maxBandwidth?: number;
   /** Default 5 min. */
@@ -72,26 +73,26 @@ export interface SnapshotOptions {
   fsync?: boolean;
 }
 
-export interface SnapshotResult {
+export interface CapturedSnapshot {
   memPath: string;
   memBytes: number;
-  manifest: VmManifest;
+  info: CaptureInfo;
   timings: { migrateMs: number; diskCopyMs: number; totalMs: number };
 }
 
 /** Captures memory (+ disks) of a running VM; see the module comment for the order. */
-export async function captureSnapshot(vm: SnapshotTarget, options: SnapshotOptions): Promise<SnapshotResult> {
+export async function captureSnapshot(vm: CapturableVm, options: CaptureSnapshotOptions): Promise<CapturedSnapshot> {
   const t0 = performance.now();
   const qmp = vm.qmp;
-  const manifestBase = await readManifestFromQemu(vm);
+  const infoBase = await readCaptureInfo(vm);
 
   await qmp.execute('migrate-set-parameters', { 'max-bandwidth': options.maxBandwidth ?? 64 * 2 ** 30 });
   await qmp.execute('stop');
   try {
-    return await captureStopped(vm, options, manifestBase, t0);
+    return await captureStopped(vm, options, infoBase, t0);
   } catch (err) {
     // Leave the VM as the caller expects it: running again when it asked for 'resume'.
-    if ((options.then ?? 'resume') === 'resume' && vm.running) {
+    if ((options.afterCapture ?? 'resume') === 'resume' && vm.running) {
       await qmp.execute('cont').catch(() => undefined);
     }
     throw err;
@@ -99,11 +100,11 @@ export async function captureSnapshot(vm: SnapshotTarget, options: SnapshotOptio
 }
 
 async function captureStopped(
-  vm: SnapshotTarget,
-  options: SnapshotOptions,
-  manifestBase: Omit<VmManifest, 'memory' | 'disks'>,
+  vm: CapturableVm,
+  options: CaptureSnapshotOptions,
+  infoBase: Omit<CaptureInfo, 'memory' | 'disks'>,
   t0: number,
-): Promise<SnapshotResult> {
+): Promise<CapturedSnapshot> {
   const qmp = vm.qmp;
   const timeoutMs = options.timeoutMs ?? 300_000;
   const fsync = options.fsync ?? true;
@@ -141,8 +142,8 @@ async function captureStopped(
   for (const d of options.disks ?? []) await copyDiskWhileStopped(vm, d.from, d.to, { fsync });
   const diskCopyMs = performance.now() - d0;
 
-  const manifest: VmManifest = {
-    ...manifestBase,
+  const info: CaptureInfo = {
+    ...infoBase,
     memory: { file: basename(options.memPath), bytes: memBytes },
     disks: (options.disks ?? []).map((d) => ({
       file: basename(d.to),
@@ -150,12 +151,17 @@ async function captureStopped(
       source: d.from,
     })),
   };
-  if (options.manifestPath) await writeFileAtomic(options.manifestPath, JSON.stringify(manifest, null, 2) + '\n');
+  if (options.infoPath) await writeFileAtomic(options.infoPath, JSON.stringify(info, null, 2) + '\n');
 
-  const then = options.then ?? 'resume';
-  if (then === 'resume') await qmp.execute('cont');
-  else if (then === 'quit') await vm.stop();
-  return { memPath: options.memPath, memBytes, manifest, timings: { migrateMs, diskCopyMs, totalMs: performance.now() - t0 } };
+  const after = options.afterCapture ?? 'resume';
+  if (after === 'resume') await qmp.execute('cont');
+  else if (after === 'quit') await vm.stop();
+  return {
+    memPath: options.memPath,
+    memBytes,
+    info,
+    timings: { migrateMs, diskCopyMs, totalMs: performance.now() - t0 },
+  };
 }
 
 /**
@@ -163,7 +169,7 @@ async function captureStopped(
  * Refuses while the VM runs: a copy of a live disk is not consistent with anything.
  */
 export async function copyDiskWhileStopped(
-  vm: SnapshotTarget,
+  vm: CapturableVm,
   from: string,
   to: string,
   options: { fsync?: boolean } = {},
@@ -194,7 +200,7 @@ export async function copySparse(from: string, to: string, options: { fsync?: bo
 }
 
 /** Reads machine, RAM, CPU and argv from the running QEMU (not from what we think we started). */
-export async function readManifestFromQemu(vm: SnapshotTarget): Promise<Omit<VmManifest, 'memory' | 'disks'>> {
+export async function readCaptureInfo(vm: CapturableVm): Promise<Omit<CaptureInfo, 'memory' | 'disks'>> {
   const qmp = vm.qmp;
   const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number }; package: string }>(
     'query-version',
@@ -238,7 +244,7 @@ interface MigrateInfo {
   ram?: { transferred?: number; total?: number };
 }
 
-async function waitMigration(vm: SnapshotTarget, timeoutMs: number): Promise<MigrateInfo> {
+async function waitMigration(vm: CapturableVm, timeoutMs: number): Promise<MigrateInfo> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     vm.exitSignal.throwIfAborted();
@@ -265,7 +271,7 @@ async function waitMigration(vm: SnapshotTarget, timeoutMs: number): Promise<Mig
   }
 }
 
-async function waitForFile(path: string, vm: SnapshotTarget, timeoutMs: number): Promise<void> {
+async function waitForFile(path: string, vm: CapturableVm, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {

@@ -17,6 +17,7 @@ import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, repoRoot, type RunningDemoVm } from '../helpers/demo-vm.js';
 import { BIN, cli, type CliResult } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
+import { xorByte } from '../helpers/bytes.js';
 
 const hasQemu = findQemu() !== null;
 const hasGlance = existsSync('/usr/bin/glance-api');
@@ -329,7 +330,7 @@ test('Glance failures: one line, a distinct exit code, nothing left behind', { s
   const size = (await fh.stat()).size;
   const one = Buffer.alloc(1);
   await fh.read(one, 0, 1, Math.floor(size / 2));
-  one[0] ^= 0x20;
+  xorByte(one, 0, 0x20);
   await fh.write(one, 0, 1, Math.floor(size / 2));
   await fh.close();
   const envC = { ...envB, CLOUDLET_LIBRARY: join(work, 'lib-c') };

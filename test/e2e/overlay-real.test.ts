@@ -35,7 +35,10 @@ after(async () => {
 
 /** Compares every page of every block; `over` = the base to apply a sparse stream onto. */
 async function samePages(got: MemorySnapshot, want: MemorySnapshot, over?: MemorySnapshot): Promise<number> {
-  assert.deepEqual(got.blocks.map((b) => [b.name, b.length]), want.blocks.map((b) => [b.name, b.length]));
+  assert.deepEqual(
+    got.blocks.map((b) => [b.name, b.length]),
+    want.blocks.map((b) => [b.name, b.length]),
+  );
   const a = Buffer.alloc(4096);
   const b = Buffer.alloc(4096);
   let pages = 0;
@@ -53,50 +56,92 @@ async function samePages(got: MemorySnapshot, want: MemorySnapshot, over?: Memor
   return pages;
 }
 
-test('real QEMU snapshots: overlay rebuilds memory page by page and the disk byte for byte', { skip: !hasQemu, timeout: 180_000 }, async (t) => {
-  assert.notEqual(cap.statuses.custom.marker, cap.statuses.base.marker, 'the guest was customized');
-  const overlay = join(work, 'app.overlay');
-  const c = await cli(['create', '--base-disk', cap.base.disk, '--base-memory', cap.base.mem, '--disk', cap.custom.disk, '--memory', cap.custom.mem, '-o', overlay]);
-  assert.equal(c.code, 0, c.stderr);
-  const size = (await stat(overlay)).size;
-  const customized = (await stat(cap.custom.mem)).size + (await stat(cap.custom.disk)).size;
-  t.diagnostic(`overlay ${size} bytes for ${customized} bytes of customized VM; ${JSON.stringify((c.json.stats as { encodings: unknown }).encodings)}`);
+test(
+  'real QEMU snapshots: overlay rebuilds memory page by page and the disk byte for byte',
+  { skip: !hasQemu, timeout: 180_000 },
+  async (t) => {
+    assert.notEqual(cap.statuses.custom.marker, cap.statuses.base.marker, 'the guest was customized');
+    const overlay = join(work, 'app.overlay');
+    const c = await cli([
+      'create',
+      '--base-disk',
+      cap.base.disk,
+      '--base-memory',
+      cap.base.mem,
+      '--disk',
+      cap.custom.disk,
+      '--memory',
+      cap.custom.mem,
+      '-o',
+      overlay,
+    ]);
+    assert.equal(c.code, 0, c.stderr);
+    const size = (await stat(overlay)).size;
+    const customized = (await stat(cap.custom.mem)).size + (await stat(cap.custom.disk)).size;
+    t.diagnostic(
+      `overlay ${size} bytes for ${customized} bytes of customized VM; ` +
+        JSON.stringify((c.json.stats as { encodings: unknown }).encodings),
+    );
 
-  const base = ['--base-disk', cap.base.disk, '--base-memory', cap.base.mem];
-  const a = await cli(['apply', overlay, ...base, '-o', join(work, 'full')]);
-  assert.equal(a.code, 0, a.stderr);
-  assert.match(qemuImg('compare', '-f', 'qcow2', '-F', 'raw', join(work, 'full', 'disk.qcow2'), cap.custom.disk), /identical/);
-  const check = JSON.parse(qemuImg('check', '--output=json', join(work, 'full', 'disk.qcow2'))) as Record<string, number>;
-  assert.equal(check['check-errors'], 0);
-  assert.equal(check['corruptions'] ?? 0, 0);
-  assert.equal(check['leaks'] ?? 0, 0);
+    const base = ['--base-disk', cap.base.disk, '--base-memory', cap.base.mem];
+    const a = await cli(['apply', overlay, ...base, '-o', join(work, 'full')]);
+    assert.equal(a.code, 0, a.stderr);
+    assert.match(
+      qemuImg('compare', '-f', 'qcow2', '-F', 'raw', join(work, 'full', 'disk.qcow2'), cap.custom.disk),
+      /identical/,
+    );
+    const check = JSON.parse(qemuImg('check', '--output=json', join(work, 'full', 'disk.qcow2'))) as Record<
+      string,
+      number
+    >;
+    assert.equal(check['check-errors'], 0);
+    assert.equal(check['corruptions'] ?? 0, 0);
+    assert.equal(check['leaks'] ?? 0, 0);
 
-  const want = await openMemorySnapshot(cap.custom.mem);
-  const got = await openMemorySnapshot(join(work, 'full', 'memory.stream'));
-  try {
-    const pages = await samePages(got, want);
-    t.diagnostic(`${pages} pages identical`);
-  } finally {
-    await got.close();
-  }
-
-  // Sparse: the base's pc.ram as a raw file, the changed pages on top.
-  const baseSnap = await openMemorySnapshot(cap.base.mem);
-  try {
-    await writeRamFile(baseSnap, 'pc.ram', join(work, 'base-pc.ram'));
-    const s = await cli(['apply', overlay, ...base, '-o', join(work, 'sparse'), '--memory-format', 'sparse', '--base-ram', join(work, 'base-pc.ram'), '--disk-format', 'raw']);
-    assert.equal(s.code, 0, s.stderr);
-    assert.match(qemuImg('compare', '-f', 'raw', '-F', 'raw', join(work, 'sparse', 'disk.raw'), cap.custom.disk), /identical/);
-    const sparse = await openMemorySnapshot(join(work, 'sparse', 'memory.sparse'));
+    const want = await openMemorySnapshot(cap.custom.mem);
+    const got = await openMemorySnapshot(join(work, 'full', 'memory.stream'));
     try {
-      await samePages(sparse, want, baseSnap);
-      const sent = sparse.pages('pc.ram').counts();
-      t.diagnostic(`sparse stream: ${sent.data + sent.zero + sent.fill} pc.ram pages of ${sparse.pages('pc.ram').pages}`);
+      const pages = await samePages(got, want);
+      t.diagnostic(`${pages} pages identical`);
     } finally {
-      await sparse.close();
+      await got.close();
     }
-  } finally {
-    await baseSnap.close();
-    await want.close();
-  }
-});
+
+    // Sparse: the base's pc.ram as a raw file, the changed pages on top.
+    const baseSnap = await openMemorySnapshot(cap.base.mem);
+    try {
+      await writeRamFile(baseSnap, 'pc.ram', join(work, 'base-pc.ram'));
+      const s = await cli([
+        'apply',
+        overlay,
+        ...base,
+        '-o',
+        join(work, 'sparse'),
+        '--memory-format',
+        'sparse',
+        '--base-ram',
+        join(work, 'base-pc.ram'),
+        '--disk-format',
+        'raw',
+      ]);
+      assert.equal(s.code, 0, s.stderr);
+      assert.match(
+        qemuImg('compare', '-f', 'raw', '-F', 'raw', join(work, 'sparse', 'disk.raw'), cap.custom.disk),
+        /identical/,
+      );
+      const sparse = await openMemorySnapshot(join(work, 'sparse', 'memory.sparse'));
+      try {
+        await samePages(sparse, want, baseSnap);
+        const sent = sparse.pages('pc.ram').counts();
+        t.diagnostic(
+          `sparse stream: ${sent.data + sent.zero + sent.fill} pc.ram pages of ${sparse.pages('pc.ram').pages}`,
+        );
+      } finally {
+        await sparse.close();
+      }
+    } finally {
+      await baseSnap.close();
+      await want.close();
+    }
+  },
+);

@@ -6,16 +6,19 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm, writeFile, mkdir, symlink } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile, mkdir, stat, symlink } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, type CliResult } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
+import { xorByte } from '../helpers/bytes.js';
 
 const hasQemu = findQemu() !== null;
 if (!hasQemu && process.env.CI) throw new Error('QEMU is required in CI (apt-get install qemu-system-x86 qemu-utils)');
@@ -62,193 +65,341 @@ after(async () => {
   await rm(work, { recursive: true, force: true });
 });
 
-test('capture a base, customize it, create an overlay, synthesize it', { skip: !hasQemu, timeout: 240_000 }, async (t) => {
-  // 1. A freshly booted base VM, captured into the library through its QMP socket.
-  let booted: RunningDemoVm | undefined = await bootDemoVm({ workDir: join(work, 'boot') });
-  try {
-    baseStatus = parseStatus((await (await fetch(booted.statusUrl)).text()));
-    await booted.vm.qmp.close(); // QEMU serves one QMP client per socket: leave it to the CLI
-    const cap = ok(await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', 'demo', '--then', 'quit'], env), 'base capture');
-    baseId = String(cap.id);
-    await booted.vm.waitExit(10_000);
-  } finally {
-    await booted?.vm.stop();
-    booted = undefined;
-  }
-  const baseDir = join(work, 'lib', 'bases', baseId);
-  const ramFile = join(baseDir, 'ram', 'pc.ram.raw');
-  const baseDisk = join(baseDir, 'disk.raw');
-  const before = { ram: await sha256(ramFile), disk: await sha256(baseDisk) };
-
-  // 2. Launch it with a fresh disk layer and install an "application" through the console.
-  const port0 = await freePort();
-  const launched = ok(await cli(['launch', 'demo', '--customize', '--forward', `${port0}:8080`], env), 'launch');
-  const iid = String(launched.instance);
-  const resumed = parseStatus(await (await fetch(`http://127.0.0.1:${port0}/cgi-bin/status`)).text());
-  assert.equal(resumed.token, baseStatus.token, 'launch resumed the base memory (same boot token)');
-  const script = [
-    `echo ${marker} > /mnt/marker`,
-    'mkdir -p /mnt/app',
-    'seq 1 100000 > /mnt/app/numbers.txt',
-    'cp /bin/busybox /mnt/app/busybox.copy',
-    "(setsid sh -c 'n=0; while :; do n=$((n+1)); echo \"demo-app ticks=$n\" > /tmp/app-state; sleep 1; done' </dev/null >/dev/null 2>&1 &)",
-    'sync',
-  ].join(' && ');
-  ok(await cli(['console', iid, '--run', script], env), 'console --run');
-  const snapDir = join(work, 'custom');
-  ok(await cli(['snapshot', '--instance', iid, '-o', snapDir, '--then', 'quit'], env), 'snapshot');
-  ok(await cli(['stop', iid], env), 'stop launched');
-
-  // 3. The overlay.
-  const overlay = join(work, 'app.overlay');
-  const created = ok(await cli(['create', '--base', 'demo', '--disk', join(snapDir, 'disk.qcow2'), '--memory', join(snapDir, 'memory.stream'), '-o', overlay], env), 'create');
-  t.diagnostic(`overlay ${created.size} bytes; encodings ${JSON.stringify((created.stats as { encodings: unknown }).encodings)}`);
-  ok(await cli(['verify', overlay], env), 'verify');
-
-  // 4. Two instances of one base at once, on different ports.
-  const [p1, p2] = [await freePort(), await freePort()];
-  const runs = await Promise.all(
-    [p1, p2].map((p) => cli(['synthesize', overlay, '--base', 'demo', '--forward', `${p}:8080`, '--wait-http', `http://127.0.0.1:${p}/cgi-bin/status`, '--detach'], env)),
-  );
-  const ids: string[] = [];
-  for (const r of runs) {
-    const j = ok(r, 'synthesize');
-    ids.push(String(j.instance));
-    const s = parseStatus((j.answer as { body: string }).body);
-    assert.equal(s.token, baseStatus.token, 'the customized memory came back (boot token), not a reboot');
-    assert.equal(s.marker, marker, 'the customized disk came back (marker)');
-    assert.match(s.app, /^demo-app ticks=\d+/, 'the process started in the guest is still running');
-    assert.ok(s.counter > baseStatus.counter, 'the in-RAM request counter continues');
-    const timings = j.timings_ms as Record<string, number>;
-    for (const k of ['apply', 'qemu_start', 'incoming_load', 'first_response', 'total']) assert.ok(k in timings, `timing ${k}`);
-    t.diagnostic(`synthesize timings ${JSON.stringify(timings)}`);
-  }
-  for (const p of [p1, p2]) {
-    const s = parseStatus(await (await fetch(`http://127.0.0.1:${p}/cgi-bin/status`)).text());
-    assert.equal(s.marker, marker);
-  }
-
-  // 5. kill -9 one QEMU: ps reports it dead; synthesize still works.
-  const ps1 = ok(await cli(['ps'], env), 'ps') as { instances: Array<{ id: string; pid: number; status: string }> };
-  const victim = ps1.instances.find((i) => i.id === ids[0])!;
-  process.kill(victim.pid, 'SIGKILL');
-  await new Promise((r) => setTimeout(r, 300));
-  const ps2 = ok(await cli(['ps'], env), 'ps') as { instances: Array<{ id: string; status: string }> };
-  assert.equal(ps2.instances.find((i) => i.id === ids[0])?.status, 'dead');
-  assert.equal(ps2.instances.find((i) => i.id === ids[1])?.status, 'running');
-  const p3 = await freePort();
-  const again = ok(await cli(['synthesize', overlay, '--base', 'demo', '--forward', `${p3}:8080`, '--wait-http', `http://127.0.0.1:${p3}/cgi-bin/status`, '--detach'], env), 'synthesize after kill');
-  ids.push(String(again.instance));
-  assert.equal(parseStatus((again.answer as { body: string }).body).marker, marker);
-  // From a URL: the overlay is fetched, checked and applied the same way.
-  const web = createHttpServer((req, res) => {
-    if (req.url !== '/app.overlay') {
-      res.writeHead(404).end();
-      return;
+test(
+  'capture a base, customize it, create an overlay, synthesize it',
+  { skip: !hasQemu, timeout: 240_000 },
+  async (t) => {
+    // 1. A freshly booted base VM, captured into the library through its QMP socket.
+    let booted: RunningDemoVm | undefined = await bootDemoVm({ workDir: join(work, 'boot') });
+    try {
+      baseStatus = parseStatus(await (await fetch(booted.statusUrl)).text());
+      await booted.vm.qmp.close(); // QEMU serves one QMP client per socket: leave it to the CLI
+      const cap = ok(
+        await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', 'demo', '--then', 'quit'], env),
+        'base capture',
+      );
+      baseId = String(cap.id);
+      await booted.vm.waitExit(10_000);
+    } finally {
+      await booted?.vm.stop();
+      booted = undefined;
     }
-    res.writeHead(200, { 'content-length': String(good.length) }).end(good);
-  });
-  const good = await readFile(overlay);
-  await new Promise<void>((r) => web.listen(0, '127.0.0.1', r));
-  try {
-    const wport = (web.address() as { port: number }).port;
-    const p4 = await freePort();
-    const fromUrl = ok(await cli(['synthesize', `http://127.0.0.1:${wport}/app.overlay`, '--base', 'demo', '--forward', `${p4}:8080`, '--wait-http', `http://127.0.0.1:${p4}/cgi-bin/status`, '--detach'], env), 'synthesize from URL');
-    ids.push(String(fromUrl.instance));
-    assert.equal(parseStatus((fromUrl.answer as { body: string }).body).marker, marker);
-    assert.ok('fetch' in (fromUrl.timings_ms as object), 'the fetch is timed');
-    const missing = await cli(['synthesize', `http://127.0.0.1:${wport}/nothere.overlay`, '--base', 'demo', '--detach'], env);
-    assert.equal(missing.code, 3, missing.stderr);
-  } finally {
-    web.close();
-  }
-  const refused = await cli(['synthesize', `http://127.0.0.1:${await freePort()}/app.overlay`, '--base', 'demo', '--detach'], env);
-  assert.equal(refused.code, 12, refused.stderr);
-  assert.deepEqual((await readdir(join(work, 'lib', 'tmp')).catch(() => [])).filter((n) => n.startsWith('download-')), [], 'no download left behind');
+    const baseDir = join(work, 'lib', 'bases', baseId);
+    const ramFile = join(baseDir, 'ram', 'pc.ram.raw');
+    const baseDisk = join(baseDir, 'disk.raw');
+    const before = { ram: await sha256(ramFile), disk: await sha256(baseDisk) };
 
-  const logs = await cli(['logs', ids[1]!], env);
-  assert.equal(logs.code, 0);
-  // base rm is refused while instances use the base
-  const rmBusy = await cli(['base', 'rm', 'demo'], env);
-  assert.equal(rmBusy.code, 10, rmBusy.stderr);
-  for (const id of ids) ok(await cli(['stop', id], env), `stop ${id}`);
-  assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+    // 2. Launch it with a fresh disk layer and install an "application" through the console.
+    const port0 = await freePort();
+    const launched = ok(await cli(['launch', 'demo', '--customize', '--forward', `${port0}:8080`], env), 'launch');
+    const iid = String(launched.instance);
+    const resumed = parseStatus(await (await fetch(`http://127.0.0.1:${port0}/cgi-bin/status`)).text());
+    assert.equal(resumed.token, baseStatus.token, 'launch resumed the base memory (same boot token)');
+    const script = [
+      `echo ${marker} > /mnt/marker`,
+      'mkdir -p /mnt/app',
+      'seq 1 100000 > /mnt/app/numbers.txt',
+      'cp /bin/busybox /mnt/app/busybox.copy',
+      '(setsid sh -c \'n=0; while :; do n=$((n+1)); echo "demo-app ticks=$n" > /tmp/app-state; sleep 1; done\' ' +
+        '</dev/null >/dev/null 2>&1 &)',
+      'sync',
+    ].join(' && ');
+    ok(await cli(['console', iid, '--run', script], env), 'console --run');
+    const snapDir = join(work, 'custom');
+    ok(await cli(['snapshot', '--instance', iid, '-o', snapDir, '--then', 'quit'], env), 'snapshot');
+    ok(await cli(['stop', iid], env), 'stop launched');
 
-  // 6. The base never changes.
-  assert.equal(await sha256(ramFile), before.ram, 'base RAM file unchanged');
-  assert.equal(await sha256(baseDisk), before.disk, 'base disk unchanged');
-  const v = await cli(['base', 'verify', 'demo'], env);
-  assert.equal(v.code, 0, v.stderr);
-});
+    // 3. The overlay.
+    const overlay = join(work, 'app.overlay');
+    const created = ok(
+      await cli(
+        [
+          'create',
+          '--base',
+          'demo',
+          '--disk',
+          join(snapDir, 'disk.qcow2'),
+          '--memory',
+          join(snapDir, 'memory.stream'),
+          '-o',
+          overlay,
+        ],
+        env,
+      ),
+      'create',
+    );
+    t.diagnostic(
+      `overlay ${String(created.size)} bytes; encodings ` +
+        JSON.stringify((created.stats as { encodings: unknown }).encodings),
+    );
+    ok(await cli(['verify', overlay], env), 'verify');
 
-test('failures: one line, a distinct exit code, no QEMU and no instance left', { skip: !hasQemu, timeout: 120_000 }, async () => {
-  assert.ok(baseId, 'the first test made a base');
-  const overlay = join(work, 'app.overlay');
-  const good = await readFile(overlay);
-  const instancesBefore = await readdir(join(work, 'lib', 'instances')).catch(() => []);
-  const port = await freePort();
-  const expectFail = async (args: string[], code: number, pattern: RegExp, e: NodeJS.ProcessEnv = env): Promise<void> => {
-    const r = await cli(args, e);
-    assert.equal(r.code, code, `${args.join(' ')} → ${r.code}: ${r.stderr}`);
-    assert.equal(r.stderr.trim().split('\n').length, 1, `one line on stderr, got: ${r.stderr}`);
-    assert.match(r.stderr, pattern);
-    assert.equal(r.json.exit_code, code);
+    // 4. Two instances of one base at once, on different ports.
+    const [p1, p2] = [await freePort(), await freePort()];
+    const runs = await Promise.all(
+      [p1, p2].map((p) =>
+        cli(
+          [
+            'synthesize',
+            overlay,
+            '--base',
+            'demo',
+            '--forward',
+            `${p}:8080`,
+            '--wait-http',
+            `http://127.0.0.1:${p}/cgi-bin/status`,
+            '--detach',
+          ],
+          env,
+        ),
+      ),
+    );
+    const ids: string[] = [];
+    for (const r of runs) {
+      const j = ok(r, 'synthesize');
+      ids.push(String(j.instance));
+      const s = parseStatus((j.answer as { body: string }).body);
+      assert.equal(s.token, baseStatus.token, 'the customized memory came back (boot token), not a reboot');
+      assert.equal(s.marker, marker, 'the customized disk came back (marker)');
+      assert.match(s.app, /^demo-app ticks=\d+/, 'the process started in the guest is still running');
+      assert.ok(s.counter > baseStatus.counter, 'the in-RAM request counter continues');
+      const timings = j.timings_ms as Record<string, number>;
+      for (const k of ['apply', 'qemu_start', 'incoming_load', 'first_response', 'total'])
+        assert.ok(k in timings, `timing ${k}`);
+      t.diagnostic(`synthesize timings ${JSON.stringify(timings)}`);
+    }
+    for (const p of [p1, p2]) {
+      const s = parseStatus(await (await fetch(`http://127.0.0.1:${p}/cgi-bin/status`)).text());
+      assert.equal(s.marker, marker);
+    }
+
+    // 5. kill -9 one QEMU: ps reports it dead; synthesize still works.
+    const ps1 = ok(await cli(['ps'], env), 'ps') as { instances: Array<{ id: string; pid: number; status: string }> };
+    const victim = ps1.instances.find((i) => i.id === ids[0])!;
+    process.kill(victim.pid, 'SIGKILL');
+    await new Promise((r) => setTimeout(r, 300));
+    const ps2 = ok(await cli(['ps'], env), 'ps') as { instances: Array<{ id: string; status: string }> };
+    assert.equal(ps2.instances.find((i) => i.id === ids[0])?.status, 'dead');
+    assert.equal(ps2.instances.find((i) => i.id === ids[1])?.status, 'running');
+    const p3 = await freePort();
+    const again = ok(
+      await cli(
+        [
+          'synthesize',
+          overlay,
+          '--base',
+          'demo',
+          '--forward',
+          `${p3}:8080`,
+          '--wait-http',
+          `http://127.0.0.1:${p3}/cgi-bin/status`,
+          '--detach',
+        ],
+        env,
+      ),
+      'synthesize after kill',
+    );
+    ids.push(String(again.instance));
+    assert.equal(parseStatus((again.answer as { body: string }).body).marker, marker);
+    // From a URL: the overlay is fetched, checked and applied the same way.
+    const web = createHttpServer((req, res) => {
+      if (req.url !== '/app.overlay') {
+        res.writeHead(404).end();
+        return;
+      }
+      res.writeHead(200, { 'content-length': String(good.length) }).end(good);
+    });
+    const good = await readFile(overlay);
+    await new Promise<void>((r) => web.listen(0, '127.0.0.1', r));
+    try {
+      const wport = (web.address() as { port: number }).port;
+      const p4 = await freePort();
+      const fromUrl = ok(
+        await cli(
+          [
+            'synthesize',
+            `http://127.0.0.1:${wport}/app.overlay`,
+            '--base',
+            'demo',
+            '--forward',
+            `${p4}:8080`,
+            '--wait-http',
+            `http://127.0.0.1:${p4}/cgi-bin/status`,
+            '--detach',
+          ],
+          env,
+        ),
+        'synthesize from URL',
+      );
+      ids.push(String(fromUrl.instance));
+      assert.equal(parseStatus((fromUrl.answer as { body: string }).body).marker, marker);
+      assert.ok('fetch' in (fromUrl.timings_ms as object), 'the fetch is timed');
+      const missing = await cli(
+        ['synthesize', `http://127.0.0.1:${wport}/nothere.overlay`, '--base', 'demo', '--detach'],
+        env,
+      );
+      assert.equal(missing.code, 3, missing.stderr);
+    } finally {
+      web.close();
+    }
+    const refused = await cli(
+      ['synthesize', `http://127.0.0.1:${await freePort()}/app.overlay`, '--base', 'demo', '--detach'],
+      env,
+    );
+    assert.equal(refused.code, 12, refused.stderr);
+    assert.deepEqual(
+      (await readdir(join(work, 'lib', 'tmp')).catch(() => [])).filter((n) => n.startsWith('download-')),
+      [],
+      'no download left behind',
+    );
+
+    // 6. In the foreground (no --detach): the result once the VM answers, then Ctrl-C stops the
+    // VM, removes its instance directory, and exits 0.
+    const p5 = await freePort();
+    const url5 = `http://127.0.0.1:${p5}/cgi-bin/status`;
+    const fg = spawn(
+      process.execPath,
+      [BIN, '--json', 'synthesize', overlay, '--base', 'demo', '--forward', `${p5}:8080`, '--wait-http', url5],
+      { env, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let fgOut = '';
+    let fgErr = '';
+    fg.stderr.on('data', (d: Buffer) => (fgErr += d.toString()));
+    const fgExit = once(fg, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
+    const line = await new Promise<string>((resolve, reject) => {
+      fg.stdout.on('data', (d: Buffer) => {
+        fgOut += d.toString();
+        const nl = fgOut.indexOf('\n');
+        if (nl >= 0) resolve(fgOut.slice(0, nl));
+      });
+      void fgExit.then(([code]) => reject(new Error(`foreground synthesize ended (${code}) early: ${fgErr}`)));
+    });
+    const fgResult = JSON.parse(line) as { instance: string; pid: number; dir: string };
+    assert.equal(parseStatus(await (await fetch(url5)).text()).marker, marker, 'the foreground VM answers');
+    fg.kill('SIGINT');
+    const [fgCode] = await fgExit;
+    assert.equal(fgCode, 0, `Ctrl-C ends a foreground synthesize normally: ${fgErr}`);
+    assert.equal(await stat(fgResult.dir).catch(() => undefined), undefined, 'its instance directory is removed');
+    assert.ok(!(await qemuPids()).includes(fgResult.pid), 'its QEMU is stopped');
+
+    const logs = await cli(['logs', ids[1]!], env);
+    assert.equal(logs.code, 0);
+    // base rm is refused while instances use the base
+    const rmBusy = await cli(['base', 'rm', 'demo'], env);
+    assert.equal(rmBusy.code, 10, rmBusy.stderr);
+    for (const id of ids) ok(await cli(['stop', id], env), `stop ${id}`);
     assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
-    assert.deepEqual(await readdir(join(work, 'lib', 'instances')).catch(() => []), instancesBefore, 'no instance left');
-  };
-  const syn = (o: string, extra: string[] = []): string[] => ['synthesize', o, '--base', 'demo', '--forward', `${port}:8080`, '--wait-http', `http://127.0.0.1:${port}/`, '--detach', ...extra];
 
-  // A corrupt overlay (one flipped bit in the body).
-  const bad = Buffer.from(good);
-  bad[Math.floor(bad.length / 2)] ^= 0x10;
-  await writeFile(join(work, 'corrupt.overlay'), bad);
-  await expectFail(syn(join(work, 'corrupt.overlay')), 4, /checksum|damaged/);
-  // A truncated one.
-  await writeFile(join(work, 'short.overlay'), good.subarray(0, good.length >> 1));
-  await expectFail(syn(join(work, 'short.overlay')), 4, /truncated/);
-  // An overlay for another base: import the customized snapshot as a second base.
-  const second = ok(await cli(['base', 'import', join(work, 'custom'), '--name', 'other'], env), 'import second base');
-  await expectFail(['synthesize', overlay, '--base', 'other', '--forward', `${port}:8080`, '--detach'], 5, /made for base/);
-  ok(await cli(['base', 'rm', String(second.id)], env), 'rm second base');
-  // A base that does not exist.
-  await expectFail(['synthesize', overlay, '--base', 'f00d', '--detach'], 3, /no base f00d/);
-  // A port already in use.
-  const server: Server = createServer();
-  await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
-  try {
-    await expectFail(syn(overlay), 10, /port .*in use|already in use/);
-  } finally {
-    server.close();
-  }
-  // A resume QEMU refuses: a base whose VM spec names another machine type. QEMU's message and
-  // the likely cause, exit 8, nothing left running.
-  const wrong = join(work, 'wrong-machine');
-  await mkdir(wrong);
-  for (const f of await readdir(join(work, 'custom'))) await symlink(join(work, 'custom', f), join(wrong, f));
-  const vmFile = JSON.parse(await readFile(join(work, 'custom', 'vm.json'), 'utf8')) as { vm: { machine: string } };
-  vmFile.vm.machine = 'pc-q35-7.1';
-  await rm(join(wrong, 'vm.json'));
-  await writeFile(join(wrong, 'vm.json'), JSON.stringify(vmFile));
-  const env2 = { ...env, CLOUDLET_LIBRARY: join(work, 'lib-wrong') };
-  const refusedImport = await cli(['base', 'import', wrong], env2);
-  assert.equal(refusedImport.code, 2, 'import refuses a spec that does not match the snapshot');
-  assert.match(refusedImport.stderr, /machine pc-q35-7\.1 but the memory snapshot is from pc-q35-7\.2/);
-  // Devices cannot be checked at import: another NIC model passes, and QEMU refuses the resume.
-  const vmNic = JSON.parse(await readFile(join(work, 'custom', 'vm.json'), 'utf8')) as { vm: { network: { model: string } } };
-  vmNic.vm.network.model = 'e1000';
-  await rm(join(wrong, 'vm.json'));
-  await writeFile(join(wrong, 'vm.json'), JSON.stringify(vmNic));
-  ok(await cli(['base', 'import', wrong, '--name', 'wrongnic'], env2), 'import with another NIC');
-  const failedResume = await cli(['launch', 'wrongnic'], env2);
-  assert.equal(failedResume.code, 8, failedResume.stderr);
-  assert.equal(failedResume.stderr.trim().split('\n').length, 1);
-  assert.match(failedResume.stderr, /virtio-net.*likely cause: .*device set differs/);
-  assert.deepEqual(await readdir(join(work, 'lib-wrong', 'instances')).catch(() => []), [], 'no instance left');
-  assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+    // 6. The base never changes.
+    assert.equal(await sha256(ramFile), before.ram, 'base RAM file unchanged');
+    assert.equal(await sha256(baseDisk), before.disk, 'base disk unchanged');
+    const v = await cli(['base', 'verify', 'demo'], env);
+    assert.equal(v.code, 0, v.stderr);
+  },
+);
 
-  // QEMU missing from PATH (node and coreutils stay reachable).
-  const bin = join(work, 'bin-without-qemu');
-  await mkdir(bin, { recursive: true });
-  for (const tool of ['cat', 'sh', 'tar', 'qemu-img']) await symlink(`/usr/bin/${tool}`, join(bin, tool)).catch(() => undefined);
-  await expectFail(syn(overlay), 11, /qemu-system-x86_64 not found/, { ...env, PATH: bin });
-});
+test(
+  'failures: one line, a distinct exit code, no QEMU and no instance left',
+  { skip: !hasQemu, timeout: 120_000 },
+  async () => {
+    assert.ok(baseId, 'the first test made a base');
+    const overlay = join(work, 'app.overlay');
+    const good = await readFile(overlay);
+    const instancesBefore = await readdir(join(work, 'lib', 'instances')).catch(() => []);
+    const port = await freePort();
+    const expectFail = async (
+      args: string[],
+      code: number,
+      pattern: RegExp,
+      e: NodeJS.ProcessEnv = env,
+    ): Promise<void> => {
+      const r = await cli(args, e);
+      assert.equal(r.code, code, `${args.join(' ')} → ${r.code}: ${r.stderr}`);
+      assert.equal(r.stderr.trim().split('\n').length, 1, `one line on stderr, got: ${r.stderr}`);
+      assert.match(r.stderr, pattern);
+      assert.equal(r.json.exit_code, code);
+      assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+      assert.deepEqual(
+        await readdir(join(work, 'lib', 'instances')).catch(() => []),
+        instancesBefore,
+        'no instance left',
+      );
+    };
+    const syn = (o: string, extra: string[] = []): string[] => [
+      'synthesize',
+      o,
+      '--base',
+      'demo',
+      '--forward',
+      `${port}:8080`,
+      '--wait-http',
+      `http://127.0.0.1:${port}/`,
+      '--detach',
+      ...extra,
+    ];
+
+    // A corrupt overlay (one flipped bit in the body).
+    const bad = Buffer.from(good);
+    xorByte(bad, Math.floor(bad.length / 2), 0x10);
+    await writeFile(join(work, 'corrupt.overlay'), bad);
+    await expectFail(syn(join(work, 'corrupt.overlay')), 4, /checksum|damaged/);
+    // A truncated one.
+    await writeFile(join(work, 'short.overlay'), good.subarray(0, good.length >> 1));
+    await expectFail(syn(join(work, 'short.overlay')), 4, /truncated/);
+    // An overlay for another base: import the customized snapshot as a second base.
+    const second = ok(
+      await cli(['base', 'import', join(work, 'custom'), '--name', 'other'], env),
+      'import second base',
+    );
+    await expectFail(
+      ['synthesize', overlay, '--base', 'other', '--forward', `${port}:8080`, '--detach'],
+      5,
+      /made for base/,
+    );
+    ok(await cli(['base', 'rm', String(second.id)], env), 'rm second base');
+    // A base that does not exist.
+    await expectFail(['synthesize', overlay, '--base', 'f00d', '--detach'], 3, /no base f00d/);
+    // A port already in use.
+    const server: Server = createServer();
+    await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
+    try {
+      await expectFail(syn(overlay), 10, /port .*in use|already in use/);
+    } finally {
+      server.close();
+    }
+    // A resume QEMU refuses: a base whose VM spec names another machine type. QEMU's message and
+    // the likely cause, exit 8, nothing left running.
+    const wrong = join(work, 'wrong-machine');
+    await mkdir(wrong);
+    for (const f of await readdir(join(work, 'custom'))) await symlink(join(work, 'custom', f), join(wrong, f));
+    const vmFile = JSON.parse(await readFile(join(work, 'custom', 'vm.json'), 'utf8')) as { vm: { machine: string } };
+    vmFile.vm.machine = 'pc-q35-7.1';
+    await rm(join(wrong, 'vm.json'));
+    await writeFile(join(wrong, 'vm.json'), JSON.stringify(vmFile));
+    const env2 = { ...env, CLOUDLET_LIBRARY: join(work, 'lib-wrong') };
+    const refusedImport = await cli(['base', 'import', wrong], env2);
+    assert.equal(refusedImport.code, 2, 'import refuses a spec that does not match the snapshot');
+    assert.match(refusedImport.stderr, /machine pc-q35-7\.1 but the memory snapshot is from pc-q35-7\.2/);
+    // Devices cannot be checked at import: another NIC model passes, and QEMU refuses the resume.
+    const vmNic = JSON.parse(await readFile(join(work, 'custom', 'vm.json'), 'utf8')) as {
+      vm: { network: { model: string } };
+    };
+    vmNic.vm.network.model = 'e1000';
+    await rm(join(wrong, 'vm.json'));
+    await writeFile(join(wrong, 'vm.json'), JSON.stringify(vmNic));
+    ok(await cli(['base', 'import', wrong, '--name', 'wrongnic'], env2), 'import with another NIC');
+    const failedResume = await cli(['launch', 'wrongnic'], env2);
+    assert.equal(failedResume.code, 8, failedResume.stderr);
+    assert.equal(failedResume.stderr.trim().split('\n').length, 1);
+    assert.match(failedResume.stderr, /virtio-net.*likely cause: .*device set differs/);
+    assert.deepEqual(await readdir(join(work, 'lib-wrong', 'instances')).catch(() => []), [], 'no instance left');
+    assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+
+    // QEMU missing from PATH (node and coreutils stay reachable).
+    const bin = join(work, 'bin-without-qemu');
+    await mkdir(bin, { recursive: true });
+    for (const tool of ['cat', 'sh', 'tar', 'qemu-img'])
+      await symlink(`/usr/bin/${tool}`, join(bin, tool)).catch(() => undefined);
+    await expectFail(syn(overlay), 11, /qemu-system-x86_64 not found/, { ...env, PATH: bin });
+  },
+);

@@ -13,7 +13,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BusyError, MissingToolError, QemuError, UsageError } from '../../src/util/errors.js';
 import { probeKvm, resolveAccel } from '../../src/vm/accel.js';
-import { findProgram, startQemu } from '../../src/vm/qemu.js';
+import { findProgram } from '../../src/util/programs.js';
+import { startQemu } from '../../src/vm/process.js';
 import { captureSnapshot, copyDiskWhileStopped, copySparse } from '../../src/vm/snapshot.js';
 import {
   bootDemoVm,
@@ -90,7 +91,11 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
 
     // A snapshot that cannot be written fails clearly and leaves the VM running.
     await assert.rejects(
-      captureSnapshot(vm.vm, { memPath: join(work, 'no-such-dir', 'x.mem'), then: 'resume', timeoutMs: 20_000 }),
+      captureSnapshot(vm.vm, {
+        memPath: join(work, 'no-such-dir', 'x.mem'),
+        afterCapture: 'resume',
+        timeoutMs: 20_000,
+      }),
       (err: unknown) => err instanceof QemuError && /snapshot failed/.test(err.message),
     );
     assert.equal(await vm.vm.status(), 'running');
@@ -100,19 +105,19 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     const snap = await captureSnapshot(vm.vm, {
       memPath: join(work, 'boot.mem'),
       disks: [{ from: vm.disk, to: join(work, 'boot.disk.raw') }],
-      manifestPath: join(work, 'boot.json'),
-      then: 'resume',
+      infoPath: join(work, 'boot.json'),
+      afterCapture: 'resume',
     });
     assert.ok(await streamLooksComplete(snap.memPath), 'complete migration stream');
-    assert.equal(snap.manifest.machine, 'pc-q35-7.2');
-    assert.equal(snap.manifest.memoryMiB, 128);
-    assert.equal(snap.manifest.cpuModel, 'qemu64');
-    assert.equal(snap.manifest.smp, 1);
-    assert.ok(snap.manifest.argv.includes('-kernel'));
+    assert.equal(snap.info.machine, 'pc-q35-7.2');
+    assert.equal(snap.info.memoryMiB, 128);
+    assert.equal(snap.info.cpuModel, 'qemu64');
+    assert.equal(snap.info.smp, 1);
+    assert.ok(snap.info.argv.includes('-kernel'));
     assert.equal((await stat(join(work, 'boot.disk.raw'))).size, 64 * 2 ** 20);
     console.error(`snapshot ${(snap.memBytes / 2 ** 20).toFixed(1)} MiB in ${snap.timings.migrateMs.toFixed(0)} ms`);
 
-    // `then: 'resume'` continued the source: it still answers, same token, next counter.
+    // `afterCapture: 'resume'` continued the source: it still answers, same token, next counter.
     const after = await getStatus(vm);
     assert.equal(after.token, firstStatus.token);
     const counterAtSnapshot = after.counter - 1;
@@ -121,7 +126,12 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
 
     const disk = join(work, 'resume1', 'disk.raw');
     await copySparse(join(work, 'boot.disk.raw'), disk, { fsync: false });
-    const resumed = await resumeVm({ workDir: join(work, 'resume1'), incoming: snap.memPath, disk, spec: snap.manifest.spec });
+    const resumed = await resumeVm({
+      workDir: join(work, 'resume1'),
+      incoming: snap.memPath,
+      disk,
+      spec: snap.info.spec,
+    });
     try {
       assert.notEqual(resumed.port, vm.port);
       const s = await getStatus(resumed);
@@ -133,7 +143,9 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
         `counter ${s.counter} after ${counterAtSnapshot} at the snapshot`,
       );
       assert.equal(s.marker, 'base');
-      console.error(`resume → HTTP ${resumed.readyMs.toFixed(0)} ms (load ${resumed.vm.timings.incomingMs.toFixed(0)} ms)`);
+      console.error(
+        `resume → HTTP ${resumed.readyMs.toFixed(0)} ms (load ${resumed.vm.timings.incomingMs.toFixed(0)} ms)`,
+      );
     } finally {
       await resumed.vm.stop();
     }
@@ -147,16 +159,19 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     assert.equal(r.statuses.custom.marker, r.customization.marker);
     assert.match(r.statuses.custom.app, /^demo-app-v1 ticks=\d+$/);
     assert.ok(r.customization.bytesWritten > 3 * 2 ** 20, `wrote ${r.customization.bytesWritten} bytes`);
-    for (const f of [r.base.mem, r.base.disk, r.custom.mem, r.custom.disk, r.base.manifestPath, r.custom.manifestPath]) {
+    for (const f of [r.base.mem, r.base.disk, r.custom.mem, r.custom.disk, r.base.infoPath, r.custom.infoPath]) {
       assert.ok((await stat(f)).size > 0, f);
     }
-    assert.deepEqual(r.custom.manifest.spec.kernel, r.base.manifest.spec.kernel);
-    console.error(`flow timings ${JSON.stringify(Object.fromEntries(Object.entries(r.timings).map(([k, v]) => [k, Math.round(v)])))}`);
+    assert.deepEqual(r.custom.info.spec.kernel, r.base.info.spec.kernel);
+    console.error(
+      `flow timings ` +
+        JSON.stringify(Object.fromEntries(Object.entries(r.timings).map(([k, v]) => [k, Math.round(v)]))),
+    );
 
     // The customized snapshot resumes with its disk: new marker, app still ticking, same token.
     const disk = join(dir, 'check', 'disk.raw');
     await copySparse(r.custom.disk, disk, { fsync: false });
-    const vm = await resumeVm({ workDir: join(dir, 'check'), incoming: r.custom.mem, disk, spec: r.custom.manifest.spec });
+    const vm = await resumeVm({ workDir: join(dir, 'check'), incoming: r.custom.mem, disk, spec: r.custom.info.spec });
     try {
       const s = await getStatus(vm);
       assert.equal(s.token, r.tokens.base);
@@ -189,7 +204,11 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     }
 
     // A snapshot of a 128 MiB guest cannot load into a 256 MiB one: QemuError with QEMU's words.
-    const spec = { ...demoVmSpec(demo, join(work, 'boot.disk.raw'), 1), memoryMiB: 256, incoming: join(work, 'boot.mem') };
+    const spec = {
+      ...demoVmSpec(demo, join(work, 'boot.disk.raw'), 1),
+      memoryMiB: 256,
+      incoming: join(work, 'boot.mem'),
+    };
     delete spec.network;
     await assert.rejects(startQemu(spec, { runDir, accel: 'tcg' }), (err: unknown) => {
       assert.ok(err instanceof QemuError, String(err));

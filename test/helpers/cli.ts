@@ -13,15 +13,24 @@ export interface CliResult {
 
 export function cli(args: string[], env: NodeJS.ProcessEnv = process.env, timeoutMs = 180_000): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, '--json', ...args], { env, maxBuffer: 64 << 20, timeout: timeoutMs }, (err, stdout, stderr) => {
-      let json: Record<string, unknown> = {};
-      try {
-        json = JSON.parse(stdout) as Record<string, unknown>;
-      } catch {
-        // not JSON (usage errors from commander)
-      }
-      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0;
-      resolve({ code, json, stdout, stderr });
-    });
+    execFile(
+      process.execPath,
+      [BIN, '--json', ...args],
+      { env, maxBuffer: 64 << 20, timeout: timeoutMs },
+      (err, stdout, stderr) => {
+        let json: Record<string, unknown> = {};
+        try {
+          json = JSON.parse(stdout) as Record<string, unknown>;
+        } catch {
+          // not JSON (usage errors from commander)
+        }
+        const code = err
+          ? typeof (err as { code?: unknown }).code === 'number'
+            ? (err as { code: number }).code
+            : 1
+          : 0;
+        resolve({ code, json, stdout, stderr });
+      },
+    );
   });
 }

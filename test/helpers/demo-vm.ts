@@ -12,9 +12,10 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BusyError } from '../../src/util/errors.js';
 import { SerialConsole } from '../../src/vm/console.js';
-import { resumeSpec, startQemu, type QemuVm, type VmSpec } from '../../src/vm/qemu.js';
+import { resumeSpec, type VmSpec } from '../../src/spec/vm-spec.js';
+import { startQemu, type QemuVm } from '../../src/vm/process.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
-import { captureSnapshot, copySparse, type SnapshotResult, type VmManifest } from '../../src/vm/snapshot.js';
+import { captureSnapshot, copySparse, type CapturedSnapshot, type CaptureInfo } from '../../src/vm/snapshot.js';
 
 /** demo-vm.json as written by build.sh. */
 export interface DemoVm {
@@ -81,7 +82,10 @@ export function ensureDemoVm(): Promise<DemoVm> {
     }).then(
       () =>
         new Promise<string>((resolve, reject) =>
-          execFile('bash', [script, '--print-dir'], (err, stdout) => (err ? reject(err) : resolve(stdout.trim()))),
+          execFile('bash', [script, '--print-dir'], (err, stdout) => {
+            if (err) reject(new Error(`demo VM build --print-dir failed: ${err.message}`, { cause: err }));
+            else resolve(stdout.trim());
+          }),
         ),
     );
     return JSON.parse(await readFile(join(dir, 'demo-vm.json'), 'utf8')) as DemoVm;
@@ -178,7 +182,8 @@ async function startAndWait(
       const serial = await readFile(vm.paths.serialLog, 'utf8').catch(() => '');
       const stderr = await vm.stderrTail(5);
       throw new Error(
-        `demo VM never answered HTTP: ${(err as Error).message}\n--- serial (end) ---\n${serial.slice(-1500)}\n--- qemu stderr ---\n${stderr}`,
+        `demo VM never answered HTTP: ${(err as Error).message}\n` +
+          `--- serial (end) ---\n${serial.slice(-1500)}\n--- qemu stderr ---\n${stderr}`,
         { cause: err },
       );
     }
@@ -263,7 +268,8 @@ export async function customize(
       'dd if=/dev/urandom of=/mnt/app/random.bin bs=64k count=32 2>/dev/null',
       'cp /bin/busybox /mnt/app/busybox.copy',
       'seq 1 120000 > /mnt/app/numbers.txt',
-      `printf '%s\\n' 'n=0' 'while :; do n=$((n+1)); echo "$1 ticks=$n" > /tmp/app-state.new; mv /tmp/app-state.new /tmp/app-state; sleep 1; done' > /mnt/app/run.sh`,
+      `printf '%s\\n' 'n=0' 'while :; do n=$((n+1)); echo "$1 ticks=$n" > /tmp/app-state.new; ` +
+        `mv /tmp/app-state.new /tmp/app-state; sleep 1; done' > /mnt/app/run.sh`,
       `setsid sh /mnt/app/run.sh '${appId}' </dev/null >/dev/null 2>&1 &`,
       'sync',
     ];
@@ -292,8 +298,8 @@ export async function customize(
 export interface CapturedVm {
   mem: string;
   disk: string;
-  manifestPath: string;
-  manifest: VmManifest;
+  infoPath: string;
+  info: CaptureInfo;
 }
 
 export interface CaptureResult {
@@ -321,14 +327,14 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
   await mkdir(workDir, { recursive: true });
   const base = await bootDemoVm({ workDir: join(workDir, 'base-run') });
   let baseStatus: DemoStatus;
-  let baseSnap: SnapshotResult;
+  let baseSnap: CapturedSnapshot;
   try {
     baseStatus = await getStatus(base);
     baseSnap = await captureSnapshot(base.vm, {
       memPath: join(workDir, 'base.mem'),
       disks: [{ from: base.disk, to: join(workDir, 'base.disk.raw') }],
-      manifestPath: join(workDir, 'base.json'),
-      then: 'quit',
+      infoPath: join(workDir, 'base.json'),
+      afterCapture: 'quit',
     });
   } finally {
     await base.vm.stop();
@@ -342,7 +348,7 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
     workDir: customRun,
     incoming: baseSnap.memPath,
     disk: customDisk,
-    spec: baseSnap.manifest.spec,
+    spec: baseSnap.info.spec,
   });
   try {
     const resumedStatus = await getStatus(resumed);
@@ -353,21 +359,21 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
     const customSnap = await captureSnapshot(resumed.vm, {
       memPath: join(workDir, 'custom.mem'),
       disks: [{ from: customDisk, to: join(workDir, 'custom.disk.raw') }],
-      manifestPath: join(workDir, 'custom.json'),
-      then: 'quit',
+      infoPath: join(workDir, 'custom.json'),
+      afterCapture: 'quit',
     });
     return {
       base: {
         mem: baseSnap.memPath,
         disk: join(workDir, 'base.disk.raw'),
-        manifestPath: join(workDir, 'base.json'),
-        manifest: baseSnap.manifest,
+        infoPath: join(workDir, 'base.json'),
+        info: baseSnap.info,
       },
       custom: {
         mem: customSnap.memPath,
         disk: join(workDir, 'custom.disk.raw'),
-        manifestPath: join(workDir, 'custom.json'),
-        manifest: customSnap.manifest,
+        infoPath: join(workDir, 'custom.json'),
+        info: customSnap.info,
       },
       customization,
       tokens: { base: baseStatus.token, resumed: resumedStatus.token },

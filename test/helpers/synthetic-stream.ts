@@ -5,7 +5,6 @@
  */
 import {
   ConfigSubsection,
-  PAGE_SIZE,
   RAM_SECTION_NAME,
   RAM_SECTION_VERSION,
   RamFlag,
@@ -13,6 +12,7 @@ import {
   STREAM_VERSION,
   Section,
 } from '../../src/image/memory/format.js';
+import { PAGE_SIZE } from '../../src/util/page.js';
 
 export interface SyntheticBlock {
   name: string;
@@ -48,9 +48,20 @@ function name8(s: string): Buffer {
 /** QEVM header + configuration section (with the subsections asked for). */
 export function streamHeader(opts: HeaderOptions = {}): Buffer {
   const machine = Buffer.from(opts.machine ?? 'pc-q35-7.2', 'latin1');
-  const parts = [be32(STREAM_MAGIC), be32(STREAM_VERSION), Buffer.of(Section.configuration), be32(machine.length), machine];
+  const parts = [
+    be32(STREAM_MAGIC),
+    be32(STREAM_VERSION),
+    Buffer.of(Section.configuration),
+    be32(machine.length),
+    machine,
+  ];
   if (opts.capabilities !== undefined) {
-    parts.push(Buffer.of(Section.subsection), name8(ConfigSubsection.capabilities), be32(1), be32(opts.capabilities.length));
+    parts.push(
+      Buffer.of(Section.subsection),
+      name8(ConfigSubsection.capabilities),
+      be32(1),
+      be32(opts.capabilities.length),
+    );
     for (const c of opts.capabilities) parts.push(name8(c));
   }
   if (opts.uuid !== undefined) {
@@ -60,7 +71,12 @@ export function streamHeader(opts: HeaderOptions = {}): Buffer {
 }
 
 /** One RAM record: be64 offset|flags, the block id unless CONTINUE (block null), payload. */
-export function ramRecord(flags: number, offset: number, block: string | null, payload: Buffer = Buffer.alloc(0)): Buffer {
+export function ramRecord(
+  flags: number,
+  offset: number,
+  block: string | null,
+  payload: Buffer = Buffer.alloc(0),
+): Buffer {
   const f = flags | (block === null ? RamFlag.continue : 0);
   return Buffer.concat([be64(offset + f), block === null ? Buffer.alloc(0) : name8(block), payload]);
 }
@@ -83,7 +99,12 @@ function footer(id: number): Buffer {
 }
 
 /** ram START section: MEM_SIZE list, optional records, EOS, footer. */
-export function ramStartSection(id: number, blocks: SyntheticBlock[], records: Buffer[] = [], ignoreShared = false): Buffer {
+export function ramStartSection(
+  id: number,
+  blocks: SyntheticBlock[],
+  records: Buffer[] = [],
+  ignoreShared = false,
+): Buffer {
   const total = blocks.reduce((s, b) => s + b.length, 0);
   const parts = [
     Buffer.of(Section.start),
@@ -103,14 +124,29 @@ export function ramStartSection(id: number, blocks: SyntheticBlock[], records: B
 
 /** ram PART or END section around records. */
 export function ramSection(type: 'part' | 'end', id: number, records: Buffer[]): Buffer {
-  return Buffer.concat([Buffer.of(type === 'part' ? Section.part : Section.end), be32(id), ...records, eosRecord(), footer(id)]);
+  return Buffer.concat([
+    Buffer.of(type === 'part' ? Section.part : Section.end),
+    be32(id),
+    ...records,
+    eosRecord(),
+    footer(id),
+  ]);
 }
 
 /** A device-state tail: one FULL section with opaque bytes, EOF, and (by default) a vmdesc. */
 export function deviceTail(opts: { sectionId?: number; vmdesc?: boolean; state?: Buffer } = {}): Buffer {
   const id = opts.sectionId ?? 7;
   const state = opts.state ?? Buffer.from('0123456789abcdef');
-  const parts = [Buffer.of(Section.full), be32(id), name8('timer'), be32(0), be32(2), state, footer(id), Buffer.of(Section.eof)];
+  const parts = [
+    Buffer.of(Section.full),
+    be32(id),
+    name8('timer'),
+    be32(0),
+    be32(2),
+    state,
+    footer(id),
+    Buffer.of(Section.eof),
+  ];
   if (opts.vmdesc ?? true) {
     const json = Buffer.from('{"page_size": 4096, "devices": []}');
     parts.push(Buffer.of(Section.vmdescription), be32(json.length), json);

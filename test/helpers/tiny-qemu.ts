@@ -91,12 +91,17 @@ export class TinyQemu {
   static async start(opts: TinyQemuOptions): Promise<TinyQemu> {
     const sock = join(opts.dir, `${opts.name}.qmp`);
     const args = [
-      '-accel', 'tcg',
-      '-machine', opts.machine ?? 'pc-q35-7.2',
-      '-m', String(opts.memMiB ?? 64),
+      '-accel',
+      'tcg',
+      '-machine',
+      opts.machine ?? 'pc-q35-7.2',
+      '-m',
+      String(opts.memMiB ?? 64),
       '-nodefaults',
-      '-display', 'none',
-      '-qmp', `unix:${sock},server=on,wait=off`,
+      '-display',
+      'none',
+      '-qmp',
+      `unix:${sock},server=on,wait=off`,
       ...(opts.incoming !== undefined ? ['-S', '-incoming', opts.incoming] : []),
       ...(opts.args ?? []),
     ];
@@ -110,7 +115,9 @@ export class TinyQemu {
   execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
     if (this.socket === null) return Promise.reject(new Error('QMP not connected'));
     const id = this.nextId++;
-    const msg = JSON.stringify(args === undefined ? { execute: command, id } : { execute: command, arguments: args, id });
+    const msg = JSON.stringify(
+      args === undefined ? { execute: command, id } : { execute: command, arguments: args, id },
+    );
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
       this.socket!.write(`${msg}\n`);
@@ -146,7 +153,9 @@ export class TinyQemu {
     await this.execute('migrate', { uri: `exec:cat > ${path}` });
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const info = await this.execute<{ status?: string; ram?: MigrationRamStats; 'error-desc'?: string }>('query-migrate');
+      const info = await this.execute<{ status?: string; ram?: MigrationRamStats; 'error-desc'?: string }>(
+        'query-migrate',
+      );
       if (info.status === 'completed') return info.ram!;
       if (info.status === 'failed' || info.status === 'cancelled') {
         throw new Error(`QEMU ${this.name}: migration ${info.status}: ${info['error-desc'] ?? ''}`);
@@ -208,7 +217,7 @@ export class TinyQemu {
         }
       });
     });
-    this.socket!.on('error', () => undefined);
+    this.socket.on('error', () => undefined);
     const died = this.exited.then((code) => {
       throw new Error(`QEMU ${this.name} exited (${code}) before QMP was ready: ${this.stderr}`);
     });

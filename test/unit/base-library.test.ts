@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { cli } from '../helpers/cli.js';
 import { PAGE, rng, streamOf, textish } from '../helpers/synthetic-vm.js';
+import { xorByte } from '../helpers/bytes.js';
 
 let dir: string;
 let env: NodeJS.ProcessEnv;
@@ -25,10 +26,22 @@ before(async () => {
   await writeFile(join(dir, 'base.raw'), disk);
   const ram = Buffer.alloc(2 << 20);
   textish(rand, 1 << 20).copy(ram, 0);
-  await writeFile(join(dir, 'base.mem'), streamOf([['pc.ram', ram], ['pc.bios', textish(rand, 64 << 10)]]));
+  await writeFile(
+    join(dir, 'base.mem'),
+    streamOf([
+      ['pc.ram', ram],
+      ['pc.bios', textish(rand, 64 << 10)],
+    ]),
+  );
   const cram = Buffer.from(ram);
   cram.fill(0x33, 5 * PAGE, 9 * PAGE);
-  await writeFile(join(dir, 'cust.mem'), streamOf([['pc.ram', cram], ['pc.bios', textish(rng(3), 64 << 10)]]));
+  await writeFile(
+    join(dir, 'cust.mem'),
+    streamOf([
+      ['pc.ram', cram],
+      ['pc.bios', textish(rng(3), 64 << 10)],
+    ]),
+  );
   const cdisk = Buffer.from(disk);
   cdisk.write('customized', 3 << 20);
   await writeFile(join(dir, 'cust.raw'), cdisk);
@@ -43,22 +56,79 @@ after(async () => {
 });
 
 test('base import, list, show; create and apply against the library base', async () => {
-  const imp = await cli(['base', 'import', '--disk', join(dir, 'base.raw'), '--memory', join(dir, 'base.mem'), '--vm', join(dir, 'vm.json'), '--name', 'tiny'], env);
+  const imp = await cli(
+    [
+      'base',
+      'import',
+      '--disk',
+      join(dir, 'base.raw'),
+      '--memory',
+      join(dir, 'base.mem'),
+      '--vm',
+      join(dir, 'vm.json'),
+      '--name',
+      'tiny',
+    ],
+    env,
+  );
   assert.equal(imp.code, 0, imp.stderr);
   id = String(imp.json.id);
   assert.match(id, /^[0-9a-f]{64}$/);
-  const again = await cli(['base', 'import', '--disk', join(dir, 'base.raw'), '--memory', join(dir, 'base.mem'), '--vm', join(dir, 'vm.json')], env);
+  const again = await cli(
+    [
+      'base',
+      'import',
+      '--disk',
+      join(dir, 'base.raw'),
+      '--memory',
+      join(dir, 'base.mem'),
+      '--vm',
+      join(dir, 'vm.json'),
+    ],
+    env,
+  );
   assert.equal(again.json.added, false, 'the same base twice is one base');
   const list = await cli(['base', 'list'], env);
-  assert.deepEqual((list.json.bases as Array<{ id: string }>).map((b) => b.id), [id]);
+  assert.deepEqual(
+    (list.json.bases as Array<{ id: string }>).map((b) => b.id),
+    [id],
+  );
   const show = await cli(['base', 'show', 'tiny'], env);
   assert.equal(show.json.id, id);
   assert.equal((show.json.vm as { drives: Array<{ file: string }> }).drives[0]!.file, 'disk.raw');
 
-  const c = await cli(['create', '--base', id.slice(0, 10), '--disk', join(dir, 'cust.raw'), '--memory', join(dir, 'cust.mem'), '-o', join(dir, 'o.overlay')], env);
+  const c = await cli(
+    [
+      'create',
+      '--base',
+      id.slice(0, 10),
+      '--disk',
+      join(dir, 'cust.raw'),
+      '--memory',
+      join(dir, 'cust.mem'),
+      '-o',
+      join(dir, 'o.overlay'),
+    ],
+    env,
+  );
   assert.equal(c.code, 0, c.stderr);
   // The same base given as files has the same id: overlays do not care where the base lives.
-  const cf = await cli(['create', '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.mem'), '--disk', join(dir, 'cust.raw'), '--memory', join(dir, 'cust.mem'), '-o', join(dir, 'f.overlay')], env);
+  const cf = await cli(
+    [
+      'create',
+      '--base-disk',
+      join(dir, 'base.raw'),
+      '--base-memory',
+      join(dir, 'base.mem'),
+      '--disk',
+      join(dir, 'cust.raw'),
+      '--memory',
+      join(dir, 'cust.mem'),
+      '-o',
+      join(dir, 'f.overlay'),
+    ],
+    env,
+  );
   assert.equal(cf.json.base_id, id);
 
   const a = await cli(['apply', join(dir, 'o.overlay'), '--base', 'tiny', '-o', join(dir, 'out')], env);
@@ -66,7 +136,14 @@ test('base import, list, show; create and apply against the library base', async
   const m = a.json.manifest as { memory: { format: string; base_ram_file: string } };
   assert.equal(m.memory.format, 'sparse', 'sparse by default with a library base');
   assert.ok(m.memory.base_ram_file.startsWith(join(dir, 'lib', 'bases', id)));
-  assert.match(execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', join(dir, 'out', 'disk.qcow2'), join(dir, 'cust.raw')], { encoding: 'utf8' }), /identical/);
+  assert.match(
+    execFileSync(
+      'qemu-img',
+      ['compare', '-f', 'qcow2', '-F', 'raw', join(dir, 'out', 'disk.qcow2'), join(dir, 'cust.raw')],
+      { encoding: 'utf8' },
+    ),
+    /identical/,
+  );
 });
 
 test('export a package, import it into another library (verified), refuse a damaged one, rm', async () => {
@@ -85,7 +162,7 @@ test('export a package, import it into another library (verified), refuse a dama
   execFileSync('tar', ['-xf', pkg, '-C', work]);
   const ramFile = join(work, id, 'ram', 'pc.ram.raw');
   const ram = await readFile(ramFile);
-  ram[100] ^= 1;
+  xorByte(ram, 100, 1);
   await writeFile(ramFile, ram);
   execFileSync('tar', ['-cf', join(dir, 'bad.tar'), '-C', work, id]);
   const env3 = { ...process.env, CLOUDLET_LIBRARY: join(dir, 'lib3') };

@@ -11,10 +11,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { safeName } from '../../src/base/paths.js';
+import { safeName } from '../../src/util/safe-name.js';
 import { openMemorySnapshot } from '../../src/image/memory/snapshot.js';
 import { buildLibvirtHeader } from '../../src/image/memory/libvirt.js';
 import { PAGE, qemuImg, qemuIo, rng, streamOf, textish } from '../helpers/synthetic-vm.js';
+import { xorByte } from '../helpers/bytes.js';
 
 const run = promisify(execFile);
 const BIN = fileURLToPath(new URL('../../../bin/cloudlet-overlay.js', import.meta.url));
@@ -71,7 +72,7 @@ before(async () => {
   qemuImg('dd', '-f', 'raw', '-O', 'raw', `if=${join(dir, 'file.bin')}`, `of=${join(dir, 'file.raw')}`, 'bs=4096');
   // Customized memory: edits, moved pages, data→zero, zero→data, the file's pages.
   const cram = Buffer.from(ram);
-  for (let i = 0; i < 300; i++) cram[Math.floor(rand() * (2 << 20))] ^= 0x20;
+  for (let i = 0; i < 300; i++) xorByte(cram, Math.floor(rand() * (2 << 20)), 0x20);
   ram.copy(cram, 3 << 20, 100 * PAGE, 120 * PAGE);
   cram.fill(0, 10 * PAGE, 14 * PAGE);
   cram.fill(0x11, (2 << 20) + PAGE, (2 << 20) + 2 * PAGE);
@@ -105,8 +106,19 @@ async function assertMemory(streamPath: string, expected: Map<string, Buffer>): 
 }
 
 test('create + apply: qcow2 chain disk and memory stream come back identical', async () => {
-  const c = await cli('create', '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.mem'),
-    '--disk', join(dir, 'cust.qcow2'), '--memory', join(dir, 'cust.mem'), '-o', join(dir, 'a.overlay'));
+  const c = await cli(
+    'create',
+    '--base-disk',
+    join(dir, 'base.raw'),
+    '--base-memory',
+    join(dir, 'base.mem'),
+    '--disk',
+    join(dir, 'cust.qcow2'),
+    '--memory',
+    join(dir, 'cust.mem'),
+    '-o',
+    join(dir, 'a.overlay'),
+  );
   assert.equal(c.code, 0, c.stderr);
   const stats = c.json.stats as { encodings: Record<string, { chunks: number }> };
   assert.ok((stats.encodings.base_ref?.chunks ?? 0) >= 20, 'moved pages found in the base');
@@ -117,11 +129,25 @@ test('create + apply: qcow2 chain disk and memory stream come back identical', a
   const v = await cli('verify', join(dir, 'a.overlay'));
   assert.equal(v.code, 0, v.stderr);
 
-  const a = await cli('apply', join(dir, 'a.overlay'), '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.mem'),
-    '-o', join(dir, 'out1'));
+  const a = await cli(
+    'apply',
+    join(dir, 'a.overlay'),
+    '--base-disk',
+    join(dir, 'base.raw'),
+    '--base-memory',
+    join(dir, 'base.mem'),
+    '-o',
+    join(dir, 'out1'),
+  );
   assert.equal(a.code, 0, a.stderr);
-  assert.match(qemuImg('compare', '-f', 'qcow2', '-F', 'qcow2', join(dir, 'out1', 'disk.qcow2'), join(dir, 'cust.qcow2')), /identical/);
-  const check = JSON.parse(qemuImg('check', '--output=json', join(dir, 'out1', 'disk.qcow2'))) as Record<string, unknown>;
+  assert.match(
+    qemuImg('compare', '-f', 'qcow2', '-F', 'qcow2', join(dir, 'out1', 'disk.qcow2'), join(dir, 'cust.qcow2')),
+    /identical/,
+  );
+  const check = JSON.parse(qemuImg('check', '--output=json', join(dir, 'out1', 'disk.qcow2'))) as Record<
+    string,
+    unknown
+  >;
   assert.equal(check['corruptions'] ?? 0, 0);
   assert.equal(check['leaks'] ?? 0, 0);
   assert.equal(check['check-errors'], 0);
@@ -131,16 +157,39 @@ test('create + apply: qcow2 chain disk and memory stream come back identical', a
 
 test('apply: raw disk, raw memory blocks, and a sparse stream over the base RAM file', async () => {
   const common = ['--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.mem')];
-  const a = await cli('apply', join(dir, 'a.overlay'), ...common, '-o', join(dir, 'out2'), '--disk-format', 'raw', '--memory-format', 'raw');
+  const a = await cli(
+    'apply',
+    join(dir, 'a.overlay'),
+    ...common,
+    '-o',
+    join(dir, 'out2'),
+    '--disk-format',
+    'raw',
+    '--memory-format',
+    'raw',
+  );
   assert.equal(a.code, 0, a.stderr);
-  assert.match(qemuImg('compare', '-f', 'raw', '-F', 'qcow2', join(dir, 'out2', 'disk.raw'), join(dir, 'cust.qcow2')), /identical/);
+  assert.match(
+    qemuImg('compare', '-f', 'raw', '-F', 'qcow2', join(dir, 'out2', 'disk.raw'), join(dir, 'cust.qcow2')),
+    /identical/,
+  );
   for (const [name, data] of mem.cust) {
     const file = join(dir, 'out2', 'memory', `${safeName(name)}.raw`);
     assert.ok((await readFile(file)).equals(data), `raw block ${name}`);
   }
 
   await writeFile(join(dir, 'base-pc.ram'), mem.base.get('pc.ram')!);
-  const s = await cli('apply', join(dir, 'a.overlay'), ...common, '-o', join(dir, 'out3'), '--memory-format', 'sparse', '--base-ram', join(dir, 'base-pc.ram'));
+  const s = await cli(
+    'apply',
+    join(dir, 'a.overlay'),
+    ...common,
+    '-o',
+    join(dir, 'out3'),
+    '--memory-format',
+    'sparse',
+    '--base-ram',
+    join(dir, 'base-pc.ram'),
+  );
   assert.equal(s.code, 0, s.stderr);
   // Resume semantics of a sparse stream: base RAM file, then the stream's pages on top.
   const snap = await openMemorySnapshot(join(dir, 'out3', 'memory.sparse'));
@@ -159,7 +208,8 @@ test('apply: raw disk, raw memory blocks, and a sparse stream over the base RAM 
     let differ = 0;
     const b = mem.base.get('pc.ram')!;
     const c = mem.cust.get('pc.ram')!;
-    for (let p = 0; p < states.pages; p++) if (!b.subarray(p * PAGE, (p + 1) * PAGE).equals(c.subarray(p * PAGE, (p + 1) * PAGE))) differ++;
+    for (let p = 0; p < states.pages; p++)
+      if (!b.subarray(p * PAGE, (p + 1) * PAGE).equals(c.subarray(p * PAGE, (p + 1) * PAGE))) differ++;
     assert.equal(sent, differ, 'the sparse stream sends exactly the pages that differ from the base');
     assert.equal(snap.pages('pc.bios').counts().unsent, 0, 'small blocks are sent whole');
   } finally {
@@ -173,19 +223,46 @@ test('disk-only overlay; sizes not a multiple of 4 KiB; disk grows', async () =>
   const cust = Buffer.concat([base.subarray(0, 30 * PAGE), textish(rand, 20 * PAGE + 2560)]);
   await writeFile(join(dir, 'b2.raw'), base);
   await writeFile(join(dir, 'c2.raw'), cust);
-  const c = await cli('create', '--base-disk', join(dir, 'b2.raw'), '--disk', join(dir, 'c2.raw'), '-o', join(dir, 'b.overlay'));
+  const c = await cli(
+    'create',
+    '--base-disk',
+    join(dir, 'b2.raw'),
+    '--disk',
+    join(dir, 'c2.raw'),
+    '-o',
+    join(dir, 'b.overlay'),
+  );
   assert.equal(c.code, 0, c.stderr);
   for (const fmt of ['qcow2', 'raw']) {
-    const a = await cli('apply', join(dir, 'b.overlay'), '--base-disk', join(dir, 'b2.raw'), '-o', join(dir, `out-b-${fmt}`), '--disk-format', fmt);
+    const a = await cli(
+      'apply',
+      join(dir, 'b.overlay'),
+      '--base-disk',
+      join(dir, 'b2.raw'),
+      '-o',
+      join(dir, `out-b-${fmt}`),
+      '--disk-format',
+      fmt,
+    );
     assert.equal(a.code, 0, a.stderr);
-    assert.match(qemuImg('compare', '-f', fmt, '-F', 'raw', join(dir, `out-b-${fmt}`, `disk.${fmt}`), join(dir, 'c2.raw')), /identical/);
+    assert.match(
+      qemuImg('compare', '-f', fmt, '-F', 'raw', join(dir, `out-b-${fmt}`, `disk.${fmt}`), join(dir, 'c2.raw')),
+      /identical/,
+    );
   }
 });
 
-test('bad input: wrong base, truncated, bit-flipped, unknown version, missing files — clear errors, nothing written', async () => {
+const BAD_INPUT =
+  'bad input: wrong base, truncated, bit-flipped, unknown version, missing files — clear errors, nothing written';
+test(BAD_INPUT, async () => {
   const good = await readFile(join(dir, 'a.overlay'));
   const common = ['--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.mem')];
-  const expectFail = async (overlay: string, code: number, pattern: RegExp, extra: string[] = common): Promise<void> => {
+  const expectFail = async (
+    overlay: string,
+    code: number,
+    pattern: RegExp,
+    extra: string[] = common,
+  ): Promise<void> => {
     const out = join(dir, `fail-${Math.random().toString(36).slice(2)}`);
     const r = await cli('apply', overlay, ...extra, '-o', out);
     assert.equal(r.code, code, `${overlay}: ${r.stderr}`);
@@ -194,11 +271,16 @@ test('bad input: wrong base, truncated, bit-flipped, unknown version, missing fi
     const left = await readdir(out).catch(() => []);
     assert.deepEqual(left, [], 'no output left behind');
   };
-  await expectFail(join(dir, 'a.overlay'), 5, /made for base/, ['--base-disk', join(dir, 'cust.qcow2'), '--base-memory', join(dir, 'cust.mem')]);
+  await expectFail(join(dir, 'a.overlay'), 5, /made for base/, [
+    '--base-disk',
+    join(dir, 'cust.qcow2'),
+    '--base-memory',
+    join(dir, 'cust.mem'),
+  ]);
   await writeFile(join(dir, 'trunc.overlay'), good.subarray(0, good.length - 100));
   await expectFail(join(dir, 'trunc.overlay'), 4, /truncated|footer/);
   const flipped = Buffer.from(good);
-  flipped[Math.floor(good.length / 2)] ^= 0x04;
+  xorByte(flipped, Math.floor(good.length / 2), 0x04);
   await writeFile(join(dir, 'flip.overlay'), flipped);
   await expectFail(join(dir, 'flip.overlay'), 4, /checksum|damaged/);
   const v2 = Buffer.from(good);
@@ -206,7 +288,12 @@ test('bad input: wrong base, truncated, bit-flipped, unknown version, missing fi
   await writeFile(join(dir, 'v2.overlay'), v2);
   await expectFail(join(dir, 'v2.overlay'), 7, /version 2\.0 is not supported/);
   await expectFail(join(dir, 'nothere.overlay'), 3, /not found/);
-  await expectFail(join(dir, 'a.overlay'), 3, /not found|does not exist|No such file/, ['--base-disk', join(dir, 'nothere.raw'), '--base-memory', join(dir, 'base.mem')]);
+  await expectFail(join(dir, 'a.overlay'), 3, /not found|does not exist|No such file/, [
+    '--base-disk',
+    join(dir, 'nothere.raw'),
+    '--base-memory',
+    join(dir, 'base.mem'),
+  ]);
 });
 
 test('info reports base, targets and encodings', async () => {
@@ -225,12 +312,32 @@ test('a libvirt save image works as the base memory and is the same base as the 
   const stream = await readFile(join(dir, 'base.mem'));
   const xml = '<domain type="kvm"><name>base</name></domain>';
   await writeFile(join(dir, 'base.save'), Buffer.concat([buildLibvirtHeader(xml, true), stream]));
-  const c = await cli('create', '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.save'),
-    '--disk', join(dir, 'cust.qcow2'), '--memory', join(dir, 'cust.mem'), '-o', join(dir, 'lv.overlay'));
+  const c = await cli(
+    'create',
+    '--base-disk',
+    join(dir, 'base.raw'),
+    '--base-memory',
+    join(dir, 'base.save'),
+    '--disk',
+    join(dir, 'cust.qcow2'),
+    '--memory',
+    join(dir, 'cust.mem'),
+    '-o',
+    join(dir, 'lv.overlay'),
+  );
   assert.equal(c.code, 0, c.stderr);
   const a = await cli('info', join(dir, 'a.overlay'));
   assert.equal(c.json.base_id, a.json.base_id, 'same base id whether wrapped by libvirt or not');
-  const ap = await cli('apply', join(dir, 'lv.overlay'), '--base-disk', join(dir, 'base.raw'), '--base-memory', join(dir, 'base.save'), '-o', join(dir, 'out-lv'));
+  const ap = await cli(
+    'apply',
+    join(dir, 'lv.overlay'),
+    '--base-disk',
+    join(dir, 'base.raw'),
+    '--base-memory',
+    join(dir, 'base.save'),
+    '-o',
+    join(dir, 'out-lv'),
+  );
   assert.equal(ap.code, 0, ap.stderr);
   await assertMemory(join(dir, 'out-lv', 'memory.stream'), mem.cust);
 });

@@ -6,15 +6,17 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
-import { anchorBase, diff, indexBase, type NewTarget } from '../../src/delta/diff.js';
+import { anchorBase, indexBase } from '../../src/delta/base-index.js';
+import { diff } from '../../src/delta/diff.js';
 import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
-import type { BaseTarget } from '../../src/delta/target.js';
+import type { BaseTarget, NewTarget } from '../../src/delta/target.js';
 import { OverlayWriter } from '../../src/overlay/writer.js';
 import { OverlayReader } from '../../src/overlay/reader.js';
 import type { OverlayHeader } from '../../src/overlay/format.js';
 import { HashMismatchError } from '../../src/util/errors.js';
 import { rng, textish } from '../helpers/rng.js';
+import { xorByte } from '../helpers/bytes.js';
 
 class Collect implements TargetOutput {
   readonly chunks = new Map<number, Buffer | null>();
@@ -73,7 +75,10 @@ async function roundTrip(
       createdAt: new Date().toISOString(),
       creator: 'test',
       chunkSize: 4096,
-      base: { id: 'a'.repeat(64), targets: base.map((b) => ({ name: b.name, kind: b.kind, size: b.size, digest: 'b'.repeat(64) })) },
+      base: {
+        id: 'a'.repeat(64),
+        targets: base.map((b) => ({ name: b.name, kind: b.kind, size: b.size, digest: 'b'.repeat(64) })),
+      },
       targets: [
         { name: 'tail', kind: 'blob', size: 11, digest: '' },
         { name: 'disk', kind: 'disk', size: newDisk.length, digest: '' },
@@ -115,7 +120,7 @@ test('round trip: random edits, moved blocks, zeroed regions, disk↔memory copi
   const newDisk = Buffer.from(baseDisk);
   const newRam = Buffer.from(baseRam);
   // scattered byte edits
-  for (let i = 0; i < 200; i++) newDisk[Math.floor(rand() * newDisk.length)] ^= 0xff;
+  for (let i = 0; i < 200; i++) xorByte(newDisk, Math.floor(rand() * newDisk.length), 0xff);
   // moved block
   baseDisk.copy(newDisk, 4096 * 250 + 512, 4096 * 30, 4096 * 40);
   baseDisk.copy(newDisk, 4096 * 260, 4096 * 30, 4096 * 40);
@@ -162,12 +167,14 @@ test('a changed base is detected by the digest check', async () => {
   const rand = rng(4);
   const d = textish(rand, 4096 * 64, 16);
   const nd = Buffer.from(d);
-  nd[5000] ^= 1;
+  xorByte(nd, 5000, 1);
   await assert.rejects(
     roundTrip(d, Buffer.alloc(8192), nd, Buffer.alloc(8192), false, (base) => {
       // the base disk's bytes change after the overlay was made
-      const src = base[0]!.source as BufferSource;
-      src.data[4096 + 7] ^= 1; // the chunk the delta record is against
+      const disk = base[0];
+      assert.ok(disk && disk.kind !== 'blob');
+      const src = disk.source as BufferSource;
+      xorByte(src.data, 4096 + 7, 1); // the chunk the delta record is against
     }),
     HashMismatchError,
   );
@@ -182,7 +189,7 @@ test('data moved by a non-multiple of 4 KiB is found in the base and earlier in 
   baseDisk.copy(newDisk, 4096 * 30 + 1000, 4096 * 100, 4096 * 110);
   // shifted and slightly edited
   baseDisk.copy(newDisk, 4096 * 50 + 300, 4096 * 10, 4096 * 20);
-  for (let i = 0; i < 10; i++) newDisk[4096 * 50 + 300 + Math.floor(rand() * 4096 * 10)] ^= 0x55;
+  for (let i = 0; i < 10; i++) xorByte(newDisk, 4096 * 50 + 300 + Math.floor(rand() * 4096 * 10), 0x55);
   // new data, then the same new data again at a shift (a file inside an archive)
   const fresh = randomBytes(4096 * 12);
   fresh.copy(newDisk, 4096 * 70);

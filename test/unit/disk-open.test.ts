@@ -97,7 +97,19 @@ describe('openDisk', { skip: noQemu }, () => {
     qemuIo('qcow2', mid, 'write -P 0x21 32k 4k', 'write -z 3M 4k', 'write -P 0x22 9M 100k');
     // top.qcow2 (4 KiB clusters, bigger again, size not a multiple of 4 KiB).
     const top = join(dir, 'top.qcow2');
-    qemuImg('create', '-f', 'qcow2', '-o', 'cluster_size=4096', '-b', 'mid.qcow2', '-F', 'qcow2', top, String(12 * MiB + 512));
+    qemuImg(
+      'create',
+      '-f',
+      'qcow2',
+      '-o',
+      'cluster_size=4096',
+      '-b',
+      'mid.qcow2',
+      '-F',
+      'qcow2',
+      top,
+      String(12 * MiB + 512),
+    );
     qemuIo('qcow2', top, 'write -P 0x31 36k 4k', 'write -z 9M 8k', 'write -P 0x32 12M 512', 'write -P 0x33 8M 4k');
   });
   after(async () => {
@@ -203,10 +215,16 @@ describe('openDisk', { skip: noQemu }, () => {
     const g = join(dir, 'garbage.qcow2');
     await writeFile(g, Buffer.from('QFI\xfb\0\0\0\x03not really a qcow2 header', 'latin1'));
     await truncate(g, 65536);
-    await assert.rejects(openDisk(g), (err: unknown) => err instanceof CorruptInputError && /cluster size/i.test(err.message));
+    await assert.rejects(
+      openDisk(g),
+      (err: unknown) => err instanceof CorruptInputError && /cluster size/i.test(err.message),
+    );
     const r = join(dir, 'random.bin');
     await writeFile(r, Buffer.alloc(70000, 7));
-    await assert.rejects(openDisk(r, { format: 'qcow2' }), (err: unknown) => err instanceof CorruptInputError && /not in qcow2 format/.test(err.message));
+    await assert.rejects(
+      openDisk(r, { format: 'qcow2' }),
+      (err: unknown) => err instanceof CorruptInputError && /not in qcow2 format/.test(err.message),
+    );
   });
 
   it('reads after close are refused', async () => {

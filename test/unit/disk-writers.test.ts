@@ -143,7 +143,8 @@ async function drive(w: DiskWriter, base: Buffer, s: Scenario, clusterSize: numb
       const done = Math.min(c * CHUNK, V);
       const a = Math.floor(r() * done);
       const n = Math.min(done - a, 1 + Math.floor(r() * 3 * clusterSize));
-      if (n > 0) assert.ok((await w.readBack(a, n)).equals(ref.subarray(a, a + n)), `readBack behind cursor at ${a}+${n}`);
+      if (n > 0)
+        assert.ok((await w.readBack(a, n)).equals(ref.subarray(a, a + n)), `readBack behind cursor at ${a}+${n}`);
       if (done < V) {
         const b = done + Math.floor(r() * (V - done));
         const m = Math.min(V - b, 1 + Math.floor(r() * clusterSize));
@@ -215,12 +216,20 @@ describe('disk writers', { skip: noQemu }, () => {
     for (const { label, v } of sizes) {
       for (const backing of ['raw', 'qcow2'] as const) {
         const s: Scenario = { baseSize: B, virtualSize: v, clusterSize, backing, seed: ++seq };
-        it(`qcow2 ${clusterSize / KiB} KiB clusters, ${label}, ${backing} backing: check clean, compare equal`, async () => {
+        const title =
+          `qcow2 ${clusterSize / KiB} KiB clusters, ${label}, ${backing} backing: ` + 'check clean, compare equal';
+        it(title, async () => {
           const base = await baseFor(B, 1);
           const src = await openDisk(backing === 'raw' ? base.raw : base.qcow2, { format: backing });
           const out = join(dir, `out-${s.seed}.qcow2`);
           const backingName = `base-1.${backing}`; // relative: resolved against the output's directory
-          const w = await Qcow2Writer.create(out, { virtualSize: v, backingFile: backingName, backingFormat: backing, base: src, clusterSize });
+          const w = await Qcow2Writer.create(out, {
+            virtualSize: v,
+            backingFile: backingName,
+            backingFormat: backing,
+            base: src,
+            clusterSize,
+          });
           const ref = await drive(w, base.data, s, clusterSize);
           const stats = await w.finish();
           await src.close();
@@ -260,10 +269,14 @@ describe('disk writers', { skip: noQemu }, () => {
         assert.equal(stats.file_size, v);
         // Sparse: allocated blocks stay near the non-zero data, not the virtual size.
         let nonZero = 0;
-        for (let p = 0; p < v; p += CHUNK) if (!ref.subarray(p, p + CHUNK).equals(Buffer.alloc(Math.min(CHUNK, v - p)))) nonZero++;
+        for (let p = 0; p < v; p += CHUNK)
+          if (!ref.subarray(p, p + CHUNK).equals(Buffer.alloc(Math.min(CHUNK, v - p)))) nonZero++;
         const allocated = (await stat(out)).blocks * 512;
         // (slack: the file system's extent tree blocks count in st_blocks too)
-        assert.ok(allocated <= nonZero * CHUNK * 1.05 + 64 * KiB, `allocated ${allocated} for ${nonZero} non-zero chunks`);
+        assert.ok(
+          allocated <= nonZero * CHUNK * 1.05 + 64 * KiB,
+          `allocated ${allocated} for ${nonZero} non-zero chunks`,
+        );
         assert.ok(allocated < v / 2);
         await src.close();
         await noTempFiles();
@@ -278,16 +291,23 @@ describe('disk writers', { skip: noQemu }, () => {
     const baseRaw = join(dir, 'big-base.raw');
     const h = await open(baseRaw, 'w');
     await h.truncate(size);
-    for (let i = 0; i < 20; i++) await h.write(randomBytes(r, 64 * KiB), 0, 64 * KiB, Math.floor(r() * (size / (64 * KiB))) * 64 * KiB);
+    for (let i = 0; i < 20; i++)
+      await h.write(randomBytes(r, 64 * KiB), 0, 64 * KiB, Math.floor(r() * (size / (64 * KiB))) * 64 * KiB);
     await h.close();
     for (const clusterSize of [4 * KiB, 64 * KiB]) {
       const src = new CountingSource(await openDisk(baseRaw, { format: 'raw' }));
       const out = join(dir, `big-${clusterSize}.qcow2`);
       const t0 = performance.now();
-      const w = await Qcow2Writer.create(out, { virtualSize: size, backingFile: 'big-base.raw', backingFormat: 'raw', base: src, clusterSize });
+      const w = await Qcow2Writer.create(out, {
+        virtualSize: size,
+        backingFile: 'big-base.raw',
+        backingFormat: 'raw',
+        base: src,
+        clusterSize,
+      });
       const offsets = Array.from({ length: 10 }, () => Math.floor(r() * (size / CHUNK)) * CHUNK).sort((a, b) => a - b);
       const changes = new Map<number, Buffer>();
-      for (const off of [...new Set(offsets)]) {
+      for (const off of new Set(offsets)) {
         const data = randomBytes(r, CHUNK);
         changes.set(off, data);
         await w.writeChunk(off, data);
@@ -319,7 +339,12 @@ describe('disk writers', { skip: noQemu }, () => {
     const base = await baseFor(B, 1);
     const src = await openDisk(base.raw, { format: 'raw' });
     const out = join(dir, 'hdr.qcow2');
-    const w = await Qcow2Writer.create(out, { virtualSize: B, backingFile: 'base-1.raw', backingFormat: 'raw', base: src });
+    const w = await Qcow2Writer.create(out, {
+      virtualSize: B,
+      backingFile: 'base-1.raw',
+      backingFormat: 'raw',
+      base: src,
+    });
     await w.writeChunk(8192, Buffer.alloc(CHUNK, 1));
     await w.finish();
     await src.close();
@@ -335,7 +360,9 @@ describe('disk writers', { skip: noQemu }, () => {
     assert.equal(h.backingFile, 'base-1.raw');
     assert.equal(h.backingFormat, 'raw');
     assert.equal(h.virtualSize, B);
-    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-f', 'qcow2', out], { encoding: 'utf8' })) as Record<string, unknown>;
+    const info = JSON.parse(
+      execFileSync('qemu-img', ['info', '--output=json', '-f', 'qcow2', out], { encoding: 'utf8' }),
+    ) as Record<string, unknown>;
     assert.equal(info['backing-filename'], 'base-1.raw');
     assert.equal(info['backing-filename-format'], 'raw');
     assert.equal(info['cluster-size'], 65536);
@@ -345,9 +372,13 @@ describe('disk writers', { skip: noQemu }, () => {
     assert.equal(spec.data['refcount-bits'], 16);
     assert.equal(spec.data['corrupt'], false);
     // COPIED flags right: qemu writes in place (no COW), and the image stays clean.
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 8192 4096', '-c', 'write -P 0x5b 100k 4k', out], { stdio: 'ignore' });
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 8192 4096', '-c', 'write -P 0x5b 100k 4k', out], {
+      stdio: 'ignore',
+    });
     assertClean(out);
-    const after = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', '-f', 'qcow2', out], { encoding: 'utf8' })) as Record<string, unknown>;
+    const after = JSON.parse(
+      execFileSync('qemu-img', ['check', '--output=json', '-f', 'qcow2', out], { encoding: 'utf8' }),
+    ) as Record<string, unknown>;
     assert.equal(after['allocated-clusters'], 2);
     await rm(out);
   });
@@ -355,7 +386,16 @@ describe('disk writers', { skip: noQemu }, () => {
   it('refcount layout is a fixed point that counts itself', () => {
     for (const cs of [4096, 65536, 2 * MiB]) {
       const perBlock = cs / 2;
-      for (const used of [1, 2, perBlock - 2, perBlock - 1, perBlock, perBlock + 1, 10 * perBlock - 3, 1000 * perBlock]) {
+      for (const used of [
+        1,
+        2,
+        perBlock - 2,
+        perBlock - 1,
+        perBlock,
+        perBlock + 1,
+        10 * perBlock - 3,
+        1000 * perBlock,
+      ]) {
         const { tableClusters, blocks } = refcountLayout(used, cs);
         const total = used + tableClusters + blocks;
         assert.ok(blocks * perBlock >= total, `cs ${cs} used ${used}: blocks cover everything`);
@@ -369,7 +409,8 @@ describe('disk writers', { skip: noQemu }, () => {
     const base = await baseFor(B, 1);
     const src = await openDisk(base.raw, { format: 'raw' });
     for (const make of [
-      (p: string): Promise<DiskWriter> => Qcow2Writer.create(p, { virtualSize: B, backingFile: 'base-1.raw', backingFormat: 'raw', base: src }),
+      (p: string): Promise<DiskWriter> =>
+        Qcow2Writer.create(p, { virtualSize: B, backingFile: 'base-1.raw', backingFormat: 'raw', base: src }),
       (p: string): Promise<DiskWriter> => RawWriter.create(p, { virtualSize: B, base: src }),
     ]) {
       const out = join(dir, 'aborted.img');
@@ -396,11 +437,18 @@ describe('disk writers', { skip: noQemu }, () => {
     const src = await openDisk(base.raw, { format: 'raw' });
     for (const v of [0, 512, 3584]) {
       const out = join(dir, `tiny-${v}.qcow2`);
-      const w = await Qcow2Writer.create(out, { virtualSize: v, backingFile: 'base-1.raw', backingFormat: 'raw', base: src });
+      const w = await Qcow2Writer.create(out, {
+        virtualSize: v,
+        backingFile: 'base-1.raw',
+        backingFormat: 'raw',
+        base: src,
+      });
       if (v > 0) await w.writeChunk(0, Buffer.alloc(v, 9));
       await w.finish();
       assertClean(out);
-      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-f', 'qcow2', out], { encoding: 'utf8' })) as Record<string, unknown>;
+      const info = JSON.parse(
+        execFileSync('qemu-img', ['info', '--output=json', '-f', 'qcow2', out], { encoding: 'utf8' }),
+      ) as Record<string, unknown>;
       assert.equal(info['virtual-size'], v);
       const rawOut = join(dir, `tiny-${v}.raw`);
       const rw = await RawWriter.create(rawOut, { virtualSize: v, base: src });
@@ -417,7 +465,12 @@ describe('disk writers', { skip: noQemu }, () => {
     const base = await baseFor(B, 1);
     const src = await openDisk(base.raw, { format: 'raw' });
     const out = join(dir, 'contract.qcow2');
-    const w = await Qcow2Writer.create(out, { virtualSize: B, backingFile: 'base-1.raw', backingFormat: 'raw', base: src });
+    const w = await Qcow2Writer.create(out, {
+      virtualSize: B,
+      backingFile: 'base-1.raw',
+      backingFormat: 'raw',
+      base: src,
+    });
     await w.writeChunk(MiB, Buffer.alloc(CHUNK, 1));
     await assert.rejects(w.writeChunk(0, Buffer.alloc(CHUNK, 1)), /out of order/);
     await assert.rejects(w.writeChunk(2 * MiB + 1, Buffer.alloc(CHUNK)), /aligned/);
@@ -429,7 +482,13 @@ describe('disk writers', { skip: noQemu }, () => {
     assertClean(out);
     await rm(out);
     await assert.rejects(
-      Qcow2Writer.create(out, { virtualSize: B, backingFile: 'x', backingFormat: 'raw', base: src, clusterSize: 8192 * 3 }),
+      Qcow2Writer.create(out, {
+        virtualSize: B,
+        backingFile: 'x',
+        backingFormat: 'raw',
+        base: src,
+        clusterSize: 8192 * 3,
+      }),
       UnsupportedError,
     );
     await assert.rejects(

@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
 import { glanceSession, imageEndpoint, keystoneAuthBody, normalizeEndpoint, tokensUrl } from '../../src/glance/auth.js';
 import { GlanceClient } from '../../src/glance/client.js';
-import { glanceImageId, isGlanceRef } from '../../src/glance/store.js';
+import { glanceImageId, isGlanceRef } from '../../src/glance/image.js';
 import { NetworkError, UsageError } from '../../src/util/errors.js';
 
 interface Seen {

@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { GlanceClient } from '../../src/glance/client.js';
-import { tarStream } from '../../src/glance/upload.js';
+import { tarStream } from '../../src/base/library.js';
 import { CorruptInputError, NetworkError } from '../../src/util/errors.js';
 
 interface Received {
@@ -106,11 +106,11 @@ test('tar stream: a failing tar is an error, also to the upload; a good one ends
   try {
     await writeFile(join(dir, 'a'), 'hello');
     let n = 0;
-    for await (const c of tarStream(['-cf', '-', '-C', dir, 'a'])) n += (c as Buffer).length;
+    for await (const c of tarStream('tar', ['-cf', '-', '-C', dir, 'a'])) n += (c as Buffer).length;
     assert.equal(n % 512, 0);
     assert.ok(n >= 1024);
     await assert.rejects(
-      g.client.upload('i4', tarStream(['-cf', '-', '-C', dir, 'a', 'missing']), undefined),
+      g.client.upload('i4', tarStream('tar', ['-cf', '-', '-C', dir, 'a', 'missing']), undefined),
       (e: unknown) => e instanceof CorruptInputError && /tar failed/.test(e.message),
     );
     await settle();

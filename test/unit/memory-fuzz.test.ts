@@ -35,7 +35,11 @@ function mutate(input: Buffer, rand: () => number, hotEnd: number): Buffer {
         break;
       case 3: {
         const p = at();
-        b = Buffer.concat([b.subarray(0, p), Buffer.from([pick(256), pick(256), pick(256)].slice(0, 1 + pick(3))), b.subarray(p)]);
+        b = Buffer.concat([
+          b.subarray(0, p),
+          Buffer.from([pick(256), pick(256), pick(256)].slice(0, 1 + pick(3))),
+          b.subarray(p),
+        ]);
         break;
       }
       case 4: {
@@ -70,7 +74,10 @@ it('memory stream parser: mutated inputs end in a CloudletError or parse cleanly
     runs++;
     try {
       // Small read sizes now and then, so refills land inside every kind of field.
-      const s = await memorySnapshotFromBuffer(input, rand() < 0.3 ? { chunkSize: 1024 + Math.floor(rand() * 64) } : {});
+      const s = await memorySnapshotFromBuffer(
+        input,
+        rand() < 0.3 ? { chunkSize: 1024 + Math.floor(rand() * 64) } : {},
+      );
       parsed++;
       for (const b of s.blocks) {
         const src = s.block(b.name);
@@ -84,7 +91,10 @@ it('memory stream parser: mutated inputs end in a CloudletError or parse cleanly
       await s.tail();
     } catch (err) {
       if (!(err instanceof CloudletError)) {
-        assert.fail(`seed ${SEED} run ${runs}: ${String(err)}\ninput (hex, first 256 bytes): ${input.subarray(0, 256).toString('hex')}`);
+        assert.fail(
+          `seed ${SEED} run ${runs}: ${String(err)}\n` +
+            `input (hex, first 256 bytes): ${input.subarray(0, 256).toString('hex')}`,
+        );
       }
       codes.set(err.code, (codes.get(err.code) ?? 0) + 1);
     }
@@ -92,5 +102,7 @@ it('memory stream parser: mutated inputs end in a CloudletError or parse cleanly
   assert.ok(runs > 200, `only ${runs} runs in ${BUDGET_MS} ms`);
   assert.ok((codes.get('CorruptInputError') ?? 0) > 0);
   // Visible in the test output: how the budget was spent.
-  process.stderr.write(`memory fuzz: ${runs} inputs, ${parsed} parsed, errors ${JSON.stringify(Object.fromEntries(codes))}\n`);
+  process.stderr.write(
+    `memory fuzz: ${runs} inputs, ${parsed} parsed, errors ${JSON.stringify(Object.fromEntries(codes))}\n`,
+  );
 });

@@ -20,7 +20,8 @@ import {
   zeroRecord,
   type SyntheticBlock,
 } from '../helpers/synthetic-stream.js';
-import { CloudletError, CorruptInputError, NotFoundError, UnsupportedError } from '../../src/util/errors.js';
+import type { CloudletError } from '../../src/util/errors.js';
+import { CorruptInputError, NotFoundError, UnsupportedError } from '../../src/util/errors.js';
 
 const PAGE = 4096;
 
@@ -143,10 +144,13 @@ describe('memory stream parser', () => {
       pos = e.start + e.length;
     }
     assert.ok(expected.subarray(pos).every((b) => b === 0));
-    assert.ok(extents.some((e) => e.start <= 7 * PAGE && e.start + e.length > 7 * PAGE), 'fill page is data');
+    assert.ok(
+      extents.some((e) => e.start <= 7 * PAGE && e.start + e.length > 7 * PAGE),
+      'fill page is data',
+    );
   });
 
-  it('CONTINUE refers to the previous record\'s block across section boundaries', async () => {
+  it("CONTINUE refers to the previous record's block across section boundaries", async () => {
     const bytes = Buffer.concat([
       streamHeader(),
       ramStartSection(2, BLOCKS),
@@ -185,7 +189,10 @@ describe('memory stream parser', () => {
     ]);
     const s = await memorySnapshotFromBuffer(bytes);
     assert.deepEqual(s.capabilities, ['x-ignore-shared']);
-    assert.deepEqual(s.blocks.map((b) => b.name), ['pc.ram', 'pc.bios']);
+    assert.deepEqual(
+      s.blocks.map((b) => b.name),
+      ['pc.ram', 'pc.bios'],
+    );
     assert.equal(s.pages('pc.ram').counts().unsent, 4, 'shared RAM is not in the stream');
     assert.throws(() => s.assertComplete(), /not in the stream/);
   });
@@ -255,7 +262,11 @@ describe('memory stream parser refuses', () => {
     );
     const blockStart = Buffer.from(ramStartSection(3, BLOCKS));
     blockStart.write('blk', 6, 'latin1'); // idstr "ram" → "blk"
-    await rejects(Buffer.concat([streamHeader(), blockStart, deviceTail()]), UnsupportedError, /iterative section "blk"/);
+    await rejects(
+      Buffer.concat([streamHeader(), blockStart, deviceTail()]),
+      UnsupportedError,
+      /iterative section "blk"/,
+    );
     const otherPart = Buffer.concat([
       streamHeader(),
       ramStartSection(2, BLOCKS),
@@ -271,7 +282,11 @@ describe('memory stream parser refuses', () => {
     const withSub = (s: Buffer): Buffer =>
       Buffer.concat([streamHeader(), s, ramStartSection(2, BLOCKS), ramSection('end', 2, []), deviceTail()]);
     await rejects(withSub(sub('configuration/new-thing', Buffer.alloc(4))), UnsupportedError, /new-thing/);
-    await rejects(withSub(sub('configuration/target-page-bits', Buffer.from([0, 0, 0, 16]))), UnsupportedError, /4 KiB/);
+    await rejects(
+      withSub(sub('configuration/target-page-bits', Buffer.from([0, 0, 0, 16]))),
+      UnsupportedError,
+      /4 KiB/,
+    );
   });
 
   it('libvirt images that are unfinished or compressed', async () => {

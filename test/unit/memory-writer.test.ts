@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { xorByte } from '../helpers/bytes.js';
 import {
   MigrationStreamWriter,
   memorySnapshotFromBuffer,
@@ -42,7 +43,8 @@ async function blockBytes(s: MemorySnapshot, name: string): Promise<Buffer> {
 
 async function assertSameMemory(a: MemorySnapshot, b: MemorySnapshot): Promise<void> {
   assert.deepEqual(a.blocks, b.blocks);
-  for (const blk of a.blocks) assert.ok((await blockBytes(a, blk.name)).equals(await blockBytes(b, blk.name)), blk.name);
+  for (const blk of a.blocks)
+    assert.ok((await blockBytes(a, blk.name)).equals(await blockBytes(b, blk.name)), blk.name);
 }
 
 /** A customized version of the sample: changed, new, and zeroed pages of pc.ram. */
@@ -52,7 +54,7 @@ function customize(base: Buffer): { ram: Buffer; changed: number[]; zeroed: numb
   for (const p of changed) patternPage(99, p).copy(ram, p * PAGE);
   const zeroed = [1, 16]; // data pages of the sample
   for (const p of zeroed) ram.fill(0, p * PAGE, (p + 1) * PAGE);
-  ram[21 * PAGE + 5] ^= 0xff; // page 21 was data: one byte differs
+  xorByte(ram, 21 * PAGE + 5, 0xff); // page 21 was data: one byte differs
   changed.push(21);
   return { ram, changed: [...changed, ...zeroed].sort((x, y) => x - y), zeroed };
 }
@@ -108,7 +110,10 @@ describe('MigrationStreamWriter', () => {
     try {
       await assertSameMemory(src, back);
       const pages = src.blocks.reduce((n, b) => n + b.pages, 0);
-      const nonZero = src.blocks.reduce((n, b) => n + src.pages(b.name).counts().data + src.pages(b.name).counts().fill, 0);
+      const nonZero = src.blocks.reduce(
+        (n, b) => n + src.pages(b.name).counts().data + src.pages(b.name).counts().fill,
+        0,
+      );
       assert.equal(back.records.page, nonZero, 'fill pages become data pages, zero pages stay ZERO');
       assert.equal(back.records.zero, pages - nonZero);
     } finally {

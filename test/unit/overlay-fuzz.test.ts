@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
-import { diff, indexBase } from '../../src/delta/diff.js';
+import { indexBase } from '../../src/delta/base-index.js';
+import { diff } from '../../src/delta/diff.js';
 import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
 import { baseIdOf, type BaseTarget } from '../../src/delta/target.js';
@@ -18,6 +19,7 @@ import { OverlayWriter } from '../../src/overlay/writer.js';
 import { OverlayReader } from '../../src/overlay/reader.js';
 import { CloudletError } from '../../src/util/errors.js';
 import { rng, textish } from '../helpers/synthetic-vm.js';
+import { xorByte } from '../helpers/bytes.js';
 
 class Sink implements TargetOutput {
   readonly wantsAll = true;
@@ -39,19 +41,20 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
   try {
     const baseDisk = textish(rand, 64 * 4096);
     const newDisk = Buffer.from(baseDisk);
-    for (let i = 0; i < 40; i++) newDisk[Math.floor(rand() * newDisk.length)] ^= 1;
+    for (let i = 0; i < 40; i++) xorByte(newDisk, Math.floor(rand() * newDisk.length), 1);
     baseDisk.copy(newDisk, 40 * 4096, 0, 8 * 4096);
     textish(rand, 8 * 4096).copy(newDisk, 50 * 4096);
     newDisk.copy(newDisk, 58 * 4096, 50 * 4096, 54 * 4096);
     newDisk.fill(0, 20 * 4096, 22 * 4096);
     const src = new BufferSource('disk', baseDisk);
+    const baseMap = await ChunkMap.build(src);
     const base: BaseTarget[] = [
       { name: 'tail', kind: 'blob', size: 9, blob: Buffer.from('base tail') },
-      { name: 'disk', kind: 'disk', size: baseDisk.length, source: src, map: await ChunkMap.build(src) },
+      { name: 'disk', kind: 'disk', size: baseDisk.length, source: src, map: baseMap },
     ];
     const infos = [
       { name: 'tail', kind: 'blob' as const, size: 9, digest: '0'.repeat(64) },
-      { name: 'disk', kind: 'disk' as const, size: baseDisk.length, digest: base[1]!.map!.digest() },
+      { name: 'disk', kind: 'disk' as const, size: baseDisk.length, digest: baseMap.digest() },
     ];
     const path = join(dir, 'good.overlay');
     const w = await OverlayWriter.create(path, {
@@ -67,10 +70,15 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
       ],
       compression: { codec: 'zstd', level: 3 },
     });
-    const res = await diff(base, indexBase(base), [
-      { name: 'tail', kind: 'blob', blob: Buffer.from('custom tail!') },
-      { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
-    ], w);
+    const res = await diff(
+      base,
+      indexBase(base),
+      [
+        { name: 'tail', kind: 'blob', blob: Buffer.from('custom tail!') },
+        { name: 'disk', kind: 'disk', source: new BufferSource('disk', newDisk) },
+      ],
+      w,
+    );
     await w.finish(res.targets, res.stats);
     const good = await readFile(path);
 
@@ -118,7 +126,7 @@ function mutate(good: Buffer, rand: () => number): Buffer {
   const at = Math.floor(rand() * b.length);
   switch (Math.floor(rand() * 6)) {
     case 0:
-      b[at] ^= 1 << Math.floor(rand() * 8);
+      xorByte(b, at, 1 << Math.floor(rand() * 8));
       return b;
     case 1:
       b[at] = Math.floor(rand() * 256);

@@ -9,16 +9,8 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  buildQemuArgs,
-  incomingUri,
-  qemuOptValue,
-  resumeSpec,
-  runPaths,
-  shellQuote,
-  validateSpec,
-  type VmSpec,
-} from '../../src/vm/qemu.js';
+import { resumeSpec, validateSpec, type VmSpec } from '../../src/spec/vm-spec.js';
+import { buildQemuArgs, incomingUri, qemuOptValue, runPaths, shellQuote } from '../../src/vm/argv.js';
 import { kvmProbeFirmware } from '../../src/vm/accel.js';
 import { QmpClient, type QmpEvent } from '../../src/vm/qmp.js';
 import { QemuError, TimeoutError, UsageError } from '../../src/util/errors.js';
@@ -100,7 +92,9 @@ describe('buildQemuArgs', () => {
     const spec = demoSpec();
     spec.drives = [{ file: '/d/a,b.raw', format: 'qcow2', if: 'virtio', readOnly: true, cache: 'unsafe' }];
     const args = buildQemuArgs(spec, { accel: 'tcg', paths: runPaths('/r,x') });
-    assert.deepEqual(values(args, '-drive'), ['file=/d/a,,b.raw,format=qcow2,if=virtio,id=drive0,readonly=on,cache=unsafe']);
+    assert.deepEqual(values(args, '-drive'), [
+      'file=/d/a,,b.raw,format=qcow2,if=virtio,id=drive0,readonly=on,cache=unsafe',
+    ]);
     assert.ok(values(args, '-chardev').some((c) => c.includes('path=/r,,x/qmp.sock')));
     assert.equal(qemuOptValue('a,,b'), 'a,,,,b');
   });
@@ -124,7 +118,10 @@ describe('buildQemuArgs', () => {
   });
 
   it('is pure: the same spec gives the same argv', () => {
-    assert.deepEqual(buildQemuArgs(demoSpec(), { accel: 'tcg', paths }), buildQemuArgs(demoSpec(), { accel: 'tcg', paths }));
+    assert.deepEqual(
+      buildQemuArgs(demoSpec(), { accel: 'tcg', paths }),
+      buildQemuArgs(demoSpec(), { accel: 'tcg', paths }),
+    );
   });
 
   it('no network section means no NIC at all', () => {
@@ -208,13 +205,18 @@ interface FakeQmp {
 }
 
 /** A fake QMP server; `reply` answers each parsed command by writing raw text. */
-async function fakeQmp(reply: (cmd: { execute: string; id?: string; arguments?: unknown }, s: Socket) => void): Promise<FakeQmp> {
+async function fakeQmp(
+  reply: (cmd: { execute: string; id?: string; arguments?: unknown }, s: Socket) => void,
+): Promise<FakeQmp> {
   const dir = await mkdtemp(join(tmpdir(), 'qmp-test-'));
   const path = join(dir, 'qmp.sock');
   const sockets: Socket[] = [];
   const server = createServer((s) => {
     sockets.push(s);
-    s.write('{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "x"}, "capabilities": ["oob"]}}\r\n');
+    s.write(
+      '{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "x"}, ' +
+        '"capabilities": ["oob"]}}\r\n',
+    );
     let buf = '';
     s.setEncoding('utf8');
     s.on('data', (d: string) => {
@@ -248,12 +250,16 @@ describe('QmpClient (fake server)', () => {
       if (cmd.execute === 'qmp_capabilities') s.write(`{"return": {}, "id": ${id}}\r\n`);
       else if (cmd.execute === 'query-status') {
         // one reply split over three writes, with an event batched in front
-        const msg = `{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n{"return": {"status": "paused", "running": false}, "id": ${id}}\r\n`;
+        const msg =
+          '{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n' +
+          `{"return": {"status": "paused", "running": false}, "id": ${id}}\r\n`;
         s.write(msg.slice(0, 10));
         setTimeout(() => s.write(msg.slice(10, 80)), 5);
         setTimeout(() => s.write(msg.slice(80)), 10);
       } else if (cmd.execute === 'bad') {
-        s.write(`{"error": {"class": "CommandNotFound", "desc": "The command bad has not been found"}, "id": ${id}}\r\n`);
+        s.write(
+          `{"error": {"class": "CommandNotFound", "desc": "The command bad has not been found"}, "id": ${id}}\r\n`,
+        );
       }
     });
     try {
@@ -302,7 +308,10 @@ describe('QmpClient (fake server)', () => {
       assert.ok(Date.now() - t0 >= 150);
       const ac = new AbortController();
       setTimeout(() => ac.abort(new QemuError('QEMU exited')), 50);
-      await assert.rejects(QmpClient.connect(join(dir, 'none.sock'), { timeoutMs: 5000, signal: ac.signal }), /QEMU exited/);
+      await assert.rejects(
+        QmpClient.connect(join(dir, 'none.sock'), { timeoutMs: 5000, signal: ac.signal }),
+        /QEMU exited/,
+      );
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

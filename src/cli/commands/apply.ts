@@ -1,6 +1,7 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { applyOverlay } from '../../api/apply.js';
-import { openBase, baseOptions, type BaseFlags } from '../base-flags.js';
+import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { printResult, seconds, type GlobalOptions } from '../output.js';
 import { intArg } from '../parse.js';
@@ -37,34 +38,34 @@ export function registerApply(program: Command): void {
         'raw',
       ]),
     )
-    .option('--base-ram <file>', "the base's main RAM block as a raw file (for --memory-format sparse without a library)")
+    .option(
+      '--base-ram <file>',
+      "the base's main RAM block as a raw file (for --memory-format sparse without a library)",
+    )
     .addOption(new Option('--cluster-size <bytes>', 'qcow2 cluster size').argParser(intArg))
     .option('--force', 'replace outputs that already exist')
     .action(async (overlay: string, flags: ApplyFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const progress = makeProgress(g);
-      const base = await openBase(flags, g.library, progress);
-      try {
-        const r = await applyOverlay({
-          overlay,
-          base,
-          outDir: flags.output,
-          diskFormat: flags.diskFormat,
-          memoryFormat: flags.memoryFormat,
-          baseRamFile: flags.baseRam,
-          clusterSize: flags.clusterSize,
-          force: flags.force,
-          progress,
-        });
-        printResult(g, r, () => {
-          const m = r.manifest;
-          const lines = [`rebuilt and verified in ${seconds(r.timings_ms.total ?? 0)} → ${r.out_dir}`];
-          if (m.disk) lines.push(`  disk    ${m.disk.path} (${m.disk.format}${m.disk.backing ? `, backing ${m.disk.backing.path}` : ''})`);
-          if (m.memory) lines.push(`  memory  ${m.memory.path} (${m.memory.format}, machine ${m.memory.machine})`);
-          return lines.join('\n');
-        });
-      } finally {
-        await base.close();
-      }
+      const r = await applyOverlay({
+        overlay,
+        base: { ...baseRef(flags), library: g.library },
+        outDir: flags.output,
+        diskFormat: flags.diskFormat,
+        memoryFormat: flags.memoryFormat,
+        baseRamFile: flags.baseRam,
+        clusterSize: flags.clusterSize,
+        force: flags.force,
+        progress: makeProgress(g),
+      });
+      printResult(g, r, () => {
+        const m = r.manifest;
+        const lines = [`rebuilt and verified in ${seconds(r.timings_ms.total ?? 0)} → ${r.out_dir}`];
+        if (m.disk) {
+          const backing = m.disk.backing ? `, backing ${m.disk.backing.path}` : '';
+          lines.push(`  disk    ${m.disk.path} (${m.disk.format}${backing})`);
+        }
+        if (m.memory) lines.push(`  memory  ${m.memory.path} (${m.memory.format}, machine ${m.memory.machine})`);
+        return lines.join('\n');
+      });
     });
 }

@@ -1,24 +1,13 @@
 /**
  * `base push`, `base pull` and `base list --glance`: the base library against an OpenStack
- * Glance (src/glance/store.ts; docs/openstack.md).
+ * Glance (src/api/glance.ts; docs/openstack.md).
  */
-import { Command, Option } from 'commander';
-import { libraryRoot } from '../../base/paths.js';
-import { listGlanceBases, pullBase, pushBase } from '../../glance/store.js';
+import type { Command } from 'commander';
+import { libraryRoot } from '../../api/base.js';
+import { listGlanceBases, pullBase, pushBase } from '../../api/glance.js';
+import { GLANCE_HELP, visibilityOption } from '../glance-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
-
-export const GLANCE_HELP =
-  'Glance endpoint (default: $CLOUDLET_GLANCE_URL, else the OS_* variables: docs/openstack.md)';
-
-export function visibilityOption(): Option {
-  return new Option('--visibility <v>', 'Glance image visibility (default: Glance\'s, "shared")').choices([
-    'public',
-    'community',
-    'shared',
-    'private',
-  ]);
-}
 
 export function registerBaseGlance(base: Command): void {
   base
@@ -41,7 +30,9 @@ Example:
     )
     .action(async (ref: string, flags: { glance?: string; visibility?: string }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await pushBase(libraryRoot(g.library), ref, {
+      const r = await pushBase({
+        root: libraryRoot(g.library),
+        base: ref,
         endpoint: flags.glance,
         visibility: flags.visibility,
         progress: makeProgress(g),
@@ -70,7 +61,12 @@ Examples:
     )
     .action(async (ref: string, flags: { glance?: string }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await pullBase(libraryRoot(g.library), ref, { endpoint: flags.glance, progress: makeProgress(g) });
+      const r = await pullBase({
+        root: libraryRoot(g.library),
+        ref,
+        endpoint: flags.glance,
+        progress: makeProgress(g),
+      });
       printResult(g, r, () => `${r.added ? 'pulled' : 'already present'}: base ${r.id} (image ${r.image_id})`);
     });
 }
@@ -78,7 +74,7 @@ Examples:
 /** `base list --glance [URL]`. */
 export async function printGlanceBases(g: GlobalOptions, glance: string | true): Promise<void> {
   const r = await listGlanceBases({ endpoint: glance === true ? undefined : glance });
-  printResult(g, { message_type: 'base_list', glance: r.glance, bases: r.bases }, () => {
+  printResult(g, r, () => {
     if (r.bases.length === 0) return `no base VMs in Glance at ${r.glance}`;
     const rows = [['id', 'name', 'machine', 'memory', 'disk', 'package', 'image', 'created']];
     for (const b of r.bases) {

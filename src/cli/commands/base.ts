@@ -1,32 +1,19 @@
-import { Command, Option } from 'commander';
-import { mkdir, readFile, rm, stat } from 'node:fs/promises';
-import { join } from 'node:path';
-import { importBase } from '../../base/import.js';
-import { exportBase, importPackage, listBases, removeBase, resolveBaseId, showBase, verifyBase } from '../../base/library.js';
-import { libraryRoot, tmpDir } from '../../base/paths.js';
-import type { VmSpec } from '../../vm/qemu.js';
-import { SNAPSHOT_MEMORY, SNAPSHOT_VM, snapshotVm, type SnapshotVmFile } from '../../api/snapshot.js';
-import { CorruptInputError, NotFoundError, UsageError } from '../../util/errors.js';
+import type { Command } from 'commander';
+import { Option } from 'commander';
+import {
+  captureBase,
+  exportBase,
+  importBaseFrom,
+  libraryRoot,
+  listBases,
+  removeBase,
+  showBase,
+  verifyBase,
+} from '../../api/base.js';
+import { CorruptInputError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
 import { printGlanceBases, registerBaseGlance } from './base-glance.js';
-
-export async function readSnapshotDir(dir: string): Promise<{ disk?: string; diskFormat?: string; memory: string; vm: VmSpec; qemuVersion?: string }> {
-  let parsed: SnapshotVmFile;
-  try {
-    parsed = JSON.parse(await readFile(join(dir, SNAPSHOT_VM), 'utf8')) as SnapshotVmFile;
-  } catch {
-    throw new NotFoundError(`${dir} is not a snapshot directory (no readable ${SNAPSHOT_VM})`, { path: dir });
-  }
-  if (!parsed.vm || typeof parsed.vm.machine !== 'string') throw new CorruptInputError(`${join(dir, SNAPSHOT_VM)}: no VM spec`);
-  return {
-    disk: parsed.disk ? join(dir, parsed.disk.file) : undefined,
-    diskFormat: parsed.disk?.format,
-    memory: join(dir, SNAPSHOT_MEMORY),
-    vm: parsed.vm,
-    qemuVersion: parsed.qemu_version,
-  };
-}
 
 interface ImportFlags {
   disk?: string;
@@ -34,6 +21,14 @@ interface ImportFlags {
   memory?: string;
   vm?: string;
   name?: string;
+}
+
+interface CaptureFlags {
+  instance?: string;
+  qmp?: string;
+  disk?: string;
+  name?: string;
+  then: 'resume' | 'quit';
 }
 
 export function registerBase(program: Command): void {
@@ -49,7 +44,7 @@ export function registerBase(program: Command): void {
   base
     .command('import')
     .summary('add a base VM: from a snapshot directory, a package, or files')
-    .argument('[source]', 'a snapshot directory (from `snapshot`) or a package (from `base export`)')
+    .argument('[input]', 'a snapshot directory (from `snapshot`) or a package (from `base export`)')
     .option('--disk <image>', 'base disk image')
     .option('--disk-format <fmt>', 'format of --disk (default: detected)')
     .option('--memory <file>', 'base memory snapshot (QEMU migration stream or libvirt save image)')
@@ -63,31 +58,18 @@ Examples:
   cloudlet-overlay base import ubuntu-base.tar             # written by: cloudlet-overlay base export
   cloudlet-overlay base import --disk base.qcow2 --memory base.mem --vm vm.json --name web`,
     )
-    .action(async (source: string | undefined, flags: ImportFlags, command: Command) => {
+    .action(async (input: string | undefined, flags: ImportFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const progress = makeProgress(g);
-      if (source) {
-        if (flags.disk || flags.memory || flags.vm) throw new UsageError('give a source or --disk/--memory/--vm, not both');
-        const st = await stat(source).catch(() => {
-          throw new NotFoundError(`${source} does not exist`, { path: source });
-        });
-        if (st.isFile()) {
-          const r = await importPackage(root, source, progress);
-          printResult(g, { message_type: 'base_import', ...r }, () => `${r.added ? 'imported' : 'already present'}: base ${r.id}`);
-          return;
-        }
-        const snap = await readSnapshotDir(source);
-        const r = await importBase({ root, disk: snap.disk, diskFormat: snap.diskFormat, memory: snap.memory, vm: snap.vm, name: flags.name, qemuVersion: snap.qemuVersion, progress });
-        printResult(g, r, () => `${r.added ? 'imported' : 'already present'}: base ${r.id}`);
-        return;
-      }
-      let vm: VmSpec | undefined;
-      if (flags.vm) {
-        const parsed = JSON.parse(await readFile(flags.vm, 'utf8')) as SnapshotVmFile | VmSpec;
-        vm = 'vm' in parsed ? parsed.vm : parsed;
-      }
-      const r = await importBase({ root, disk: flags.disk, diskFormat: flags.diskFormat, memory: flags.memory, vm, name: flags.name, progress });
+      const r = await importBaseFrom({
+        root: libraryRoot(g.library),
+        input,
+        disk: flags.disk,
+        diskFormat: flags.diskFormat,
+        memory: flags.memory,
+        vmFile: flags.vm,
+        name: flags.name,
+        progress: makeProgress(g),
+      });
       printResult(g, r, () => `${r.added ? 'imported' : 'already present'}: base ${r.id}`);
     });
 
@@ -100,20 +82,18 @@ Examples:
     .option('--disk <image>', "the VM's disk image (default: its first drive)")
     .option('--name <name>', 'a name to refer to the base by')
     .addOption(new Option('--then <what>', 'after the capture').choices(['resume', 'quit']).default('resume'))
-    .action(async (flags: { instance?: string; qmp?: string; disk?: string; name?: string; then: 'resume' | 'quit' }, command: Command) => {
+    .action(async (flags: CaptureFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const progress = makeProgress(g);
-      await mkdir(tmpDir(root), { recursive: true });
-      const dir = join(tmpDir(root), `capture-${process.pid}-${Date.now()}`);
-      try {
-        await snapshotVm({ root, instance: flags.instance, qmp: flags.qmp, disk: flags.disk, outDir: dir, then: flags.then, progress });
-        const snap = await readSnapshotDir(dir);
-        const r = await importBase({ root, disk: snap.disk, diskFormat: snap.diskFormat, memory: snap.memory, vm: snap.vm, name: flags.name, qemuVersion: snap.qemuVersion, progress });
-        printResult(g, r, () => `${r.added ? 'captured' : 'already present'}: base ${r.id}`);
-      } finally {
-        await rm(dir, { recursive: true, force: true });
-      }
+      const r = await captureBase({
+        root: libraryRoot(g.library),
+        instance: flags.instance,
+        qmp: flags.qmp,
+        disk: flags.disk,
+        name: flags.name,
+        afterCapture: flags.then,
+        progress: makeProgress(g),
+      });
+      printResult(g, r, () => `${r.added ? 'captured' : 'already present'}: base ${r.id}`);
     });
 
   base
@@ -123,8 +103,9 @@ Examples:
     .action(async (f: { glance?: string | true }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       if (f.glance !== undefined) return printGlanceBases(g, f.glance);
-      const list = await listBases(libraryRoot(g.library));
-      printResult(g, { message_type: 'base_list', bases: list }, () => {
+      const r = await listBases(libraryRoot(g.library));
+      const list = r.bases;
+      printResult(g, r, () => {
         if (list.length === 0) return `no base VMs in ${libraryRoot(g.library)}`;
         const rows = [['id', 'name', 'machine', 'memory', 'disk', 'stored', 'created']];
         for (const b of list) {
@@ -148,9 +129,8 @@ Examples:
     .argument('<id>', 'base id, unique prefix or name')
     .action(async (ref: string, _f: object, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const m = await showBase(root, await resolveBaseId(root, ref));
-      printResult(g, { message_type: 'base_show', ...m }, () => {
+      const m = await showBase(libraryRoot(g.library), ref);
+      printResult(g, m, () => {
         const rows = [['target', 'kind', 'size', 'digest']];
         for (const t of m.targets) rows.push([t.name, t.kind, bytes(t.size), t.digest.slice(0, 16)]);
         const vm = m.vm;
@@ -177,10 +157,8 @@ Examples:
     .argument('<id>', 'base id, unique prefix or name')
     .action(async (ref: string, _f: object, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const id = await resolveBaseId(root, ref);
-      await removeBase(root, id);
-      printResult(g, { message_type: 'base_rm', id }, () => `removed base ${id}`);
+      const r = await removeBase(libraryRoot(g.library), ref);
+      printResult(g, r, () => `removed base ${r.id}`);
     });
 
   base
@@ -190,9 +168,8 @@ Examples:
     .requiredOption('-o, --output <file>', 'package file to write')
     .action(async (ref: string, flags: { output: string }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const r = await exportBase(root, await resolveBaseId(root, ref), flags.output);
-      printResult(g, { message_type: 'base_export', ...r }, () => `wrote ${r.path} (${bytes(r.size)})`);
+      const r = await exportBase(libraryRoot(g.library), ref, flags.output);
+      printResult(g, r, () => `wrote ${r.path} (${bytes(r.size)})`);
     });
 
   base
@@ -201,9 +178,11 @@ Examples:
     .argument('<id>', 'base id, unique prefix or name')
     .action(async (ref: string, _f: object, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const r = await verifyBase(root, await resolveBaseId(root, ref), makeProgress(g));
-      if (!r.ok) throw new CorruptInputError(`base ${r.id.slice(0, 12)} is damaged: ${r.problems.join('; ')}`, { problems: r.problems });
+      const r = await verifyBase(libraryRoot(g.library), ref, makeProgress(g));
+      if (!r.ok) {
+        const why = r.problems.join('; ');
+        throw new CorruptInputError(`base ${r.id.slice(0, 12)} is damaged: ${why}`, { problems: r.problems });
+      }
       printResult(g, r, () => `base ${r.id}: ok`);
     });
 

@@ -1,9 +1,6 @@
-import { Command } from 'commander';
-import { connect } from 'node:net';
-import { findInstance } from '../../api/instance.js';
-import { libraryRoot } from '../../base/paths.js';
-import { SerialConsole } from '../../vm/console.js';
-import { CloudletError, NotFoundError } from '../../util/errors.js';
+import type { Command } from 'commander';
+import { libraryRoot } from '../../api/base.js';
+import { attachConsole, runInConsole } from '../../api/console.js';
 import { printResult, type GlobalOptions } from '../output.js';
 import { durationArg } from '../parse.js';
 
@@ -21,41 +18,24 @@ export function registerConsole(program: Command): void {
     .option('--timeout <duration>', 'for --run: how long the command may take', durationArg, 60_000)
     .action(async (ref: string, flags: { run?: string; timeout: number }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const s = await findInstance(libraryRoot(g.library), ref);
+      const root = libraryRoot(g.library);
       if (flags.run !== undefined) {
-        const con = await SerialConsole.connect(s.serial_socket).catch((err: unknown) => {
-          throw new NotFoundError(`cannot reach the console of ${s.id}: ${(err as Error).message}`, { instance: s.id });
-        });
-        try {
-          await con.ready({ timeoutMs: 20_000 });
-          const r = await con.run(flags.run, { timeoutMs: flags.timeout });
-          printResult(g, { message_type: 'console_run', instance: s.id, status: r.status, output: r.output }, () => r.output.trimEnd());
-          if (r.status !== 0) process.exitCode = 1;
-        } finally {
-          await con.close();
-        }
+        const r = await runInConsole(root, ref, flags.run, flags.timeout);
+        printResult(g, r, () => r.output.trimEnd());
+        if (r.status !== 0) process.exitCode = 1;
         return;
       }
-      await new Promise<void>((resolve, reject) => {
-        const sock = connect(s.serial_socket);
-        sock.once('error', (err) => reject(new CloudletError(`console of ${s.id}: ${err.message}`)));
-        sock.once('connect', () => {
-          process.stderr.write(`connected to ${s.id} (Ctrl-] to quit)\n`);
+      await attachConsole(root, ref, {
+        input: process.stdin,
+        output: process.stdout,
+        onConnect(instance) {
+          process.stderr.write(`connected to ${instance} (Ctrl-] to quit)\n`);
           if (process.stdin.isTTY) process.stdin.setRawMode(true);
-          process.stdin.on('data', (d: Buffer) => {
-            if (d.includes(0x1d)) {
-              sock.end();
-              return;
-            }
-            sock.write(d);
-          });
-          sock.pipe(process.stdout);
-        });
-        sock.once('close', () => {
+        },
+        onClose() {
           if (process.stdin.isTTY) process.stdin.setRawMode(false);
           process.stdin.pause();
-          resolve();
-        });
+        },
       });
     });
 }

@@ -1,6 +1,7 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { createOverlay, DEFAULT_LEVEL } from '../../api/create.js';
-import { openBase, baseOptions, type BaseFlags } from '../base-flags.js';
+import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, seconds, table, type GlobalOptions } from '../output.js';
 import { intArg } from '../parse.js';
@@ -28,7 +29,9 @@ export function registerCreate(program: Command): void {
     .option('--disk-format <fmt>', 'format of --disk (default: detected by qemu-img)')
     .option('--memory <file>', 'customized memory snapshot: QEMU migration stream or libvirt save image')
     .requiredOption('-o, --output <file>', 'overlay file to write (appears only when complete)')
-    .addOption(new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg))
+    .addOption(
+      new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg),
+    )
     .option('--tmp-dir <dir>', 'scratch space for converted disk views (default: system temp)')
     .addHelpText(
       'after',
@@ -40,35 +43,30 @@ Examples:
     )
     .action(async (flags: CreateFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const progress = makeProgress(g);
-      const base = await openBase(flags, g.library, progress);
-      try {
-        const r = await createOverlay({
-          base,
-          disk: flags.disk,
-          diskFormat: flags.diskFormat,
-          memory: flags.memory,
-          output: flags.output,
-          level: flags.level,
-          tmpDir: flags.tmpDir,
-          progress,
-        });
-        printResult(g, r, () => {
-          const rows = [['target', 'kind', 'size', 'changed chunks']];
-          for (const t of r.targets) {
-            rows.push([t.name, t.kind, bytes(t.size), String(r.stats.targets[t.name]?.changedChunks ?? '')]);
-          }
-          const enc = Object.entries(r.stats.encodings)
-            .map(([k, v]) => `${k} ${v.chunks}`)
-            .join(', ');
-          return (
-            `overlay ${r.path}: ${bytes(r.size)} for base ${r.base_id.slice(0, 12)} in ${seconds(r.timings_ms.total ?? 0)}\n` +
-            table(rows) +
-            `\nchunks by encoding: ${enc || 'none (identical to the base)'}`
-          );
-        });
-      } finally {
-        await base.close();
-      }
+      const r = await createOverlay({
+        base: { ...baseRef(flags), library: g.library },
+        disk: flags.disk,
+        diskFormat: flags.diskFormat,
+        memory: flags.memory,
+        output: flags.output,
+        level: flags.level,
+        tmpDir: flags.tmpDir,
+        progress: makeProgress(g),
+      });
+      printResult(g, r, () => {
+        const rows = [['target', 'kind', 'size', 'changed chunks']];
+        for (const t of r.targets) {
+          rows.push([t.name, t.kind, bytes(t.size), String(r.stats.targets[t.name]?.changedChunks ?? '')]);
+        }
+        const enc = Object.entries(r.stats.encodings)
+          .map(([k, v]) => `${k} ${v.chunks}`)
+          .join(', ');
+        const took = seconds(r.timings_ms.total ?? 0);
+        return (
+          `overlay ${r.path}: ${bytes(r.size)} for base ${r.base_id.slice(0, 12)} in ${took}\n` +
+          table(rows) +
+          `\nchunks by encoding: ${enc || 'none (identical to the base)'}`
+        );
+      });
     });
 }

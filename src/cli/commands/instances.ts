@@ -1,9 +1,6 @@
-import { Command } from 'commander';
-import { readFile } from 'node:fs/promises';
-import { listInstances } from '../../base/instances.js';
-import { libraryRoot } from '../../base/paths.js';
-import { findInstance, stopInstance } from '../../api/instance.js';
-import { NotFoundError } from '../../util/errors.js';
+import type { Command } from 'commander';
+import { libraryRoot } from '../../api/base.js';
+import { instanceLog, listInstanceSummaries, stopInstance } from '../../api/instance.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
 
 export function registerInstances(program: Command): void {
@@ -12,8 +9,9 @@ export function registerInstances(program: Command): void {
     .summary('list synthesized and launched VMs (a VM whose QEMU died shows as dead)')
     .action(async (_f: object, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const list = await listInstances(libraryRoot(g.library));
-      printResult(g, { message_type: 'ps', instances: list.map(({ spec: _spec, ...rest }) => rest) }, () => {
+      const r = await listInstanceSummaries(libraryRoot(g.library));
+      const list = r.instances;
+      printResult(g, r, () => {
         if (list.length === 0) return 'no instances';
         const rows = [['instance', 'status', 'pid', 'base', 'forwards', 'created']];
         for (const i of list) {
@@ -48,12 +46,8 @@ export function registerInstances(program: Command): void {
     .option('--qemu', "QEMU's stderr instead of the serial console")
     .action(async (ref: string, flags: { qemu?: boolean }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const s = await findInstance(libraryRoot(g.library), ref);
-      const path = flags.qemu ? s.stderr_log : s.serial_log;
-      const text = await readFile(path, 'utf8').catch(() => {
-        throw new NotFoundError(`no log at ${path}`, { path });
-      });
-      if (g.json) process.stdout.write(JSON.stringify({ message_type: 'logs', instance: s.id, path, text }) + '\n');
-      else process.stdout.write(text);
+      const r = await instanceLog(libraryRoot(g.library), ref, flags.qemu);
+      if (g.json) process.stdout.write(JSON.stringify(r) + '\n');
+      else process.stdout.write(r.text);
     });
 }

@@ -1,8 +1,8 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { launchBase } from '../../api/launch.js';
-import { libraryRoot } from '../../base/paths.js';
-import type { PortForward } from '../../vm/qemu.js';
-import type { AccelChoice } from '../../vm/accel.js';
+import { libraryRoot } from '../../api/base.js';
+import type { AccelChoice, PortForward } from '../../api/types.js';
 import { printResult, type GlobalOptions } from '../output.js';
 import { forwardArg } from '../parse.js';
 
@@ -15,26 +15,45 @@ export function registerLaunch(program: Command): void {
         'disk and leave it running in the background. Reach the guest through port forwards or its ' +
         'serial console socket, install your application, then capture it and make the overlay:\n' +
         '  cloudlet-overlay snapshot --instance ID -o ./custom\n' +
-        '  cloudlet-overlay create --base BASE --disk ./custom/disk.qcow2 --memory ./custom/memory.stream -o app.overlay',
+        '  cloudlet-overlay create --base BASE --disk ./custom/disk.qcow2 --memory ./custom/memory.stream \\\n' +
+        '      -o app.overlay',
     )
     .argument('<base>', 'base VM from the library (id, unique id prefix, or name)')
     .option('--customize', 'say that this instance is for customization (prints the next steps)')
-    .addOption(new Option('--forward <spec>', 'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)').argParser(forwardArg).default([]))
+    .addOption(
+      new Option(
+        '--forward <spec>',
+        'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)',
+      )
+        .argParser(forwardArg)
+        .default([]),
+    )
     .addOption(new Option('--accel <accel>', 'accelerator').choices(['auto', 'kvm', 'tcg']).default('auto'))
-    .action(async (base: string, flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice }, command: Command) => {
-      const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await launchBase({ root: libraryRoot(g.library), base, forwards: flags.forward, accel: flags.accel });
-      printResult(g, r, () => {
-        const lines = [`instance ${r.instance} running (pid ${r.pid}, ${r.accel}) from base ${r.base_id.slice(0, 12)}`, `  serial console: ${r.serial_socket}`];
-        for (const f of r.forwards) lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
-        if (flags.customize) {
-          lines.push(
-            'customize the guest, then:',
-            `  cloudlet-overlay snapshot --instance ${r.instance} -o ./custom --then quit`,
-            `  cloudlet-overlay create --base ${r.base_id.slice(0, 12)} --disk ./custom/disk.qcow2 --memory ./custom/memory.stream -o app.overlay`,
-          );
-        }
-        return lines.join('\n');
-      });
-    });
+    .action(
+      async (
+        base: string,
+        flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice },
+        command: Command,
+      ) => {
+        const g = command.optsWithGlobals<GlobalOptions>();
+        const r = await launchBase({ root: libraryRoot(g.library), base, forwards: flags.forward, accel: flags.accel });
+        printResult(g, r, () => {
+          const lines = [
+            `instance ${r.instance} running (pid ${r.pid}, ${r.accel}) from base ${r.base_id.slice(0, 12)}`,
+            `  serial console: ${r.serial_socket}`,
+          ];
+          for (const f of r.forwards)
+            lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
+          if (flags.customize) {
+            lines.push(
+              'customize the guest, then:',
+              `  cloudlet-overlay snapshot --instance ${r.instance} -o ./custom --then quit`,
+              `  cloudlet-overlay create --base ${r.base_id.slice(0, 12)} --disk ./custom/disk.qcow2 ` +
+                '--memory ./custom/memory.stream -o app.overlay',
+            );
+          }
+          return lines.join('\n');
+        });
+      },
+    );
 }

@@ -1,12 +1,12 @@
 /**
- * `overlay push | list | rm`: overlays stored in an OpenStack Glance (src/glance/store.ts,
+ * `overlay push | list | rm`: overlays stored in an OpenStack Glance (src/api/glance.ts,
  * docs/openstack.md). Synthesize one with `synthesize glance://IMAGE_ID --base …`.
  */
-import { Command } from 'commander';
-import { listOverlays, pushOverlay, removeOverlay } from '../../glance/store.js';
+import type { Command } from 'commander';
+import { listOverlays, pushOverlay, removeOverlay } from '../../api/glance.js';
+import { GLANCE_HELP, visibilityOption } from '../glance-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
-import { GLANCE_HELP, visibilityOption } from './base-glance.js';
 
 export function registerOverlay(program: Command): void {
   const overlay = program
@@ -37,7 +37,8 @@ Example:
     )
     .action(async (file: string, flags: { name?: string; glance?: string; visibility?: string }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await pushOverlay(file, {
+      const r = await pushOverlay({
+        file,
         endpoint: flags.glance,
         name: flags.name,
         visibility: flags.visibility,
@@ -53,8 +54,9 @@ Example:
     .option('--glance <url>', GLANCE_HELP)
     .action(async (flags: { base?: string; glance?: string }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const list = await listOverlays({ endpoint: flags.glance, base: flags.base });
-      printResult(g, { message_type: 'overlay_list', overlays: list }, () => {
+      const r = await listOverlays({ endpoint: flags.glance, base: flags.base });
+      const list = r.overlays;
+      printResult(g, r, () => {
         if (list.length === 0)
           return flags.base ? `no overlays for base ${flags.base} in Glance` : 'no overlays in Glance';
         const rows = [['image', 'name', 'base', 'size', 'status', 'created']];
@@ -80,6 +82,6 @@ Example:
     .action(async (ref: string, flags: { glance?: string }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const r = await removeOverlay(ref, { endpoint: flags.glance });
-      printResult(g, { message_type: 'overlay_rm', ...r }, () => `deleted overlay image ${r.image_id}`);
+      printResult(g, r, () => `deleted overlay image ${r.image_id}`);
     });
 }

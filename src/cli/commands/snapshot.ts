@@ -1,6 +1,7 @@
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import { snapshotVm } from '../../api/snapshot.js';
-import { libraryRoot } from '../../base/paths.js';
+import { libraryRoot } from '../../api/base.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, type GlobalOptions } from '../output.js';
 
@@ -35,9 +36,15 @@ export function registerSnapshot(program: Command): void {
         qmp: flags.qmp,
         disk: flags.disk,
         outDir: flags.output,
-        then: flags.then,
+        afterCapture: flags.then,
         progress: makeProgress(g),
       });
-      printResult(g, r, () => `snapshot in ${r.dir}: memory ${bytes(r.memory_bytes)}${r.disk ? `, disk ${r.disk}` : ''} (${r.timings_ms.total} ms)`);
+      printResult(
+        g,
+        r,
+        () =>
+          `snapshot in ${r.dir}: memory ${bytes(r.memory_bytes)}` +
+          `${r.disk ? `, disk ${r.disk}` : ''} (${r.timings_ms.total} ms)`,
+      );
     });
 }

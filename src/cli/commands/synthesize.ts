@@ -1,9 +1,8 @@
-import { Command, Option } from 'commander';
-import { rm } from 'node:fs/promises';
-import { synthesize } from '../../api/synthesize.js';
-import { libraryRoot } from '../../base/paths.js';
-import type { PortForward } from '../../vm/qemu.js';
-import type { AccelChoice } from '../../vm/accel.js';
+import type { Command } from 'commander';
+import { Option } from 'commander';
+import { libraryRoot } from '../../api/base.js';
+import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
+import type { AccelChoice, PortForward } from '../../api/types.js';
 import { makeProgress } from '../progress.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
 import { durationArg, forwardArg, intArg } from '../parse.js';
@@ -41,7 +40,7 @@ export function registerSynthesize(program: Command): void {
     .description(
       'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base ' +
         'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the ' +
-        'VM under QEMU (KVM when usable, else TCG) with the base\'s exact machine and devices. Nothing is ' +
+        "VM under QEMU (KVM when usable, else TCG) with the base's exact machine and devices. Nothing is " +
         'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
         'and removes the instance (unless --keep).',
     )
@@ -49,17 +48,34 @@ export function registerSynthesize(program: Command): void {
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
     .option('--glance <url>', 'Glance endpoint for glance:// overlays (default: $CLOUDLET_GLANCE_URL, OS_*)')
     .addOption(
-      new Option('--forward <spec>', 'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)')
+      new Option(
+        '--forward <spec>',
+        'port forward tcp:127.0.0.1:HOSTPORT-:GUESTPORT or HOSTPORT:GUESTPORT (repeatable)',
+      )
         .argParser(forwardArg)
         .default([]),
     )
     .option('--wait-http <url>', 'ready = this URL answers with a real HTTP response (e.g. http://127.0.0.1:8080/)')
-    .addOption(new Option('--wait-tcp <port>', 'ready = a TCP connection to this host port stays open').argParser(intArg))
-    .addOption(new Option('--accel <accel>', 'accelerator: probe KVM, or force one').choices(['auto', 'kvm', 'tcg']).default('auto'))
+    .addOption(
+      new Option('--wait-tcp <port>', 'ready = a TCP connection to this host port stays open').argParser(intArg),
+    )
+    .addOption(
+      new Option('--accel <accel>', 'accelerator: probe KVM, or force one')
+        .choices(['auto', 'kvm', 'tcg'])
+        .default('auto'),
+    )
     .option('--detach', 'leave the VM running and print the instance id (see: ps, stop, logs)')
     .option('--keep', 'keep the instance directory (disk, memory, logs) when the VM stops')
-    .addOption(new Option('--timeout <duration>', 'how long to wait for the first answer').argParser(durationArg).default(60_000, '60s'))
-    .addOption(new Option('--memory <how>', 'resume from changed pages over the base RAM file, or a full stream').choices(['sparse', 'stream']).default('sparse'))
+    .addOption(
+      new Option('--timeout <duration>', 'how long to wait for the first answer')
+        .argParser(durationArg)
+        .default(60_000, '60s'),
+    )
+    .addOption(
+      new Option('--memory <how>', 'resume from changed pages over the base RAM file, or a full stream')
+        .choices(['sparse', 'stream'])
+        .default('sparse'),
+    )
     .addHelpText(
       'after',
       `
@@ -69,9 +85,10 @@ Example:
     )
     .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const root = libraryRoot(g.library);
-      const { result, vm, state } = await synthesize({
-        root,
+      const human = !g.json && !g.quiet;
+      const stop = new AbortController();
+      await runSynthesis({
+        root: libraryRoot(g.library),
         base: flags.base,
         overlay,
         glance: flags.glance,
@@ -80,35 +97,36 @@ Example:
         waitTcp: flags.waitTcp,
         accel: flags.accel,
         detach: flags.detach,
+        keep: flags.keep,
         readyTimeoutMs: flags.timeout,
         memoryFormat: flags.memory,
         progress: makeProgress(g),
+        signal: stop.signal,
+        onReady(result) {
+          if (human) process.stderr.write(phaseTable(result) + '\n');
+          printResult(g, result, () => summary(result));
+          if (flags.detach) return;
+          // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
+          onForegroundSignal(() => stop.abort());
+          if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+        },
       });
-      if (!g.json && !g.quiet) {
-        const rows = [['phase', 'ms']];
-        for (const [k, label] of PHASES) if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
-        process.stderr.write(table(rows) + '\n');
-      }
-      printResult(g, result, () => {
-        const lines = [`instance ${result.instance} running (pid ${result.pid}, ${result.accel}) from base ${result.base_id.slice(0, 12)}`];
-        for (const f of result.forwards) lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
-        if (result.answer) lines.push(`first answer: HTTP ${result.answer.status}`, result.answer.body.trimEnd());
-        return lines.join('\n');
-      });
-      if (flags.detach) {
-        await vm.qmp.close();
-        return;
-      }
-      if (!g.json && !g.quiet) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
-      const stop = async (): Promise<void> => {
-        await vm.stop({ graceMs: 3000 });
-        if (!flags.keep) await rm(state.dir, { recursive: true, force: true });
-      };
-      onForegroundSignal(async () => {
-        await stop();
-        process.exit(0);
-      });
-      await vm.exited;
-      await stop();
     });
+}
+
+function phaseTable(result: SynthesizeResult): string {
+  const rows = [['phase', 'ms']];
+  for (const [k, label] of PHASES)
+    if (result.timings_ms[k] !== undefined) rows.push([label, String(result.timings_ms[k])]);
+  return table(rows);
+}
+
+function summary(result: SynthesizeResult): string {
+  const lines = [
+    `instance ${result.instance} running (pid ${result.pid}, ${result.accel}) from base ${result.base_id.slice(0, 12)}`,
+  ];
+  for (const f of result.forwards)
+    lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
+  if (result.answer) lines.push(`first answer: HTTP ${result.answer.status}`, result.answer.body.trimEnd());
+  return lines.join('\n');
 }

@@ -1,4 +1,4 @@
-import { Command } from 'commander';
+import type { Command } from 'commander';
 import { verifyOverlay } from '../../api/inspect.js';
 import { CorruptInputError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';
@@ -13,8 +13,11 @@ export function registerVerify(program: Command): void {
       const g = command.optsWithGlobals<GlobalOptions>();
       const r = await verifyOverlay(path, makeProgress(g));
       if (!r.ok) {
-        for (const p of r.problems) process.stderr.write(`${path}: ${p.segment === undefined ? '' : `segment ${p.segment}: `}${p.message}\n`);
-        throw new CorruptInputError(`${path}: ${r.problems.length} problem(s) found`, { problems: r.problems.map((p) => p.message) });
+        for (const p of r.problems)
+          process.stderr.write(`${path}: ${p.segment === undefined ? '' : `segment ${p.segment}: `}${p.message}\n`);
+        throw new CorruptInputError(`${path}: ${r.problems.length} problem(s) found`, {
+          problems: r.problems.map((p) => p.message),
+        });
       }
       printResult(g, r, () => `${path}: ok (${r.segments} segments, ${r.records} records)`);
     });

@@ -9,7 +9,13 @@ import type { FileHandle } from 'node:fs/promises';
 export const SYNC_READ_MAX = 256 * 1024;
 
 /** One pread: synchronous when small (see SYNC_READ_MAX). */
-export async function pread(file: FileHandle, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number> {
+export async function pread(
+  file: FileHandle,
+  buf: Uint8Array,
+  bufOffset: number,
+  length: number,
+  position: number,
+): Promise<number> {
   if (length <= SYNC_READ_MAX) return readSync(file.fd, buf, bufOffset, length, position);
   return (await file.read(buf, bufOffset, length, position)).bytesRead;
 }

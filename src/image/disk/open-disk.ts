@@ -62,7 +62,15 @@ export async function openDisk(path: string, opts: OpenDiskOptions = {}): Promis
   // its virtual size is the file size rounded up to 512 bytes, as QEMU sees it.
   const chain: ImageInfo[] =
     opts.format === 'raw'
-      ? [{ filename: resolve(path), format: 'raw', virtualSize: Math.ceil((await stat(path)).size / 512) * 512, encrypted: false, dirty: false }]
+      ? [
+          {
+            filename: resolve(path),
+            format: 'raw',
+            virtualSize: Math.ceil((await stat(path)).size / 512) * 512,
+            encrypted: false,
+            dirty: false,
+          },
+        ]
       : await openChain(path, opts.format);
   const top = chain[0];
   if (!top) throw new QemuError(`qemu-img info printed no image for ${path}`, { path });
@@ -110,7 +118,9 @@ export async function openDisk(path: string, opts: OpenDiskOptions = {}): Promis
 export async function backingChain(path: string, opts: { format?: string } = {}): Promise<BackingFile[]> {
   await requireReadable(path);
   const chain = await openChain(path, opts.format);
-  return chain.slice(1).map((i) => ({ filename: hostFilename(i.filename), format: i.format, virtualSize: i.virtualSize }));
+  return chain
+    .slice(1)
+    .map((i) => ({ filename: hostFilename(i.filename), format: i.format, virtualSize: i.virtualSize }));
 }
 
 interface MappedDiskInit {
@@ -203,11 +213,20 @@ async function openChain(path: string, format: string | undefined): Promise<Imag
 function asOpenError(err: unknown, path: string, format: string | undefined): unknown {
   if (!(err instanceof QemuError)) return err;
   const stderr = typeof err.details['stderr'] === 'string' ? err.details['stderr'] : err.message;
-  const reason = stderr.split('\n').filter((l) => l.trim() !== '').pop()?.replace(/^qemu-img: /, '') ?? err.message;
+  const reason =
+    stderr
+      .split('\n')
+      .filter((l) => l.trim() !== '')
+      .pop()
+      ?.replace(/^qemu-img: /, '') ?? err.message;
   if (/No such file or directory/.test(stderr)) {
     return new NotFoundError(`cannot open ${path}: ${reason}`, { path }, { cause: err });
   }
-  return new CorruptInputError(`cannot open ${path}${format ? ` as ${format}` : ''}: ${reason}`, { path }, { cause: err });
+  return new CorruptInputError(
+    `cannot open ${path}${format ? ` as ${format}` : ''}: ${reason}`,
+    { path },
+    { cause: err },
+  );
 }
 
 /**
@@ -219,7 +238,9 @@ async function directPieces(
   entries: MapEntry[],
   chain: ImageInfo[],
 ): Promise<{ pieces: Piece[]; handles: FileHandle[] } | null> {
-  const usable = chain.map((i) => DIRECT_FORMATS.has(i.format) && !i.encrypted && i.dataFile === undefined && isPlainFile(i.filename));
+  const usable = chain.map(
+    (i) => DIRECT_FORMATS.has(i.format) && !i.encrypted && i.dataFile === undefined && isPlainFile(i.filename),
+  );
   const pieces: Piece[] = [];
   const used = new Set<number>();
   for (const e of entries) {

@@ -5,13 +5,14 @@
  * `put` (store a range), `readInto` (current bytes) and `complete` (everything finish() does
  * before the file is committed).
  */
+import { PAGE_SIZE } from '../../util/page.js';
 import type { OutputFile } from './output-file.js';
-import { SerialQueue } from './serial.js';
-import { DISK_CHUNK, checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
+import { OpQueue } from './op-queue.js';
+import { checkChunkRange, checkUsable, type DiskWriter, type WriterStats } from './writer.js';
 
 export abstract class OrderedWriter implements DiskWriter {
   abstract readonly format: 'qcow2' | 'raw';
-  private readonly queue = new SerialQueue();
+  private readonly queue = new OpQueue();
   private state: 'open' | 'finished' | 'aborted' | 'failed' = 'open';
   private nextOffset = 0;
   protected writtenBytes = 0;
@@ -36,7 +37,7 @@ export abstract class OrderedWriter implements DiskWriter {
   zeroChunk(offset: number, length?: number): Promise<void> {
     return this.queue.run(async () => {
       checkUsable(this.state, this.path);
-      const len = length ?? Math.min(DISK_CHUNK, this.virtualSize - offset);
+      const len = length ?? Math.min(PAGE_SIZE, this.virtualSize - offset);
       const end = checkChunkRange(offset, len, this.virtualSize, this.nextOffset);
       await this.guard(() => this.put(offset, len, null));
       this.nextOffset = end;

@@ -89,13 +89,18 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
   if (clusterBits < 9 || clusterBits > 21) throw bad(`cluster_bits ${clusterBits}`);
   const clusterSize = 2 ** clusterBits;
   if (buf.length < clusterSize) throw bad('shorter than one cluster');
-  for (const [at, name] of [[72, 'incompatible'], [80, 'compatible'], [88, 'autoclear']] as const) {
+  for (const [at, name] of [
+    [72, 'incompatible'],
+    [80, 'compatible'],
+    [88, 'autoclear'],
+  ] as const) {
     if (readU64(buf, at) !== 0) throw bad(`${name}_features set`);
   }
   if (buf.readUInt32BE(32) !== 0) throw bad('encrypted');
   if (buf.readUInt32BE(96) !== 4) throw bad(`refcount_order ${buf.readUInt32BE(96)}`);
   const headerLength = buf.readUInt32BE(100);
-  if (headerLength < 104 || headerLength % 8 !== 0 || headerLength > clusterSize) throw bad(`header_length ${headerLength}`);
+  if (headerLength < 104 || headerLength % 8 !== 0 || headerLength > clusterSize)
+    throw bad(`header_length ${headerLength}`);
 
   const h: Qcow2Header = {
     clusterBits,
@@ -108,7 +113,8 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
   const backingOffset = readU64(buf, 8);
   const backingLength = buf.readUInt32BE(16);
   if (backingOffset !== 0) {
-    if (backingLength > MAX_BACKING_NAME || backingOffset + backingLength > clusterSize) throw bad('backing file name out of range');
+    if (backingLength > MAX_BACKING_NAME || backingOffset + backingLength > clusterSize)
+      throw bad('backing file name out of range');
     h.backingFile = buf.toString('utf8', backingOffset, backingOffset + backingLength);
   }
   const extEnd = backingOffset !== 0 ? backingOffset : clusterSize;

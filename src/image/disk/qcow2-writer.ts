@@ -13,12 +13,13 @@
  * is completed from `base` (the backing file's contents), since a qcow2 cluster is all or
  * nothing.
  */
+import { PAGE_SIZE } from '../../util/page.js';
 import type { ChunkSource } from '../../delta/source.js';
 import { CloudletError, UnsupportedError } from '../../util/errors.js';
 import { decodeHeader, encodeHeader, type Qcow2Header } from './qcow2-header.js';
 import { OrderedWriter } from './ordered-writer.js';
 import { OutputFile } from './output-file.js';
-import { DISK_CHUNK, type WriterStats } from './writer.js';
+import type { WriterStats } from './writer.js';
 
 export interface Qcow2WriterOptions {
   /** Guest-visible size; may be larger or smaller than the backing file. */
@@ -33,7 +34,7 @@ export interface Qcow2WriterOptions {
   clusterSize?: number;
 }
 
-const MIN_CLUSTER = 4096;
+const MIN_CLUSTER = PAGE_SIZE;
 const MAX_CLUSTER = 2 * 1024 * 1024;
 /** Completed data clusters are gathered into writes of this size. */
 const WRITE_BEHIND = 4 * 1024 * 1024;
@@ -77,7 +78,7 @@ export class Qcow2Writer extends OrderedWriter {
     super(file, path, virtualSize);
     this.clusterBits = Math.log2(clusterSize);
     this.pending = Buffer.alloc(clusterSize);
-    this.covered = new Uint8Array(clusterSize / DISK_CHUNK);
+    this.covered = new Uint8Array(clusterSize / PAGE_SIZE);
     this.wb = Buffer.allocUnsafe(Math.max(WRITE_BEHIND, clusterSize));
     this.wbHost = clusterSize;
     this.zeros = Buffer.alloc(clusterSize);
@@ -96,7 +97,11 @@ export class Qcow2Writer extends OrderedWriter {
       throw new UnsupportedError(`a ${opts.virtualSize}-byte disk needs a larger cluster size than ${clusterSize}`);
     }
     // Fails early on a name that cannot be stored.
-    encodeHeader({ ...emptyHeader(clusterSize, opts.virtualSize), backingFile: opts.backingFile, backingFormat: opts.backingFormat });
+    encodeHeader({
+      ...emptyHeader(clusterSize, opts.virtualSize),
+      backingFile: opts.backingFile,
+      backingFormat: opts.backingFormat,
+    });
     const file = await OutputFile.create(path);
     return new Qcow2Writer(file, path, opts.virtualSize, clusterSize, opts.backingFile, opts.backingFormat, opts.base);
   }
@@ -137,7 +142,7 @@ export class Qcow2Writer extends OrderedWriter {
       const at = pos - cStart;
       if (data) this.pending.set(data.subarray(pos - offset, pos - offset + n), at);
       else this.pending.fill(0, at, at + n);
-      this.covered.fill(1, at / DISK_CHUNK, Math.ceil((at + n) / DISK_CHUNK));
+      this.covered.fill(1, at / PAGE_SIZE, Math.ceil((at + n) / PAGE_SIZE));
       pos += n;
     }
   }
@@ -177,15 +182,15 @@ export class Qcow2Writer extends OrderedWriter {
   /** Byte ranges of the pending cluster (below `limit`) that no chunk has set. */
   private uncoveredRuns(limit: number): { from: number; to: number }[] {
     const runs: { from: number; to: number }[] = [];
-    for (let i = 0; i < this.covered.length; ) {
+    for (let i = 0; i < this.covered.length;) {
       if (this.covered[i]) {
         i++;
         continue;
       }
       let j = i;
       while (j < this.covered.length && !this.covered[j]) j++;
-      const from = i * DISK_CHUNK;
-      const to = Math.min(j * DISK_CHUNK, limit);
+      const from = i * PAGE_SIZE;
+      const to = Math.min(j * PAGE_SIZE, limit);
       if (to > from) runs.push({ from, to });
       i = j;
     }
@@ -203,9 +208,9 @@ export class Qcow2Writer extends OrderedWriter {
     const cStart = ci * this.clusterSize;
     if (ci === this.pendingIndex) {
       // Covered chunks come from the cluster being assembled, the others from the base.
-      for (let pos = at; pos < at + n; ) {
-        const chunk = Math.floor(pos / DISK_CHUNK);
-        const stop = Math.min(at + n, (chunk + 1) * DISK_CHUNK);
+      for (let pos = at; pos < at + n;) {
+        const chunk = Math.floor(pos / PAGE_SIZE);
+        const stop = Math.min(at + n, (chunk + 1) * PAGE_SIZE);
         const dst = out.subarray(pos - at, stop - at);
         if (this.covered[chunk]) this.pending.copy(dst, 0, pos, stop);
         else await this.readBase(cStart + pos, dst);
@@ -343,7 +348,9 @@ export class Qcow2Writer extends OrderedWriter {
     const got = decodeHeader(buf);
     for (const key of Object.keys(expected) as (keyof Qcow2Header)[]) {
       if (got[key] !== expected[key]) {
-        throw new CloudletError(`qcow2 header re-read mismatch in ${key}: wrote ${String(expected[key])}, read ${String(got[key])}`);
+        throw new CloudletError(
+          `qcow2 header re-read mismatch in ${key}: wrote ${String(expected[key])}, read ${String(got[key])}`,
+        );
       }
     }
   }
@@ -389,7 +396,6 @@ function emptyHeader(clusterSize: number, virtualSize: number): Qcow2Header {
     refcountTableClusters: 0,
   };
 }
-
 
 /** Gathers contiguous cluster writes into large ones (metadata is written in ascending order). */
 class Batch {

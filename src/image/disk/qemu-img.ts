@@ -3,12 +3,14 @@
  * format with `-f` once it is known, so qemu never probes a raw image in a write path (a raw
  * image whose first bytes look like a qcow2 header would otherwise be opened as qcow2).
  *
- * The binary is `qemu-img` from PATH, or `$QEMU_IMG` when set (custom builds, tests).
+ * The binary is `qemu-img` from PATH, or `$QEMU_IMG` when set (custom builds, tests), found
+ * like every other program (util/programs.ts).
  * Failures: a missing binary → MissingToolError naming the Debian package; any other failure →
  * QemuError carrying the subcommand, exit code and the end of stderr.
  */
 import { isAbsolute } from 'node:path';
-import { MissingToolError, QemuError, UnsupportedError } from '../../util/errors.js';
+import { QemuError, UnsupportedError } from '../../util/errors.js';
+import { findTool, missingTool } from '../../util/programs.js';
 
 /** How many characters of stderr an error keeps: the end is where qemu-img says why. */
 const STDERR_TAIL = 2000;
@@ -213,24 +215,14 @@ export async function rebase(path: string, opts: RebaseOptions): Promise<void> {
   await run(args);
 }
 
-/** The binary in use: `$QEMU_IMG` or `qemu-img` from PATH. */
-export function qemuImgBinary(): string {
-  return process.env['QEMU_IMG'] || 'qemu-img';
-}
-
 async function run(args: string[], okExitCodes: number[] = [0]): Promise<RunResult> {
-  const bin = qemuImgBinary();
+  const bin = await findTool('qemu-img');
   // Loaded on first use: execa costs ~80 ms of start-up that most commands never need.
   const { execa } = await import('execa');
   const r = await execa(bin, args, { reject: false, stdin: 'ignore', env: { LC_ALL: 'C' } });
   const command = `qemu-img ${args[0] ?? ''}`;
   if (r.exitCode === undefined) {
-    if (r.code === 'ENOENT') {
-      throw new MissingToolError(
-        `${bin} not found: install it (Debian/Ubuntu: apt-get install qemu-utils)`,
-        { tool: 'qemu-img', package: 'qemu-utils' },
-      );
-    }
+    if (r.code === 'ENOENT') throw missingTool('qemu-img', bin);
     throw new QemuError(`${command} could not run: ${r.shortMessage}`, { command, args }, { cause: r });
   }
   if (!okExitCodes.includes(r.exitCode)) {

@@ -8,12 +8,13 @@
  * The file starts as one big hole (truncate), so holes in the base and zeroed chunks cost
  * nothing and stay holes. Everything before `cursor` is final in the file.
  */
+import { PAGE_SIZE } from '../../util/page.js';
 import type { ChunkSource, Extent } from '../../delta/source.js';
 import { UnsupportedError } from '../../util/errors.js';
 import { clipExtents } from './extents.js';
 import { OrderedWriter } from './ordered-writer.js';
 import { OutputFile } from './output-file.js';
-import { DISK_CHUNK, type WriterStats } from './writer.js';
+import type { WriterStats } from './writer.js';
 
 export interface RawWriterOptions {
   /** Size of the output; the base is cut or zero-extended to it. */
@@ -34,7 +35,7 @@ export class RawWriter extends OrderedWriter {
   private windowIndex = -1;
   private readonly window = Buffer.alloc(WINDOW);
   private readonly copyBuf = Buffer.allocUnsafe(WINDOW);
-  private readonly zeros = Buffer.alloc(DISK_CHUNK);
+  private readonly zeros = Buffer.alloc(PAGE_SIZE);
   private readonly baseLimit: number;
 
   private constructor(
@@ -171,8 +172,8 @@ export class RawWriter extends OrderedWriter {
   /** Writes the runs of `data` that are not all-zero 4 KiB blocks, so holes stay holes. */
   private async writeNonZero(data: Buffer, position: number): Promise<void> {
     let runStart = -1;
-    for (let at = 0; at < data.length; at += DISK_CHUNK) {
-      const block = data.subarray(at, Math.min(at + DISK_CHUNK, data.length));
+    for (let at = 0; at < data.length; at += PAGE_SIZE) {
+      const block = data.subarray(at, Math.min(at + PAGE_SIZE, data.length));
       const zero = block.equals(this.zeros.subarray(0, block.length));
       if (!zero && runStart < 0) runStart = at;
       if (zero && runStart >= 0) {

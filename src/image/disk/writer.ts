@@ -2,20 +2,19 @@
  * DiskWriter: what the overlay decoder writes a synthesized disk through. Chunks arrive in
  * ascending offset order, which lets the writers stream: a qcow2 writer completes each cluster
  * once, a raw writer copies each base range once. Implementations: Qcow2Writer, RawWriter (on
- * the shared OrderedWriter).
+ * the shared OrderedWriter). They are fed in pages (util/page.ts); the last chunk of a disk may
+ * be shorter.
  */
+import { PAGE_SIZE } from '../../util/page.js';
 import { CloudletError } from '../../util/errors.js';
-
-/** The unit writers are fed in: 4 KiB, the last chunk of a disk may be shorter. */
-export const DISK_CHUNK = 4096;
 
 export interface DiskWriter {
   readonly path: string;
   readonly format: 'qcow2' | 'raw';
   readonly virtualSize: number;
   /**
-   * Sets [offset, offset + data.length). `offset` is a multiple of DISK_CHUNK, at or after the
-   * end of the previous writeChunk/zeroChunk; the length is a multiple of DISK_CHUNK unless the
+   * Sets [offset, offset + data.length). `offset` is a multiple of PAGE_SIZE, at or after the
+   * end of the previous writeChunk/zeroChunk; the length is a multiple of PAGE_SIZE unless the
    * range ends at virtualSize.
    */
   writeChunk(offset: number, data: Uint8Array): Promise<void>;
@@ -53,13 +52,13 @@ export interface WriterStats {
  */
 export function checkChunkRange(offset: number, length: number, virtualSize: number, nextOffset: number): number {
   const end = offset + length;
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || length <= 0 || offset % DISK_CHUNK !== 0) {
-    throw new CloudletError(`disk write at ${offset} (+${length}): not a positive, ${DISK_CHUNK}-aligned range`);
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || length <= 0 || offset % PAGE_SIZE !== 0) {
+    throw new CloudletError(`disk write at ${offset} (+${length}): not a positive, ${PAGE_SIZE}-aligned range`);
   }
   if (end > virtualSize) {
     throw new CloudletError(`disk write at ${offset} (+${length}) past the virtual size ${virtualSize}`);
   }
-  if (length % DISK_CHUNK !== 0 && end !== virtualSize) {
+  if (length % PAGE_SIZE !== 0 && end !== virtualSize) {
     throw new CloudletError(`disk write at ${offset}: a short chunk (${length} bytes) must end the disk`);
   }
   if (offset < nextOffset) {

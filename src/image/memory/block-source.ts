@@ -5,8 +5,8 @@
  */
 import type { ChunkSource, Extent } from '../../delta/source.js';
 import { CloudletError, CorruptInputError } from '../../util/errors.js';
-import type { ByteSource } from './byte-source.js';
-import { PAGE_SIZE } from './format.js';
+import type { SnapshotBytes } from './snapshot-bytes.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { ZERO_PAGE_ENTRY, type PageTable } from './page-table.js';
 
 /** Data pages at most this far apart in the file are fetched with one read. */
@@ -26,7 +26,7 @@ export class BlockSource implements ChunkSource {
   constructor(
     readonly name: string,
     private readonly table: PageTable,
-    private readonly source: ByteSource,
+    private readonly source: SnapshotBytes,
   ) {
     this.size = table.pages * PAGE_SIZE;
   }
@@ -48,7 +48,7 @@ export class BlockSource implements ChunkSource {
       group = [];
     };
 
-    for (let pos = offset; pos < stop; ) {
+    for (let pos = offset; pos < stop;) {
       const page = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - page * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, stop - pos);

@@ -9,7 +9,8 @@
  * There is no section footer after it.
  */
 import { UnsupportedError, check } from '../../util/errors.js';
-import { ConfigSubsection, MAX_CAPABILITIES, MAX_MACHINE_NAME, PAGE_SHIFT, Section } from './format.js';
+import { ConfigSubsection, MAX_CAPABILITIES, MAX_MACHINE_NAME, Section } from './format.js';
+import { PAGE_SHIFT } from '../../util/page.js';
 import type { SequentialReader } from './reader.js';
 
 export interface Configuration {

@@ -1,8 +1,10 @@
 /**
  * Byte-level constants of the QEMU 7.2 migration stream (migration/savevm.c, migration/ram.c)
  * and of libvirt's `virsh save` header. docs/memory-stream.md describes the layout; every
- * number the parser and writer share lives here so the two cannot drift apart.
+ * number the parser and writer share lives here so the two cannot drift apart. The page size
+ * (every offset and block length is a multiple of it) is util/page.ts.
  */
+import { PAGE_SIZE } from '../../util/page.js';
 
 /** "QEVM", big-endian, at the start of every stream. */
 export const STREAM_MAGIC = 0x5145564d;
@@ -42,9 +44,6 @@ export const RamFlag = {
   multifdFlush: 0x200,
 } as const;
 
-/** Guest page size of x86 (TARGET_PAGE_BITS = 12). Every offset and block length is a multiple. */
-export const PAGE_SIZE = 4096;
-export const PAGE_SHIFT = 12;
 /** Mask of the flag bits in a record header. */
 export const FLAG_MASK = PAGE_SIZE - 1;
 

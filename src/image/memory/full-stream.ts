@@ -2,7 +2,7 @@
  * Full streams: every page of every block re-emitted through MigrationStreamWriter (zero pages as
  * ZERO records). What synthesis writes when no base RAM file is used, and the round-trip test.
  */
-import { PAGE_SIZE } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import type { MemorySnapshot } from './snapshot.js';
 import { MigrationStreamWriter } from './writer.js';
 
@@ -19,7 +19,11 @@ export async function copyBlock(snapshot: MemorySnapshot, name: string, writer: 
     await source.read(first * PAGE_SIZE, count * PAGE_SIZE, window);
     for (let i = 0; i < count; i++) {
       const page = first + i;
-      await writer.writePage(name, page, states.isZero(page) ? null : window.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+      await writer.writePage(
+        name,
+        page,
+        states.isZero(page) ? null : window.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE),
+      );
     }
   }
 }

@@ -19,4 +19,4 @@ export { sparseStreamPagesVsBase, writeSparseStream } from './sparse.js';
 export type { SparsePage, SparseStreamStats } from './sparse.js';
 export { openRamFile, writeRamFile } from './ram-file.js';
 export type { RamFile, RamFileStats } from './ram-file.js';
-export { PAGE_SIZE } from './format.js';
+export { PAGE_SIZE } from '../../util/page.js';

@@ -4,7 +4,8 @@
  * and byte-swaps it on load when the version looks foreign; we do the same.
  */
 import { CorruptInputError, UnsupportedError, check } from '../../util/errors.js';
-import type { ByteSource } from './byte-source.js';
+import { PAGE_SIZE } from '../../util/page.js';
+import type { SnapshotBytes } from './snapshot-bytes.js';
 import {
   LIBVIRT_FORMATS,
   LIBVIRT_HEADER_SIZE,
@@ -26,16 +27,15 @@ export interface LibvirtSaveHeader {
 }
 
 /** Reads the header if the source starts with libvirt's magic; null for anything else. */
-export async function readLibvirtHeader(source: ByteSource): Promise<LibvirtSaveHeader | null> {
+export async function readLibvirtHeader(source: SnapshotBytes): Promise<LibvirtSaveHeader | null> {
   if (source.size < 16) return null;
   const magicBuf = Buffer.alloc(16);
   await source.readAt(magicBuf, 0, 16, 0);
   const magic = magicBuf.toString('latin1');
   if (magic === LIBVIRT_PARTIAL_MAGIC) {
-    throw new CorruptInputError(
-      'libvirt save image is unfinished (magic LibvirtQemudPart): the save was interrupted',
-      { offset: 0 },
-    );
+    throw new CorruptInputError('libvirt save image is unfinished (magic LibvirtQemudPart): the save was interrupted', {
+      offset: 0,
+    });
   }
   if (magic !== LIBVIRT_MAGIC) return null;
 
@@ -97,7 +97,8 @@ export async function readLibvirtHeader(source: ByteSource): Promise<LibvirtSave
 export function buildLibvirtHeader(xml: string, wasRunning: boolean): Buffer {
   const xmlBytes = Buffer.from(xml, 'utf8');
   // libvirt pads the XML area so the stream starts on a page boundary-ish; any padding is valid.
-  const dataLen = xmlBytes.length + 1 + ((4096 - ((LIBVIRT_HEADER_SIZE + xmlBytes.length + 1) % 4096)) % 4096);
+  const pad = (PAGE_SIZE - ((LIBVIRT_HEADER_SIZE + xmlBytes.length + 1) % PAGE_SIZE)) % PAGE_SIZE;
+  const dataLen = xmlBytes.length + 1 + pad;
   const out = Buffer.alloc(LIBVIRT_HEADER_SIZE + dataLen);
   out.write(LIBVIRT_MAGIC, 0, 'latin1');
   out.writeUInt32LE(2, 16);

@@ -49,18 +49,18 @@ export interface PageCounts {
 export class PageTable implements PageStates {
   private readonly segments = new Map<number, Float64Array>();
   private lastIndex = -1;
-  private lastSegment: Float64Array | undefined;
+  private lastSegment: Float64Array = new Float64Array(0);
 
   constructor(readonly pages: number) {}
 
   entry(page: number): number {
-    const seg = this.segmentOf(page, false);
+    const seg = this.findSegment(page);
     return seg === undefined ? NEVER_SENT : seg[page - Math.floor(page / SEGMENT_PAGES) * SEGMENT_PAGES]!;
   }
 
   /** Sets an entry; returns the previous one (non-zero means the page was sent before). */
   set(page: number, value: number): number {
-    const seg = this.segmentOf(page, true)!;
+    const seg = this.segmentFor(page);
     const at = page - Math.floor(page / SEGMENT_PAGES) * SEGMENT_PAGES;
     const prev = seg[at]!;
     seg[at] = value;
@@ -110,21 +110,35 @@ export class PageTable implements PageStates {
    * segments not visited were never sent. Lets callers skip untouched address space.
    */
   forEachSegment(fn: (firstPage: number, entries: Float64Array) => void): void {
-    const keys = [...this.segments.keys()].sort((a, b) => a - b);
-    for (const k of keys) fn(k * SEGMENT_PAGES, this.segments.get(k)!);
+    const list = [...this.segments.entries()].sort(([a], [b]) => a - b);
+    for (const [k, seg] of list) fn(k * SEGMENT_PAGES, seg);
   }
 
-  private segmentOf(page: number, create: boolean): Float64Array | undefined {
+  /** The segment holding `page`, or undefined when none of its pages was set. */
+  private findSegment(page: number): Float64Array | undefined {
+    const index = Math.floor(page / SEGMENT_PAGES);
+    if (index === this.lastIndex) return this.lastSegment;
+    const seg = this.segments.get(index);
+    if (seg !== undefined) this.remember(index, seg);
+    return seg;
+  }
+
+  /** The segment holding `page`, allocated on first use. */
+  private segmentFor(page: number): Float64Array {
     const index = Math.floor(page / SEGMENT_PAGES);
     if (index === this.lastIndex) return this.lastSegment;
     let seg = this.segments.get(index);
     if (seg === undefined) {
-      if (!create) return undefined;
       seg = new Float64Array(Math.min(SEGMENT_PAGES, this.pages - index * SEGMENT_PAGES));
       this.segments.set(index, seg);
     }
+    this.remember(index, seg);
+    return seg;
+  }
+
+  /** Pages come in runs: the last segment used is checked before the map. */
+  private remember(index: number, seg: Float64Array): void {
     this.lastIndex = index;
     this.lastSegment = seg;
-    return seg;
   }
 }

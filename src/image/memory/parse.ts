@@ -6,12 +6,11 @@
  * read faithfully is refused with the capability to turn off.
  */
 import { CorruptInputError, UnsupportedError, check } from '../../util/errors.js';
-import type { ByteSource } from './byte-source.js';
+import type { SnapshotBytes } from './snapshot-bytes.js';
 import { readConfiguration, readPrintable, type Configuration } from './configuration.js';
 import {
   FLAG_MASK,
   MAX_RAM_BYTES,
-  PAGE_SIZE,
   RAM_SECTION_NAME,
   RAM_SECTION_VERSION,
   RamFlag,
@@ -20,6 +19,7 @@ import {
   STREAM_VERSION_COMPAT,
   Section,
 } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { PageTable, fillEntry } from './page-table.js';
 import { SequentialReader } from './reader.js';
 
@@ -83,7 +83,7 @@ export interface ParseOptions {
 
 /** Parses [start, end) of `source` (end defaults to its size). */
 export async function parseStream(
-  source: ByteSource,
+  source: SnapshotBytes,
   start = 0,
   end = source.size,
   options: ParseOptions = {},
@@ -111,7 +111,7 @@ class StreamParser {
   private config: Configuration | null = null;
 
   constructor(
-    private readonly source: ByteSource,
+    private readonly source: SnapshotBytes,
     private readonly start: number,
     private readonly end: number,
     chunkSize?: number,
@@ -142,7 +142,9 @@ class StreamParser {
       } else if (type === Section.full || type === Section.eof) {
         throw new UnsupportedError('stream has no ram START section before its device state', { offset: at });
       } else if (type === -1) {
-        throw new CorruptInputError(`memory snapshot truncated: stream ends at offset ${at} before any RAM`, { offset: at });
+        throw new CorruptInputError(`memory snapshot truncated: stream ends at offset ${at} before any RAM`, {
+          offset: at,
+        });
       } else {
         throw new CorruptInputError(`expected a section at offset ${at}, found byte 0x${hex(type)}`, { offset: at });
       }
@@ -384,10 +386,10 @@ class StreamParser {
         : cmd === 3
           ? 'postcopy-ram (or dirty-bitmaps)'
           : 'postcopy-ram, return-path and x-colo';
-    throw new UnsupportedError(
-      `stream carries migration command ${cmd}: turn off the ${what} capability when saving`,
-      { offset: at, command: cmd },
-    );
+    throw new UnsupportedError(`stream carries migration command ${cmd}: turn off the ${what} capability when saving`, {
+      offset: at,
+      command: cmd,
+    });
   }
 
   /**

@@ -8,7 +8,7 @@ import type { ChunkSource, Extent } from '../../delta/source.js';
 import { AtomicFile } from '../../util/atomic.js';
 import { pread } from '../disk/io.js';
 import { CloudletError, NotFoundError, UnsupportedError } from '../../util/errors.js';
-import { PAGE_SIZE } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { ZERO_PAGE_ENTRY } from './page-table.js';
 import type { MemorySnapshot } from './snapshot.js';
 
@@ -35,10 +35,13 @@ export async function writeRamFile(snapshot: MemorySnapshot, blockName: string, 
   const states = snapshot.pages(blockName);
   const unsent = states.counts().unsent;
   if (unsent > 0) {
-    throw new UnsupportedError(`RAM block ${blockName}: ${unsent} pages are not in the stream; a full snapshot is needed`, {
-      block: blockName,
-      unsent,
-    });
+    throw new UnsupportedError(
+      `RAM block ${blockName}: ${unsent} pages are not in the stream; a full snapshot is needed`,
+      {
+        block: blockName,
+        unsent,
+      },
+    );
   }
   const source = snapshot.block(blockName);
   const file = await AtomicFile.create(path);
@@ -74,7 +77,7 @@ export async function writeRamFile(snapshot: MemorySnapshot, blockName: string, 
 }
 
 async function writeAll(handle: FileHandle, data: Buffer, position: number): Promise<void> {
-  for (let done = 0; done < data.length; ) {
+  for (let done = 0; done < data.length;) {
     const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
     done += bytesWritten;
   }

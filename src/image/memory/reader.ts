@@ -5,7 +5,7 @@
  * the end of the stream first, so a truncated file is a CorruptInputError naming the offset.
  */
 import { CloudletError, CorruptInputError } from '../../util/errors.js';
-import type { ByteSource } from './byte-source.js';
+import type { SnapshotBytes } from './snapshot-bytes.js';
 
 const DEFAULT_CHUNK = 8 * 1024 * 1024;
 
@@ -17,7 +17,7 @@ export class SequentialReader {
   private pos: number;
 
   constructor(
-    private readonly source: ByteSource,
+    private readonly source: SnapshotBytes,
     start: number,
     /** Exclusive end of what this reader may consume. */
     readonly end: number,

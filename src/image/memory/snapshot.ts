@@ -7,7 +7,7 @@
 import type { ChunkSource } from '../../delta/source.js';
 import { CloudletError, CorruptInputError, NotFoundError, UnsupportedError } from '../../util/errors.js';
 import { BlockSource } from './block-source.js';
-import { BufferByteSource, FileByteSource, type ByteSource } from './byte-source.js';
+import { BufferSnapshotBytes, FileSnapshotBytes, type SnapshotBytes } from './snapshot-bytes.js';
 import { readLibvirtHeader, type LibvirtSaveHeader } from './libvirt.js';
 import type { PageStates } from './page-table.js';
 import { parseStream, type BlockIndex, type Range, type RecordCounts, type StreamIndex } from './parse.js';
@@ -58,7 +58,7 @@ export interface MemorySnapshot {
 
 /** Opens and indexes a snapshot file. Errors: NotFoundError, CorruptInputError, UnsupportedError. */
 export async function openMemorySnapshot(path: string): Promise<MemorySnapshot> {
-  const source = await FileByteSource.open(path);
+  const source = await FileSnapshotBytes.open(path);
   try {
     return await indexSnapshot(source, path);
   } catch (err) {
@@ -75,10 +75,10 @@ export async function memorySnapshotFromBuffer(
   data: Buffer,
   options: { chunkSize?: number } = {},
 ): Promise<MemorySnapshot> {
-  return indexSnapshot(new BufferByteSource(data), null, options.chunkSize);
+  return indexSnapshot(new BufferSnapshotBytes(data), null, options.chunkSize);
 }
 
-async function indexSnapshot(source: ByteSource, path: string | null, chunkSize?: number): Promise<MemorySnapshot> {
+async function indexSnapshot(source: SnapshotBytes, path: string | null, chunkSize?: number): Promise<MemorySnapshot> {
   const libvirt = await readLibvirtHeader(source);
   const options = chunkSize === undefined ? {} : { chunkSize };
   const index = await parseStream(source, libvirt?.streamOffset ?? 0, source.size, options);
@@ -98,7 +98,7 @@ class Snapshot implements MemorySnapshot {
   private closed = false;
 
   constructor(
-    private readonly source: ByteSource,
+    private readonly source: SnapshotBytes,
     readonly path: string | null,
     readonly libvirt: LibvirtSaveHeader | null,
     private readonly index: StreamIndex,

@@ -8,7 +8,7 @@
  */
 import type { ChunkSource } from '../../delta/source.js';
 import { BaseMismatchError } from '../../util/errors.js';
-import { PAGE_SIZE } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import type { MemorySnapshot } from './snapshot.js';
 import { copyBlock } from './full-stream.js';
 import { MigrationStreamWriter } from './writer.js';

@@ -7,8 +7,9 @@
  */
 import { AtomicFile } from '../../util/atomic.js';
 import { CloudletError, check } from '../../util/errors.js';
-import { BufferByteSource } from './byte-source.js';
-import { PAGE_SIZE, RamFlag, Section } from './format.js';
+import { BufferSnapshotBytes } from './snapshot-bytes.js';
+import { RamFlag, Section } from './format.js';
+import { PAGE_SIZE } from '../../util/page.js';
 import { parseStream } from './parse.js';
 
 const OUT_BUFFER = 8 * 1024 * 1024;
@@ -56,10 +57,14 @@ export class MigrationStreamWriter {
   async begin(prefix: Buffer, startSection: Buffer, ramSectionId: number): Promise<void> {
     if (this.state !== 'new') throw new CloudletError('MigrationStreamWriter.begin called twice');
     const head = Buffer.concat([prefix, startSection]);
-    const index = await parseStream(new BufferByteSource(head), 0, head.length, { headOnly: true });
-    check(index.startSection.offset === prefix.length, 'stream prefix does not end where the ram START section begins', {
-      offset: index.startSection.offset,
-    });
+    const index = await parseStream(new BufferSnapshotBytes(head), 0, head.length, { headOnly: true });
+    check(
+      index.startSection.offset === prefix.length,
+      'stream prefix does not end where the ram START section begins',
+      {
+        offset: index.startSection.offset,
+      },
+    );
     check(index.ramSectionId === ramSectionId, 'ram section id does not match the START section', {
       expected: ramSectionId,
       found: index.ramSectionId,
@@ -91,7 +96,7 @@ export class MigrationStreamWriter {
       throw new CloudletError(`page ${pageIndex} outside RAM block ${blockName}`, { block: blockName, pageIndex });
     }
     if (data !== null && data.length !== PAGE_SIZE) {
-      throw new CloudletError('page data must be 4096 bytes', { length: data.length });
+      throw new CloudletError(`page data must be ${PAGE_SIZE} bytes`, { length: data.length });
     }
     const zero = data === null || data.equals(ZERO);
     if (this.used + 8 + 256 + PAGE_SIZE > this.out.length) await this.guard(() => this.flush());
@@ -110,7 +115,7 @@ export class MigrationStreamWriter {
       this.out[this.used++] = 0;
       this.stats.zeroPages++;
     } else {
-      this.used += data!.copy(this.out, this.used);
+      this.used += data.copy(this.out, this.used);
       this.stats.dataPages++;
     }
   }
@@ -131,7 +136,7 @@ export class MigrationStreamWriter {
       await this.put(tail);
       await this.flush();
       await this.inflight;
-      await this.file!.commit();
+      await this.openFile().commit();
     });
     this.state = 'done';
     this.stats.bytes = this.position;
@@ -178,9 +183,15 @@ export class MigrationStreamWriter {
     this.used = 0;
   }
 
+  /** The output file; only called between begin() and finish(). */
+  private openFile(): AtomicFile {
+    if (!this.file) throw new CloudletError('MigrationStreamWriter used before begin()');
+    return this.file;
+  }
+
   private async writeAt(data: Buffer, position: number): Promise<void> {
-    const handle = this.file!.handle;
-    for (let done = 0; done < data.length; ) {
+    const handle = this.openFile().handle;
+    for (let done = 0; done < data.length;) {
       const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
       done += bytesWritten;
     }

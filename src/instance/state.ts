@@ -6,8 +6,7 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../util/atomic.js';
-import type { PortForward, VmSpec } from '../vm/qemu.js';
-import { instancesDir } from './paths.js';
+import type { PortForward, VmSpec } from '../spec/vm-spec.js';
 
 export interface InstanceState {
   id: string;
@@ -29,6 +28,11 @@ export interface InstanceState {
 }
 
 export type InstanceStatus = 'running' | 'dead';
+
+/** Where instances live: <root>/instances (beside the base library's bases/ and tmp/). */
+export function instancesDir(root: string): string {
+  return join(root, 'instances');
+}
 
 export function instanceDir(root: string, iid: string): string {
   return join(instancesDir(root), iid);

@@ -7,14 +7,14 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { pread } from '../disk/io.js';
 import { CloudletError, NotFoundError } from '../../util/errors.js';
 
-export interface ByteSource {
+export interface SnapshotBytes {
   readonly size: number;
   /** Reads up to `length` bytes at `position` into buf[offset…]; returns how many were read. */
   readAt(buf: Buffer, offset: number, length: number, position: number): Promise<number>;
   close(): Promise<void>;
 }
 
-export class FileByteSource implements ByteSource {
+export class FileSnapshotBytes implements SnapshotBytes {
   private closed = false;
 
   private constructor(
@@ -23,7 +23,7 @@ export class FileByteSource implements ByteSource {
     readonly size: number,
   ) {}
 
-  static async open(path: string): Promise<FileByteSource> {
+  static async open(path: string): Promise<FileSnapshotBytes> {
     let handle: FileHandle;
     try {
       handle = await open(path, 'r');
@@ -32,7 +32,7 @@ export class FileByteSource implements ByteSource {
     }
     try {
       const st = await handle.stat();
-      return new FileByteSource(path, handle, st.size);
+      return new FileSnapshotBytes(path, handle, st.size);
     } catch (err) {
       await handle.close();
       throw err;
@@ -57,7 +57,7 @@ export class FileByteSource implements ByteSource {
   }
 }
 
-export class BufferByteSource implements ByteSource {
+export class BufferSnapshotBytes implements SnapshotBytes {
   constructor(private readonly data: Buffer) {}
 
   get size(): number {

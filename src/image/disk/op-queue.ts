@@ -1,5 +1,5 @@
 /** Runs async operations one at a time in call order, so a writer's state never interleaves. */
-export class SerialQueue {
+export class OpQueue {
   private tail: Promise<unknown> = Promise.resolve();
 
   run<T>(op: () => Promise<T>): Promise<T> {

@@ -1,241 +1,21 @@
 /**
- * Launching QEMU. A VmSpec says what the guest sees (pinned machine type, RAM, CPU, devices);
- * buildQemuArgs() turns it into argv (pure, unit-tested); startQemu() runs it with everything
- * an operator needs in one run directory: the QMP socket, the serial console as a unix socket
- * that is also logged to a file, and QEMU's stderr. A spec with `incoming` resumes from a
- * migration stream (memory snapshot) instead of booting.
- *
- * Why these choices: a snapshot only resumes on an identical virtual machine, so the spec pins
- * everything that changes guest-visible state (machine version, CPU model, NIC option ROM) and
- * keeps the host-only parts (port forwards, file paths, sockets) separate and free to change.
+ * Running QEMU: startQemu() spawns it for a VmSpec in a run directory (argv.ts), negotiates QMP,
+ * loads an incoming memory snapshot and continues the VM; QemuVm is the running process (exit,
+ * stop, kill, stderr tail). Start failures become the most useful error (missing input, port in
+ * use, QEMU's own last words).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { constants } from 'node:fs';
-import { access, mkdir, mkdtemp, open, readFile, rm, stat, symlink } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readFile, rm, stat, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { delimiter, join, resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { onCleanup } from '../util/cleanup.js';
-import {
-  BusyError,
-  CloudletError,
-  MissingToolError,
-  NotFoundError,
-  QemuError,
-  TimeoutError,
-  UsageError,
-} from '../util/errors.js';
+import { BusyError, CloudletError, MissingToolError, NotFoundError, QemuError, TimeoutError } from '../util/errors.js';
+import { findProgram } from '../util/programs.js';
+import type { VmSpec } from '../spec/vm-spec.js';
 import { resolveAccel, type Accel, type AccelChoice } from './accel.js';
+import { buildQemuArgs, incomingUri, runPaths, type RunPaths } from './argv.js';
 import { QmpClient } from './qmp.js';
-
-export interface DriveSpec {
-  file: string;
-  format: 'raw' | 'qcow2';
-  /** Bus as in QEMU's -drive if=; the guest sees a different device for each. */
-  if: 'virtio' | 'ide' | 'none';
-  id?: string;
-  readOnly?: boolean;
-  /** QEMU's cache mode; default QEMU's own (writeback). */
-  cache?: 'writeback' | 'none' | 'writethrough' | 'directsync' | 'unsafe';
-}
-
-/** A host-side TCP forward of user-mode networking; not guest state, may differ on resume. */
-export interface PortForward {
-  /** Default 127.0.0.1. */
-  hostAddr?: string;
-  hostPort: number;
-  guestPort: number;
-}
-
-/** One user-mode NIC. The model and its option ROM are guest-visible: keep them on resume. */
-export interface NetworkSpec {
-  /** Default virtio-net-pci. */
-  model?: string;
-  /** NIC option ROM; '' (the default) means none: nothing to match on resume, faster boot. */
-  romfile?: string;
-  mac?: string;
-  forwards: PortForward[];
-}
-
-/** Guest RAM backed by a file (memory-backend-file, id pc.ram). */
-export interface MemoryBackendFile {
-  path: string;
-  /** share=on writes through to the file; off maps it private copy-on-write. */
-  share: boolean;
-}
-
-export interface VmSpec {
-  /** Pinned machine type, e.g. 'pc-q35-7.2' (never a bare alias like 'q35'). */
-  machine: string;
-  memoryMiB: number;
-  /** CPU model; default 'qemu64' (the same under TCG and KVM). */
-  cpu?: string;
-  /** vCPUs; default 1. */
-  smp?: number;
-  kernel?: string;
-  initrd?: string;
-  append?: string;
-  drives?: DriveSpec[];
-  network?: NetworkSpec;
-  memoryBackendFile?: MemoryBackendFile;
-  /** Resume from this migration stream (a memory snapshot file) instead of booting. */
-  incoming?: string;
-  /** Exit instead of rebooting (a guest panic then ends QEMU, visibly). Default true. */
-  noReboot?: boolean;
-  name?: string;
-  extraArgs?: string[];
-}
-
-/** Files of one running VM inside its run directory. */
-export interface RunPaths {
-  runDir: string;
-  qmpSocket: string;
-  serialSocket: string;
-  serialLog: string;
-  stderrLog: string;
-}
-
-export interface ArgsContext {
-  accel: Accel;
-  paths: RunPaths;
-}
-
-export const DEFAULT_CPU = 'qemu64';
-
-/** Paths of the run files; sockets may live elsewhere when runDir is too long (see startQemu). */
-export function runPaths(runDir: string, socketDir: string = runDir): RunPaths {
-  return {
-    runDir,
-    qmpSocket: join(socketDir, 'qmp.sock'),
-    serialSocket: join(socketDir, 'serial.sock'),
-    serialLog: join(runDir, 'serial.log'),
-    stderrLog: join(runDir, 'qemu.stderr'),
-  };
-}
-
-/** QEMU's option syntax: a comma inside a value is written as two commas. */
-export function qemuOptValue(value: string): string {
-  return value.replaceAll(',', ',,');
-}
-
-/** Quotes for /bin/sh, as QEMU's exec: migration URIs run through it. */
-export function shellQuote(value: string): string {
-  return `'${value.replaceAll("'", `'\\''`)}'`;
-}
-
-/** Checks a spec before QEMU sees it; throws UsageError with the offending field. */
-export function validateSpec(spec: VmSpec): void {
-  if (!/^[a-z0-9][a-z0-9.-]*-\d+\.\d+$/.test(spec.machine)) {
-    throw new UsageError(`machine type '${spec.machine}' must be a pinned version like pc-q35-7.2`, {
-      field: 'machine',
-    });
-  }
-  if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < 16) {
-    throw new UsageError(`memoryMiB must be an integer ≥ 16, got ${spec.memoryMiB}`, { field: 'memoryMiB' });
-  }
-  if (spec.smp !== undefined && (!Number.isInteger(spec.smp) || spec.smp < 1)) {
-    throw new UsageError(`smp must be a positive integer, got ${spec.smp}`, { field: 'smp' });
-  }
-  if ((spec.initrd !== undefined || spec.append !== undefined) && spec.kernel === undefined) {
-    throw new UsageError('initrd/append need a kernel', { field: 'kernel' });
-  }
-  for (const f of spec.network?.forwards ?? []) {
-    for (const port of [f.hostPort, f.guestPort]) {
-      if (!Number.isInteger(port) || port < 1 || port > 65535) {
-        throw new UsageError(`invalid port ${port} in a port forward`, { field: 'network.forwards' });
-      }
-    }
-  }
-}
-
-/** The argv (without the program name) that runs `spec`. Pure: same input, same output. */
-export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
-  validateSpec(spec);
-  const args: string[] = [];
-  const machineOpts = [spec.machine];
-  if (spec.memoryBackendFile) machineOpts.push('memory-backend=pc.ram');
-  args.push('-machine', machineOpts.join(','));
-  args.push('-accel', ctx.accel);
-  args.push('-m', String(spec.memoryMiB));
-  if (spec.memoryBackendFile) {
-    const m = spec.memoryBackendFile;
-    args.push(
-      '-object',
-      `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,mem-path=${qemuOptValue(m.path)},share=${m.share ? 'on' : 'off'}`,
-    );
-  }
-  args.push('-cpu', spec.cpu ?? DEFAULT_CPU);
-  args.push('-smp', String(spec.smp ?? 1));
-  args.push('-nodefaults', '-no-user-config', '-display', 'none');
-  if (spec.noReboot ?? true) args.push('-no-reboot');
-  if (spec.name) args.push('-name', qemuOptValue(spec.name));
-  if (spec.kernel) args.push('-kernel', spec.kernel);
-  if (spec.initrd) args.push('-initrd', spec.initrd);
-  if (spec.append !== undefined) args.push('-append', spec.append);
-
-  const p = ctx.paths;
-  args.push(
-    '-chardev',
-    `socket,id=qmp,path=${qemuOptValue(p.qmpSocket)},server=on,wait=off`,
-    '-mon',
-    'chardev=qmp,mode=control',
-  );
-  args.push(
-    '-chardev',
-    `socket,id=serial0,path=${qemuOptValue(p.serialSocket)},server=on,wait=off,logfile=${qemuOptValue(p.serialLog)},logappend=on`,
-    '-serial',
-    'chardev:serial0',
-  );
-
-  (spec.drives ?? []).forEach((d, i) => {
-    const opts = [`file=${qemuOptValue(d.file)}`, `format=${d.format}`, `if=${d.if}`];
-    opts.push(`id=${d.id ?? `drive${i}`}`);
-    if (d.readOnly) opts.push('readonly=on');
-    if (d.cache) opts.push(`cache=${d.cache}`);
-    args.push('-drive', opts.join(','));
-  });
-
-  if (spec.network) {
-    const n = spec.network;
-    const netdev = ['user', 'id=n0'];
-    for (const f of n.forwards) {
-      netdev.push(`hostfwd=tcp:${f.hostAddr ?? '127.0.0.1'}:${f.hostPort}-:${f.guestPort}`);
-    }
-    args.push('-netdev', netdev.join(','));
-    const dev = [n.model ?? 'virtio-net-pci', 'netdev=n0', `romfile=${qemuOptValue(n.romfile ?? '')}`];
-    if (n.mac) dev.push(`mac=${n.mac}`);
-    args.push('-device', dev.join(','));
-  }
-
-  if (spec.incoming !== undefined) args.push('-incoming', 'defer');
-  args.push(...(spec.extraArgs ?? []));
-  return args;
-}
-
-/**
- * The spec to resume a snapshot of `spec` elsewhere: the same guest-visible machine, with new
- * host-side parts (drive files in order, port forwards) and the memory snapshot to load.
- */
-export function resumeSpec(
-  spec: VmSpec,
-  changes: { incoming: string; driveFiles?: string[]; forwards?: PortForward[] },
-): VmSpec {
-  const drives = spec.drives?.map((d, i) => ({ ...d, file: changes.driveFiles?.[i] ?? d.file }));
-  if (changes.driveFiles && changes.driveFiles.length !== (spec.drives?.length ?? 0)) {
-    throw new UsageError(
-      `the snapshot has ${spec.drives?.length ?? 0} drive(s) but ${changes.driveFiles.length} file(s) were given`,
-    );
-  }
-  const out: VmSpec = { ...spec, incoming: changes.incoming };
-  if (drives) out.drives = drives;
-  if (spec.network) out.network = { ...spec.network, forwards: changes.forwards ?? spec.network.forwards };
-  return out;
-}
-
-/** The migration URI that streams `path` into an incoming QEMU. */
-export function incomingUri(path: string): string {
-  return `exec:cat ${shellQuote(path)}`;
-}
 
 export interface StartOptions {
   /** Directory for sockets and logs (created). */
@@ -576,25 +356,6 @@ async function tailOfFile(path: string, lines: number): Promise<string> {
   } catch {
     return '';
   }
-}
-
-/** Throws MissingToolError unless `program` is runnable (absolute/relative path or on PATH). */
-export async function findProgram(program: string): Promise<string> {
-  const candidates = program.includes('/')
-    ? [program]
-    : (process.env['PATH'] ?? '/usr/bin:/bin').split(delimiter).map((d) => join(d, program));
-  for (const c of candidates) {
-    try {
-      await access(c, constants.X_OK);
-      return c;
-    } catch {
-      // next
-    }
-  }
-  throw new MissingToolError(
-    `${program} not found on PATH; install QEMU (Debian: apt-get install qemu-system-x86 qemu-utils)`,
-    { tool: program },
-  );
 }
 
 async function checkInputs(spec: VmSpec): Promise<void> {

@@ -1,0 +1,114 @@
+/**
+ * A VmSpec as QEMU's argv (pure, unit-tested), with everything an operator needs in one run
+ * directory: the QMP socket, the serial console as a unix socket that is also logged to a file,
+ * and QEMU's stderr. A spec with `incoming` waits for a migration stream (`-incoming defer`).
+ */
+import { join } from 'node:path';
+import { DEFAULT_CPU, validateSpec, type VmSpec } from '../spec/vm-spec.js';
+import type { Accel } from './accel.js';
+
+/** Files of one running VM inside its run directory. */
+export interface RunPaths {
+  runDir: string;
+  qmpSocket: string;
+  serialSocket: string;
+  serialLog: string;
+  stderrLog: string;
+}
+
+export interface ArgsContext {
+  accel: Accel;
+  paths: RunPaths;
+}
+
+/** Paths of the run files; sockets may live elsewhere when runDir is too long (see startQemu). */
+export function runPaths(runDir: string, socketDir: string = runDir): RunPaths {
+  return {
+    runDir,
+    qmpSocket: join(socketDir, 'qmp.sock'),
+    serialSocket: join(socketDir, 'serial.sock'),
+    serialLog: join(runDir, 'serial.log'),
+    stderrLog: join(runDir, 'qemu.stderr'),
+  };
+}
+
+/** QEMU's option syntax: a comma inside a value is written as two commas. */
+export function qemuOptValue(value: string): string {
+  return value.replaceAll(',', ',,');
+}
+
+/** Quotes for /bin/sh, as QEMU's exec: migration URIs run through it. */
+export function shellQuote(value: string): string {
+  return `'${value.replaceAll("'", `'\\''`)}'`;
+}
+
+/** The argv (without the program name) that runs `spec`. Pure: same input, same output. */
+export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
+  validateSpec(spec);
+  const args: string[] = [];
+  const machineOpts = [spec.machine];
+  if (spec.memoryBackendFile) machineOpts.push('memory-backend=pc.ram');
+  args.push('-machine', machineOpts.join(','));
+  args.push('-accel', ctx.accel);
+  args.push('-m', String(spec.memoryMiB));
+  if (spec.memoryBackendFile) {
+    const m = spec.memoryBackendFile;
+    args.push(
+      '-object',
+      `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,` +
+        `mem-path=${qemuOptValue(m.path)},share=${m.share ? 'on' : 'off'}`,
+    );
+  }
+  args.push('-cpu', spec.cpu ?? DEFAULT_CPU);
+  args.push('-smp', String(spec.smp ?? 1));
+  args.push('-nodefaults', '-no-user-config', '-display', 'none');
+  if (spec.noReboot ?? true) args.push('-no-reboot');
+  if (spec.name) args.push('-name', qemuOptValue(spec.name));
+  if (spec.kernel) args.push('-kernel', spec.kernel);
+  if (spec.initrd) args.push('-initrd', spec.initrd);
+  if (spec.append !== undefined) args.push('-append', spec.append);
+
+  const p = ctx.paths;
+  args.push(
+    '-chardev',
+    `socket,id=qmp,path=${qemuOptValue(p.qmpSocket)},server=on,wait=off`,
+    '-mon',
+    'chardev=qmp,mode=control',
+  );
+  args.push(
+    '-chardev',
+    `socket,id=serial0,path=${qemuOptValue(p.serialSocket)},server=on,wait=off,` +
+      `logfile=${qemuOptValue(p.serialLog)},logappend=on`,
+    '-serial',
+    'chardev:serial0',
+  );
+
+  (spec.drives ?? []).forEach((d, i) => {
+    const opts = [`file=${qemuOptValue(d.file)}`, `format=${d.format}`, `if=${d.if}`];
+    opts.push(`id=${d.id ?? `drive${i}`}`);
+    if (d.readOnly) opts.push('readonly=on');
+    if (d.cache) opts.push(`cache=${d.cache}`);
+    args.push('-drive', opts.join(','));
+  });
+
+  if (spec.network) {
+    const n = spec.network;
+    const netdev = ['user', 'id=n0'];
+    for (const f of n.forwards) {
+      netdev.push(`hostfwd=tcp:${f.hostAddr ?? '127.0.0.1'}:${f.hostPort}-:${f.guestPort}`);
+    }
+    args.push('-netdev', netdev.join(','));
+    const dev = [n.model ?? 'virtio-net-pci', 'netdev=n0', `romfile=${qemuOptValue(n.romfile ?? '')}`];
+    if (n.mac) dev.push(`mac=${n.mac}`);
+    args.push('-device', dev.join(','));
+  }
+
+  if (spec.incoming !== undefined) args.push('-incoming', 'defer');
+  args.push(...(spec.extraArgs ?? []));
+  return args;
+}
+
+/** The migration URI that streams `path` into an incoming QEMU. */
+export function incomingUri(path: string): string {
+  return `exec:cat ${shellQuote(path)}`;
+}
