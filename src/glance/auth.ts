@@ -44,42 +44,53 @@ interface CatalogEntry {
   endpoints?: CatalogEndpoint[];
 }
 
+type Domain = { id: string } | { name: string };
+
+/** The JSON body of a keystone v3 token request: one method, and a project scope when one is named. */
+export interface KeystoneAuthBody {
+  auth: {
+    identity:
+      | {
+          methods: ['password'];
+          password: { user: { password: string } & ({ id: string } | { name: string; domain: Domain }) };
+        }
+      | { methods: ['token']; token: { id: string } };
+    scope?: { project: { id: string } | { name: string; domain: Domain } };
+  };
+}
+
 /** The JSON body of a keystone v3 token request (exported for the unit test). */
-export function keystoneAuthBody(env: NodeJS.ProcessEnv): object {
+export function keystoneAuthBody(env: NodeJS.ProcessEnv): KeystoneAuthBody {
   const token = env.OS_TOKEN || env.OS_AUTH_TOKEN;
-  let identity: object;
-  if (env.OS_PASSWORD && (env.OS_USERNAME || env.OS_USER_ID)) {
-    const user: Record<string, unknown> = { password: env.OS_PASSWORD };
-    if (env.OS_USER_ID) user.id = env.OS_USER_ID;
-    else {
-      user.name = env.OS_USERNAME;
-      user.domain = domainOf(env.OS_USER_DOMAIN_ID, env.OS_USER_DOMAIN_NAME);
-    }
-    identity = { methods: ['password'], password: { user } };
+  const { OS_PASSWORD: password, OS_USER_ID: userId, OS_USERNAME: userName } = env;
+  let identity: KeystoneAuthBody['auth']['identity'];
+  if (password && userId) {
+    identity = { methods: ['password'], password: { user: { password, id: userId } } };
+  } else if (password && userName) {
+    const domain = domainOf(env.OS_USER_DOMAIN_ID, env.OS_USER_DOMAIN_NAME);
+    identity = { methods: ['password'], password: { user: { password, name: userName, domain } } };
   } else if (token) {
     identity = { methods: ['token'], token: { id: token } };
   } else {
     throw new UsageError('keystone auth needs OS_USERNAME (or OS_USER_ID) and OS_PASSWORD, or OS_TOKEN');
   }
-  const auth: Record<string, unknown> = { identity };
   const projectName = env.OS_PROJECT_NAME || env.OS_TENANT_NAME;
-  if (env.OS_PROJECT_ID) auth.scope = { project: { id: env.OS_PROJECT_ID } };
-  else if (projectName) {
-    auth.scope = {
-      project: { name: projectName, domain: domainOf(env.OS_PROJECT_DOMAIN_ID, env.OS_PROJECT_DOMAIN_NAME) },
-    };
+  if (env.OS_PROJECT_ID) return { auth: { identity, scope: { project: { id: env.OS_PROJECT_ID } } } };
+  if (projectName) {
+    const domain = domainOf(env.OS_PROJECT_DOMAIN_ID, env.OS_PROJECT_DOMAIN_NAME);
+    return { auth: { identity, scope: { project: { name: projectName, domain } } } };
   }
-  return { auth };
+  return { auth: { identity } };
 }
 
-function domainOf(id: string | undefined, name: string | undefined): { id: string } | { name: string } {
+function domainOf(id: string | undefined, name: string | undefined): Domain {
   return id ? { id } : { name: name || 'Default' };
 }
 
 /** $OS_AUTH_URL → the v3 tokens URL (accepts …/v3, …/v3/, or the bare keystone root). */
 export function tokensUrl(authUrl: string): string {
   const u = authUrl.replace(/\/+$/, '');
-  return /\/v3$/.test(u) ? `${u}/auth/tokens` : `${u}/v3/auth/tokens`;
+  return u.endsWith('/v3') ? `${u}/auth/tokens` : `${u}/v3/auth/tokens`;
 }
 
 /** The image API endpoint without a trailing slash or version (Glance adds /v2 paths). */
@@ -127,7 +138,7 @@ export async function glanceSession(opts: SessionOptions = {}): Promise<GlanceSe
     }
     return { endpoint: normalizeEndpoint(explicit), auth: 'standalone' };
   }
-  const ks = await keystoneToken(env, opts.timeoutMs ?? 30_000);
+  const ks = await keystoneToken(env.OS_AUTH_URL, env, opts.timeoutMs ?? 30_000);
   let endpoint = explicit;
   if (!endpoint) {
     endpoint = imageEndpoint(ks.catalog, env.OS_INTERFACE || env.OS_ENDPOINT_TYPE || 'public', env.OS_REGION_NAME);
@@ -142,11 +153,12 @@ export async function glanceSession(opts: SessionOptions = {}): Promise<GlanceSe
 }
 
 async function keystoneToken(
+  authUrl: string,
   env: NodeJS.ProcessEnv,
   timeoutMs: number,
 ): Promise<{ token: string; catalog: CatalogEntry[]; method: string }> {
-  const url = tokensUrl(env.OS_AUTH_URL!);
-  const body = keystoneAuthBody(env) as { auth: { identity: { methods: string[] } } };
+  const url = tokensUrl(authUrl);
+  const body = keystoneAuthBody(env);
   let res: Response;
   try {
     res = await fetch(url, {
@@ -179,7 +191,7 @@ async function keystoneToken(
   } catch {
     // a token without a readable body: only usable with an explicit endpoint
   }
-  return { token, catalog, method: body.auth.identity.methods[0]! };
+  return { token, catalog, method: body.auth.identity.methods[0] };
 }
 
 /** The cause of a failed fetch() (ECONNREFUSED, ENOTFOUND…), not undici's "fetch failed". */

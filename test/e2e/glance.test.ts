@@ -171,8 +171,9 @@ test(
     assert.equal(bi.os_hash_value, pushed.sha256, "Glance's sha256 is the one we sent");
     assert.equal(bi.cloudlet_sha256, pushed.sha256);
     assert.equal(bi.cloudlet_upload, undefined, 'the in-progress tag is gone once the upload is checked');
+    assert.equal(typeof pushed.size, 'number');
     assert.equal(bi.size, pushed.size);
-    t.diagnostic(`base push: ${pushed.size} bytes in ${Math.round(performance.now() - t1)} ms`);
+    t.diagnostic(`base push: ${Number(pushed.size)} bytes in ${Math.round(performance.now() - t1)} ms`);
     const again = ok(await cli(['base', 'push', 'demo'], envA), 'base push again');
     assert.equal(again.added, false, 'a second push uploads nothing');
     assert.equal(again.image_id, baseImage);

@@ -9,7 +9,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createServer, type IncomingMessage, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { glanceSession, imageEndpoint, keystoneAuthBody, normalizeEndpoint, tokensUrl } from '../../src/glance/auth.js';
 import { GlanceClient } from '../../src/glance/client.js';
 import { glanceImageId, isGlanceRef } from '../../src/glance/image.js';
@@ -23,7 +23,7 @@ interface Seen {
 }
 
 async function serve(
-  handler: (req: Seen, res: import('node:http').ServerResponse, base: string) => void,
+  handler: (req: Seen, res: ServerResponse, base: string) => void,
 ): Promise<{ base: string; seen: Seen[]; close: () => Promise<void> }> {
   const seen: Seen[] = [];
   let base = '';
