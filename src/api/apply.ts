@@ -244,6 +244,7 @@ async function applyWith(
         await store.close();
       }
     });
+    opened.verifyWhole();
     await stream?.end();
     if (memoryFormat === 'raw' && ramTargets.length > 0) {
       for (const name of STREAM_BLOBS) {

@@ -4,6 +4,7 @@
  * spliced file is refused before anything happens), an HTTP(S) URL (streamed at link speed,
  * resumed with Range after a dropped connection), or any byte stream (an upload).
  */
+import { createHash, type Hash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
@@ -11,12 +12,21 @@ import { HttpStream, isUrl } from '../net/http-stream.js';
 import { OverlayReader } from '../overlay/reader.js';
 import { OverlayStreamReader } from '../overlay/stream-reader.js';
 import type { OverlayHeader } from '../overlay/format.js';
-import { NotFoundError } from '../util/errors.js';
+import { CorruptInputError, NotFoundError } from '../util/errors.js';
 import { silent, type Progress } from '../util/progress.js';
 
 export type OverlayInput =
   | { kind: 'file'; path: string }
-  | { kind: 'url'; url: string; headers?: Record<string, string>; maxBytes?: number }
+  | {
+      kind: 'url';
+      url: string;
+      headers?: Record<string, string>;
+      maxBytes?: number;
+      /** The whole file's sha256 when the store knows it (Glance's os_hash_value). */
+      sha256?: string;
+      /** What to call it (default: the URL). */
+      name?: string;
+    }
   | { kind: 'stream'; name: string; body: AsyncIterable<Uint8Array>; size?: number };
 
 /** A path or an http(s) URL as an OverlayInput. */
@@ -31,7 +41,17 @@ export interface OpenedOverlay {
   size: number | undefined;
   /** What the input is called in messages and manifests. */
   name: string;
+  /** Once everything was read: CorruptInputError unless the whole file has its expected sha256. */
+  verifyWhole(): void;
   close(): Promise<void>;
+}
+
+/** Passes `body` through, hashing every byte. */
+async function* hashing(body: AsyncIterable<Uint8Array>, hash: Hash): AsyncGenerator<Uint8Array> {
+  for await (const b of body) {
+    hash.update(b);
+    yield b;
+  }
 }
 
 export async function openOverlayInput(input: OverlayInput, progress: Progress = silent): Promise<OpenedOverlay> {
@@ -39,6 +59,7 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
   let size: number | undefined;
   let name: string;
   let stop = (): void => undefined;
+  let verify = (): void => undefined;
   if (input.kind === 'file') {
     name = resolve(input.path);
     const st = await stat(input.path).catch(() => undefined);
@@ -51,10 +72,23 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
     stop = () => file.destroy();
     body = file;
   } else if (input.kind === 'url') {
-    name = input.url;
+    name = input.name ?? input.url;
     const http = new HttpStream(input.url, { headers: input.headers, maxBytes: input.maxBytes, progress });
     stop = () => http.close();
     body = http.body();
+    if (input.sha256) {
+      const want = input.sha256;
+      const hash = createHash('sha256');
+      body = hashing(body, hash);
+      verify = () => {
+        const got = hash.digest('hex');
+        if (got !== want) {
+          throw new CorruptInputError(`${name}: the download's sha256 is ${got}, the store says ${want}`, {
+            url: input.url,
+          });
+        }
+      };
+    }
   } else {
     name = input.name;
     size = input.size;
@@ -68,6 +102,7 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
       header,
       size,
       name,
+      verifyWhole: verify,
       async close() {
         stop();
         await reader.close().catch(() => undefined);

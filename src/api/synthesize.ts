@@ -18,6 +18,8 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { tmpDir } from '../base/paths.js';
+import { isGlanceRef } from '../glance/image.js';
+import { resolveOverlaySource } from '../glance/overlays.js';
 import { fetchToFile } from '../net/fetch.js';
 import { openLibraryBase, type LibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
@@ -46,8 +48,10 @@ export interface SynthesizeOptions {
   root: string;
   /** Base id, unique id prefix or name. */
   base: string;
-  /** A path or URL, or any overlay input (an upload). */
+  /** A path, an http(s) URL, glance://IMAGE_ID, or any overlay input (an upload). */
   overlay: string | OverlayInput;
+  /** Glance endpoint for glance:// overlays (else $CLOUDLET_GLANCE_URL or the OS_* environment). */
+  glance?: string;
   forwards: PortForward[];
   waitHttp?: string;
   waitTcp?: number;
@@ -100,7 +104,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         `base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
       );
     }
-    const input = typeof opts.overlay === 'string' ? overlayInput(opts.overlay) : opts.overlay;
+    const input = await timings.time('resolve', () => resolveInput(opts, id));
     const ov = await timings.time('open_overlay', () => openOverlayInput(input, progress));
     opened = ov;
     const header = ov.header;
@@ -162,6 +166,21 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     for (const c of cleanups) await c().catch(() => undefined);
     await base.close();
   }
+}
+
+/** The overlay to read: glance://ID resolved (type and base checked on the image, before any byte). */
+async function resolveInput(opts: SynthesizeOptions, baseId: string): Promise<OverlayInput> {
+  if (typeof opts.overlay !== 'string') return opts.overlay;
+  if (!isGlanceRef(opts.overlay)) return overlayInput(opts.overlay);
+  const src = await resolveOverlaySource(opts.overlay, { endpoint: opts.glance, expectBase: baseId });
+  return {
+    kind: 'url',
+    url: src.url,
+    headers: src.headers,
+    maxBytes: src.size,
+    sha256: src.sha256,
+    name: opts.overlay,
+  };
 }
 
 interface RunContext {
@@ -279,6 +298,7 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
     for (const [k, v] of Object.entries(rebuiltRun.stats) as Array<[string, number]>) {
       if (k.endsWith('_ms')) timings.phases[`pipeline_${k}`] = v;
     }
+    opened.verifyWhole();
     // Everything is proven: the device state completes QEMU's load.
     await stream!.end();
   } catch (err) {
@@ -328,12 +348,14 @@ async function sequential(c: RunContext): Promise<{ vm: QemuVm; state: InstanceS
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   // The stream opened to check the header is not used: the overlay is fetched whole, then applied.
   await c.opened.close();
-  const input = typeof opts.overlay === 'string' ? overlayInput(opts.overlay) : opts.overlay;
+  const input = await resolveInput(opts, base.id);
   let path: string;
   if (input.kind === 'file') path = input.path;
   else if (input.kind === 'url') {
     await mkdir(tmpDir(opts.root), { recursive: true });
-    const fetched = await timings.time('fetch', () => fetchToFile(input.url, tmpDir(opts.root), progress));
+    const fetched = await timings.time('fetch', () =>
+      fetchToFile(input.url, tmpDir(opts.root), progress, undefined, { headers: input.headers, sha256: input.sha256 }),
+    );
     c.cleanups.push(() => fetched.remove());
     path = fetched.path;
   } else throw new UsageError('the sequential pipeline takes a file or a URL');

@@ -19,6 +19,7 @@ import { registerLaunch } from './commands/launch.js';
 import { registerSnapshot } from './commands/snapshot.js';
 import { registerInstances } from './commands/instances.js';
 import { registerConsole } from './commands/console.js';
+import { registerOverlay } from './commands/overlay.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
@@ -47,6 +48,7 @@ export function buildProgram(): Command {
   registerSynthesize(program);
   registerInstances(program);
   registerConsole(program);
+  registerOverlay(program);
   return program;
 }
 

@@ -49,7 +49,11 @@ const REGISTRY = {
     label: 'tool missing',
     meaning: 'qemu-img / qemu-system-x86_64 / tar not found on PATH',
   },
-  network: { code: 12, label: 'network', meaning: 'fetching an overlay URL failed' },
+  network: {
+    code: 12,
+    label: 'network',
+    meaning: 'fetching an overlay URL failed; Glance or keystone unreachable or refusing',
+  },
   interrupted: {
     code: 130,
     label: 'interrupted',

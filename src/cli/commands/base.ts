@@ -13,6 +13,7 @@ import {
 import { CorruptInputError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
+import { printGlanceBases, registerBaseGlance } from './base-glance.js';
 
 interface ImportFlags {
   disk?: string;
@@ -33,7 +34,7 @@ interface CaptureFlags {
 export function registerBase(program: Command): void {
   const base = program
     .command('base')
-    .summary('manage the library of base VMs (import, list, show, rm, export, verify)')
+    .summary('manage the library of base VMs (import, list, show, rm, export, verify, push/pull to Glance)')
     .description(
       'The base library holds base VMs by id (sha256 over their contents): disk, memory snapshot, ' +
         'the base RAM file a synthesized VM maps copy-on-write, chunk hash indexes, and the VM spec ' +
@@ -97,9 +98,11 @@ Examples:
 
   base
     .command('list')
-    .summary('list the base VMs in the library')
-    .action(async (_f: object, command: Command) => {
+    .summary('list the base VMs in the library (or in Glance: --glance)')
+    .option('--glance [url]', 'list the base packages in Glance instead (default endpoint: as for base push)')
+    .action(async (f: { glance?: string | true }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
+      if (f.glance !== undefined) return printGlanceBases(g, f.glance);
       const r = await listBases(libraryRoot(g.library));
       const list = r.bases;
       printResult(g, r, () => {
@@ -182,4 +185,6 @@ Examples:
       }
       printResult(g, r, () => `base ${r.id}: ok`);
     });
+
+  registerBaseGlance(base);
 }

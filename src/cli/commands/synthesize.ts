@@ -10,6 +10,7 @@ import { onForegroundSignal } from '../signals.js';
 
 interface SynthesizeFlags {
   base: string;
+  glance?: string;
   forward: PortForward[];
   waitHttp?: string;
   waitTcp?: number;
@@ -22,6 +23,7 @@ interface SynthesizeFlags {
 
 const PHASES: Array<[string, string]> = [
   ['open_base', 'open base'],
+  ['resolve', 'resolve glance image'],
   ['open_overlay', 'open + check overlay header'],
   ['qemu_start', 'QEMU start (concurrent)'],
   ['rebuild', 'stream + rebuild + verify (memory into QEMU)'],
@@ -45,8 +47,9 @@ export function registerSynthesize(program: Command): void {
         'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
         'and removes the instance (unless --keep).',
     )
-    .argument('<overlay>', 'overlay file or http(s) URL')
+    .argument('<overlay>', 'overlay file, http(s) URL, or glance://IMAGE_ID (see docs/openstack.md)')
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
+    .option('--glance <url>', 'Glance endpoint for glance:// overlays (default: $CLOUDLET_GLANCE_URL, OS_*)')
     .addOption(
       new Option(
         '--forward <spec>',
@@ -91,6 +94,7 @@ Example:
         root: libraryRoot(g.library),
         base: flags.base,
         overlay,
+        glance: flags.glance,
         forwards: flags.forward,
         waitHttp: flags.waitHttp,
         waitTcp: flags.waitTcp,
