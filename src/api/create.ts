@@ -5,8 +5,11 @@
  */
 import { realpath } from 'node:fs/promises';
 import { anchorBase, indexBase } from '../delta/base-index.js';
+import { availableParallelism } from 'node:os';
+import { createPool } from '../pipeline/create-pool.js';
+import { SharedHashes } from '../delta/shared-hashes.js';
 import { CHUNK_SIZE } from '../delta/chunk.js';
-import { diff, type DiffOptions } from '../delta/diff.js';
+import { defaultDiffOptions, diff, type DiffOptions } from '../delta/diff.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { OverlayWriter } from '../overlay/writer.js';
 import { OverlayReader } from '../overlay/reader.js';
@@ -36,6 +39,8 @@ export interface CreateOptions {
   encoders?: Partial<DiffOptions>;
   /** Default memory-first: what a synthesizing QEMU loads first comes first. */
   order?: TargetOrder;
+  /** Threads (default: every core); the overlay's bytes are the same whatever the number. */
+  threads?: number;
 }
 
 export interface CreateResult {
@@ -114,15 +119,29 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       progress.done('base anchors indexed');
     }
     const total = targets.reduce((n, t) => n + targetSize(t), 0);
-    const writer = await OverlayWriter.create(opts.output, header);
+    const baseIndex = indexBase(base.targets);
+    const ladder = { ...defaultDiffOptions, ...opts.encoders };
+    // threads 1: everything on this thread; more: proposals and segment compression on workers.
+    const threads = opts.threads ?? availableParallelism();
+    const known = new SharedHashes(targets.reduce((n, t) => n + (t.kind === 'blob' ? 0 : t.source.size / 4096), 0));
+    const pool =
+      threads > 1 ? await createPool(threads, base.sources, baseIndex, base.anchors, known, ladder) : undefined;
+    const writer = await OverlayWriter.create(
+      opts.output,
+      header,
+      pool ? { compress: pool.compress, depth: threads + 1 } : {},
+    );
     let result;
     try {
       progress.step('creating overlay', total);
       const diffResult = await timings.time('diff', () =>
-        diff(base.targets, indexBase(base.targets), targets, writer, {
+        diff(base.targets, baseIndex, targets, writer, {
           baseAnchors: base.anchors,
           ...opts.encoders,
           onProgress: (n) => progress.advance(n),
+          proposer: pool?.propose,
+          depth: pool ? threads * 2 : 1,
+          known,
         }),
       );
       result = await timings.time('finish', () => writer.finish(diffResult.targets, diffResult.stats));
@@ -143,6 +162,8 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       progress.fail('create failed');
       await writer.abort();
       throw err;
+    } finally {
+      await pool?.close();
     }
   } finally {
     await vm.close();

@@ -8,7 +8,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { HttpStream, isUrl } from '../net/http-stream.js';
+import { HttpStream, isUrl, type HttpStreamInfo } from '../net/http-stream.js';
 import { OverlayReader } from '../overlay/reader.js';
 import { OverlayStreamReader } from '../overlay/stream-reader.js';
 import type { OverlayHeader } from '../overlay/format.js';
@@ -43,6 +43,8 @@ export interface OpenedOverlay {
   name: string;
   /** Once everything was read: CorruptInputError unless the whole file has its expected sha256. */
   verifyWhole(): void;
+  /** For a download: bytes received and connections resumed so far. */
+  transfer: HttpStreamInfo | undefined;
   close(): Promise<void>;
 }
 
@@ -60,6 +62,7 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
   let name: string;
   let stop = (): void => undefined;
   let verify = (): void => undefined;
+  let transfer: HttpStreamInfo | undefined;
   if (input.kind === 'file') {
     name = resolve(input.path);
     const st = await stat(input.path).catch(() => undefined);
@@ -76,6 +79,7 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
     const http = new HttpStream(input.url, { headers: input.headers, maxBytes: input.maxBytes, progress });
     stop = () => http.close();
     body = http.body();
+    transfer = http.info;
     if (input.sha256) {
       const want = input.sha256;
       const hash = createHash('sha256');
@@ -103,6 +107,7 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
       size,
       name,
       verifyWhole: verify,
+      transfer,
       async close() {
         stop();
         await reader.close().catch(() => undefined);

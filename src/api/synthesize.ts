@@ -78,6 +78,8 @@ export interface SynthesizeResult {
   forwards: PortForward[];
   /** The guest's first answer, when waited for. */
   answer?: { status: number; body: string };
+  /** For an overlay streamed from a URL: what arrived, and connections resumed after a drop. */
+  download?: { bytes: number; resumed: number };
   timings_ms: { [phase: string]: number };
 }
 
@@ -146,6 +148,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         dir,
         forwards: opts.forwards,
         answer,
+        download: ov.transfer ? { bytes: ov.transfer.received, resumed: ov.transfer.resumed } : undefined,
         timings_ms: timings.phases,
       },
     };

@@ -5,7 +5,7 @@
  */
 import { createHash } from 'node:crypto';
 import { AtomicFile } from '../util/atomic.js';
-import { compress } from '../delta/zstd.js';
+import { compress as compressSync } from '../delta/zstd.js';
 import { encodedLength, recordCount, writeRecord, type ChunkRecord, type RecordSink } from '../delta/record.js';
 import type { DiffStats } from '../delta/stats.js';
 import type { TargetInfo } from '../delta/target.js';
@@ -27,6 +27,24 @@ import {
 
 const PLACEHOLDER = '0'.repeat(64);
 
+/** Compresses one segment's records (zstd at `level`): inline, or on a worker thread. */
+export type SegmentCompressor = (raw: Buffer, level: number) => Promise<Buffer>;
+
+export interface WriterOptions {
+  /** Default: zstd on this thread. */
+  compress?: SegmentCompressor;
+  /** Segments compressing ahead of the one being written (default 0: one at a time). */
+  depth?: number;
+}
+
+/** A closed segment waiting for its frame. */
+interface Queued {
+  rawLength: number;
+  records: number;
+  covers: Array<[number, number, number]>;
+  frame: Promise<Buffer>;
+}
+
 export class OverlayWriter implements RecordSink {
   private buf = Buffer.alloc(SEGMENT_TARGET + 64 * 1024);
   private fill = 0;
@@ -35,24 +53,26 @@ export class OverlayWriter implements RecordSink {
   private pos: number;
   private readonly segments: SegmentEntry[] = [];
   private failed = false;
+  private readonly queue: Queued[] = [];
 
   private constructor(
     private readonly file: AtomicFile,
     private readonly header: OverlayHeader,
     private readonly headerLength: number,
     private readonly level: number,
+    private readonly opts: WriterOptions,
   ) {
     this.pos = headerLength;
   }
 
   /** Creates the file (under a temp name) and writes the header with placeholder digests. */
-  static async create(path: string, header: OverlayHeader): Promise<OverlayWriter> {
+  static async create(path: string, header: OverlayHeader, opts: WriterOptions = {}): Promise<OverlayWriter> {
     const file = await AtomicFile.create(path);
     try {
       const draft: OverlayHeader = { ...header, targets: header.targets.map((t) => ({ ...t, digest: PLACEHOLDER })) };
       const bytes = headerBytes(draft);
       await file.handle.write(bytes, 0, bytes.length, 0);
-      return new OverlayWriter(file, draft, bytes.length, header.compression.level);
+      return new OverlayWriter(file, draft, bytes.length, header.compression.level, opts);
     } catch (err) {
       await file.abort();
       throw err;
@@ -76,7 +96,7 @@ export class OverlayWriter implements RecordSink {
     if (this.fill >= SEGMENT_TARGET) await this.flushSegment();
   }
 
-  /** Bytes written so far (header + segments). */
+  /** Bytes written so far (header + segments), and records not yet compressed. */
   get bytesWritten(): number {
     return this.pos + this.fill;
   }
@@ -86,6 +106,7 @@ export class OverlayWriter implements RecordSink {
     this.guard();
     try {
       if (this.fill > 0) await this.flushSegment();
+      while (this.queue.length > 0) await this.writeOldest();
       const finalHeader: OverlayHeader = {
         ...this.header,
         targets: this.header.targets.map((t, i) => {
@@ -102,7 +123,7 @@ export class OverlayWriter implements RecordSink {
 
       const index: OverlayIndex = { segments: this.segments, stats };
       const raw = Buffer.from(JSON.stringify(index), 'utf8');
-      const frame = compress(raw, 19);
+      const frame = compressSync(raw, 19);
       const sha = createHash('sha256').update(frame).digest();
       const indexOffset = this.pos;
       await this.append(encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha));
@@ -136,28 +157,39 @@ export class OverlayWriter implements RecordSink {
     if (this.failed) throw new Error('overlay writer: used after a failure');
   }
 
+  /** Closes the current segment: its frame compresses (maybe on a worker) while records go on. */
   private async flushSegment(): Promise<void> {
-    const raw = this.buf.subarray(0, this.fill);
+    const raw = Buffer.from(this.buf.subarray(0, this.fill));
+    const compress = this.opts.compress ?? ((r: Buffer, level: number) => Promise.resolve(compressSync(r, level)));
     const frame = compress(raw, this.level);
-    const sha = createHash('sha256').update(frame).digest();
-    this.segments.push({
-      offset: this.pos,
-      length: frame.length,
-      rawLength: raw.length,
-      records: this.records,
-      sha256: sha.toString('hex'),
-      covers: this.covers,
-    });
+    frame.catch(() => undefined); // awaited in order by writeOldest()
+    this.queue.push({ rawLength: raw.length, records: this.records, covers: this.covers, frame });
+    this.fill = 0;
+    this.records = 0;
+    this.covers = [];
+    while (this.queue.length > (this.opts.depth ?? 0)) await this.writeOldest();
+  }
+
+  /** Writes the oldest closed segment once its frame is ready; segments keep their order. */
+  private async writeOldest(): Promise<void> {
+    const q = this.queue.shift()!;
     try {
-      await this.append(encodeFrameHeader(SEGMENT_MAGIC, frame, raw.length, this.records, sha));
+      const frame = await q.frame;
+      const sha = createHash('sha256').update(frame).digest();
+      this.segments.push({
+        offset: this.pos,
+        length: frame.length,
+        rawLength: q.rawLength,
+        records: q.records,
+        sha256: sha.toString('hex'),
+        covers: q.covers,
+      });
+      await this.append(encodeFrameHeader(SEGMENT_MAGIC, frame, q.rawLength, q.records, sha));
       await this.append(frame);
     } catch (err) {
       this.failed = true;
       throw err;
     }
-    this.fill = 0;
-    this.records = 0;
-    this.covers = [];
   }
 
   private async append(b: Buffer): Promise<void> {
