@@ -91,7 +91,8 @@ export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
   return withBase(opts.base, progress, async (base) => {
     const timings = new Timings();
     const input = typeof opts.overlay === 'string' ? overlayInput(opts.overlay) : opts.overlay;
-    const opened = await timings.time('open', () => openOverlayInput(input, progress));
+    // The pipeline reports the overlay bytes it consumes: a download itself stays silent.
+    const opened = await timings.time('open', () => openOverlayInput(input));
     try {
       return await applyWith(opened, base, opts, progress, timings);
     } finally {

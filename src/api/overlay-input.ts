@@ -56,6 +56,10 @@ async function* hashing(body: AsyncIterable<Uint8Array>, hash: Hash): AsyncGener
   }
 }
 
+/**
+ * Opens `input` and reads its header. `progress` sees a download (when the caller does not count
+ * the bytes it consumes itself: the rebuild pipeline does).
+ */
 export async function openOverlayInput(input: OverlayInput, progress: Progress = silent): Promise<OpenedOverlay> {
   let body: AsyncIterable<Uint8Array>;
   let size: number | undefined;
@@ -104,7 +108,7 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
     return {
       reader,
       header,
-      size,
+      size: size ?? transfer?.size,
       name,
       verifyWhole: verify,
       transfer,

@@ -107,7 +107,8 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
       );
     }
     const input = await timings.time('resolve', () => resolveInput(opts, id));
-    const ov = await timings.time('open_overlay', () => openOverlayInput(input, progress));
+    // The pipeline reports the overlay bytes it consumes: the download itself stays silent.
+    const ov = await timings.time('open_overlay', () => openOverlayInput(input));
     opened = ov;
     const header = ov.header;
     checkBase(header, base);

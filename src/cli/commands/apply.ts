@@ -4,7 +4,7 @@ import { applyOverlay } from '../../api/apply.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { printResult, seconds, type GlobalOptions } from '../output.js';
-import { intArg } from '../parse.js';
+import { intArg, threadsArg } from '../parse.js';
 
 interface ApplyFlags extends BaseFlags {
   output: string;
@@ -13,6 +13,7 @@ interface ApplyFlags extends BaseFlags {
   baseRam?: string;
   clusterSize?: number;
   force?: boolean;
+  threads?: number;
 }
 
 export function registerApply(program: Command): void {
@@ -44,6 +45,7 @@ export function registerApply(program: Command): void {
     )
     .addOption(new Option('--cluster-size <bytes>', 'qcow2 cluster size').argParser(intArg))
     .option('--force', 'replace outputs that already exist')
+    .addOption(new Option('--threads <n>', 'decode threads (default: every core; 1: all on one)').argParser(threadsArg))
     .action(async (overlay: string, flags: ApplyFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const r = await applyOverlay({
@@ -55,6 +57,7 @@ export function registerApply(program: Command): void {
         baseRamFile: flags.baseRam,
         clusterSize: flags.clusterSize,
         force: flags.force,
+        threads: flags.threads === 1 ? 0 : flags.threads,
         progress: makeProgress(g),
       });
       printResult(g, r, () => {

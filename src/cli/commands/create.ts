@@ -4,7 +4,7 @@ import { createOverlay, DEFAULT_LEVEL } from '../../api/create.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, seconds, table, type GlobalOptions } from '../output.js';
-import { intArg } from '../parse.js';
+import { intArg, threadsArg } from '../parse.js';
 
 interface CreateFlags extends BaseFlags {
   disk?: string;
@@ -13,6 +13,7 @@ interface CreateFlags extends BaseFlags {
   output: string;
   level: number;
   tmpDir?: string;
+  threads?: number;
 }
 
 export function registerCreate(program: Command): void {
@@ -33,6 +34,12 @@ export function registerCreate(program: Command): void {
       new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg),
     )
     .option('--tmp-dir <dir>', 'scratch space for converted disk views (default: system temp)')
+    .addOption(
+      new Option(
+        '--threads <n>',
+        'threads (default: every core; 1: all on one); the overlay is the same for any number',
+      ).argParser(threadsArg),
+    )
     .addHelpText(
       'after',
       `
@@ -51,6 +58,7 @@ Examples:
         output: flags.output,
         level: flags.level,
         tmpDir: flags.tmpDir,
+        threads: flags.threads,
         progress: makeProgress(g),
       });
       printResult(g, r, () => {

@@ -5,7 +5,7 @@ import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';
 import { makeProgress } from '../progress.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
-import { durationArg, forwardArg, intArg } from '../parse.js';
+import { durationArg, forwardArg, intArg, threadsArg } from '../parse.js';
 import { onForegroundSignal } from '../signals.js';
 
 interface SynthesizeFlags {
@@ -19,6 +19,8 @@ interface SynthesizeFlags {
   keep?: boolean;
   timeout: number;
   memory: 'sparse' | 'stream';
+  threads?: number;
+  pipeline: 'stream' | 'sequential';
 }
 
 const PHASES: Array<[string, string]> = [
@@ -41,11 +43,13 @@ export function registerSynthesize(program: Command): void {
     .command('synthesize')
     .summary('rebuild a customized VM from a base + overlay and resume it until it answers')
     .description(
-      'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base ' +
-        'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the ' +
-        "VM under QEMU (KVM when usable, else TCG) with the base's exact machine and devices. Nothing is " +
-        'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
-        'and removes the instance (unless --keep).',
+      "VM synthesis in one pipeline: QEMU starts at once, paused, with the base's exact machine and " +
+        'devices (KVM when usable, else TCG); the overlay is read front to back (file or URL, at link ' +
+        'speed; a dropped download resumes), decoded on every core, and its memory pages flow into QEMU as ' +
+        'they are rebuilt (changed pages over the base RAM file, mapped copy-on-write) while the disk is ' +
+        'rebuilt as a qcow2 over the base disk. The VM only runs once every checksum of the overlay is ' +
+        'proven; a damaged overlay leaves no VM and no files. Without --detach it runs until Ctrl-C, then ' +
+        'stops the VM and removes the instance (unless --keep).',
     )
     .argument('<overlay>', 'overlay file, http(s) URL, or glance://IMAGE_ID (see docs/openstack.md)')
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
@@ -79,6 +83,15 @@ export function registerSynthesize(program: Command): void {
         .choices(['sparse', 'stream'])
         .default('sparse'),
     )
+    .addOption(new Option('--threads <n>', 'decode threads (default: every core; 1: all on one)').argParser(threadsArg))
+    .addOption(
+      new Option(
+        '--pipeline <how>',
+        'stream: QEMU loads memory while the overlay arrives; sequential: rebuild into files first (for comparison)',
+      )
+        .choices(['stream', 'sequential'])
+        .default('stream'),
+    )
     .addHelpText(
       'after',
       `
@@ -103,6 +116,8 @@ Example:
         keep: flags.keep,
         readyTimeoutMs: flags.timeout,
         memoryFormat: flags.memory,
+        threads: flags.threads === 1 ? 0 : flags.threads,
+        pipeline: flags.pipeline,
         progress: makeProgress(g),
         signal: stop.signal,
         onReady(result) {
