@@ -1,21 +1,26 @@
 /**
- * npm run bench: a realistic customized VM (the demo base with tens of MB of files written and a
- * program started, resumed from the base snapshot), then, in one run, side by side:
+ * npm run bench: the realistic pair (scripts/bench/realistic.ts: Debian 12, 512 MiB, 2 GiB, numpy
+ * installed in the resumed base — create, synthesis pipeline vs sequential vs QEMU alone, throttled
+ * links), then the small demo pair (the demo base with tens of MB of files written and a program
+ * started, resumed from the base snapshot), side by side:
  *   - our overlay (size, create time, per-encoding breakdown, encoder ablations, zstd levels)
  *   - xdelta3 -e -s over the whole disk and memory stream (the original prototype's baseline)
  *   - qemu-img rebase + zstd-compressed qcow2 (disk only)
  *   - casync make with the base in the store (disk + memory)
  *   - apply, and synthesize → first HTTP answer split by phase, sparse vs full stream
- * Prints tables; docs/BENCHMARKS.md records a run. Usage: npm run bench [-- --keep]
+ * Prints tables; docs/BENCHMARKS.md records a run.
+ * Usage: npm run bench [-- --keep] [--small | --realistic] [--runs=N] [--quick (no xdelta3 on 2.5 GB)]
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm, stat, readdir, mkdir } from 'node:fs/promises';
+import { mkdtemp, rm, mkdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus } from '../test/helpers/demo-vm.js';
 import { cli } from '../test/helpers/cli.js';
 import { createOverlay } from '../src/api/create.js';
+import { dirBytes, fmtBytes, median, must, size, table, timed } from './bench/util.js';
+import { realisticBench } from './bench/realistic.js';
 import { applyOverlay } from '../src/api/apply.js';
 import { synthesize } from '../src/api/synthesize.js';
 import { openLibraryBase } from '../src/base/open.js';
@@ -24,54 +29,11 @@ import type { DiffOptions } from '../src/delta/diff.js';
 const exec = promisify(execFile);
 const MiB = 2 ** 20;
 
-function fmtBytes(n: number): string {
-  return n >= MiB ? `${(n / MiB).toFixed(2)} MiB` : `${(n / 1024).toFixed(1)} KiB`;
-}
-
-function table(rows: string[][]): string {
-  const w: number[] = [];
-  for (const r of rows) r.forEach((c, i) => (w[i] = Math.max(w[i] ?? 0, c.length)));
-  return rows.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  ')).join('\n');
-}
-
-async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
-  const t = performance.now();
-  const r = await fn();
-  return [r, performance.now() - t];
-}
-
-async function size(path: string): Promise<number> {
-  return (await stat(path)).size;
-}
-
-async function dirBytes(dir: string): Promise<number> {
-  let n = 0;
-  for (const e of await readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (e.isFile()) n += (await stat(join(e.parentPath ?? e.path, e.name))).size;
-  }
-  return n;
-}
-
-function must(
-  r: { code: number; stderr: string; json: Record<string, unknown> },
-  what: string,
-): Record<string, unknown> {
-  if (r.code !== 0) throw new Error(`${what} failed: ${r.stderr}`);
-  return r.json;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
-
-async function main(): Promise<void> {
-  const keep = process.argv.includes('--keep');
-  const work = await mkdtemp(join(tmpdir(), 'clo-bench-'));
+/** The small demo pair: sizes against the peers, levels, ablations, synthesis phases. */
+async function smallBench(work: string): Promise<void> {
   const root = join(work, 'lib');
   const env = { ...process.env, CLOUDLET_LIBRARY: root };
-  console.error(`bench: working in ${work}`);
-  try {
+  {
     await ensureDemoVm();
     // Base: boot, snapshot to a directory (peers need the base stream), import.
     const booted = await bootDemoVm({ workDir: join(work, 'boot') });
@@ -339,6 +301,23 @@ async function main(): Promise<void> {
     });
     console.log(`CLI synthesize --detach, wall clock incl. Node start: ${cliRun[1].toFixed(0)} ms`);
     must(await cli(['stop', String(cliRun[0].instance)], env), 'stop');
+  }
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const keep = args.includes('--keep');
+  const only = args.find((a) => a === '--small' || a === '--realistic');
+  const runs = Number(args.find((a) => a.startsWith('--runs='))?.slice(7) ?? 3);
+  const work = await mkdtemp(join(tmpdir(), 'clo-bench-'));
+  console.error(`bench: working in ${work}`);
+  const summary: Record<string, unknown> = { date: new Date().toISOString() };
+  try {
+    if (only !== '--small')
+      summary['realistic'] = await realisticBench({ work, runs, quick: args.includes('--quick') });
+    if (only !== '--realistic') await smallBench(work);
+    await writeFile(join(work, 'bench.json'), JSON.stringify(summary, null, 2) + '\n');
+    console.log(`\nbench: results in ${join(work, 'bench.json')}${keep ? '' : ' (removed: pass --keep)'}`);
   } finally {
     if (!keep) await rm(work, { recursive: true, force: true });
   }

@@ -14,7 +14,8 @@
  */
 import { once } from 'node:events';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { connect, type Socket } from 'node:net';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { tmpDir } from '../base/paths.js';
@@ -28,7 +29,7 @@ import type { AssemblyOutput } from '../delta/assemble.js';
 import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { ScratchStore } from '../image/scratch-store.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
-import { socketSink } from '../image/memory/stream-sink.js';
+import { fifoSink } from '../image/memory/stream-sink.js';
 import { DiskChunks, SharedStream, StreamBlock } from '../pipeline/outputs.js';
 import { rebuild } from '../pipeline/rebuild.js';
 import type { PortForward } from '../spec/vm-spec.js';
@@ -39,10 +40,13 @@ import { swapBacking } from '../vm/block.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
 import { CloudletError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
+import { findProgram } from '../util/programs.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import { applyOverlay, checkBase, checkRamLayout } from './apply.js';
 import { newInstanceId, startInstance } from './instance.js';
 import { openOverlayInput, overlayInput, type OpenedOverlay, type OverlayInput } from './overlay-input.js';
+
+const exec = promisify(execFile);
 
 export interface SynthesizeOptions {
   root: string;
@@ -230,22 +234,30 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
     });
     await w.finish();
   }
-  // A short private directory: a library path can be longer than a unix socket name may be.
-  const sockDir = await mkdtemp(join(tmpdir(), 'cm-'));
-  const dropSockDir = (): Promise<void> => rm(sockDir, { recursive: true, force: true });
-  const unregister = onCleanup(dropSockDir);
+  await findProgram('qemu-system-x86_64'); // before anything is made for it
+  // QEMU reads its memory from a FIFO (through cat): writes to it block on libuv's thread pool
+  // until QEMU took the bytes, so QEMU is fed at its pace however busy this thread is.
+  const fifoDir = await mkdtemp(join(tmpdir(), 'cm-'));
+  const fifo = join(fifoDir, 'memory.fifo');
+  const sink = fifoSink(fifo);
+  // Run after QEMU is gone (synthesize's cleanups): a cat still waiting on the FIFO is let go.
+  const dropFifo = async (): Promise<void> => {
+    await sink.abort();
+    await rm(fifoDir, { recursive: true, force: true });
+  };
+  const unregister = onCleanup(dropFifo);
   c.cleanups.push(async () => {
     unregister();
-    await dropSockDir();
+    await dropFifo();
   });
-  const migSocket = join(sockDir, 'memory.sock');
+  await exec(await findProgram('mkfifo'), ['-m', '600', fifo]);
 
   const t0 = performance.now();
   const starting = startInstance({
     root: opts.root,
     base,
     iid: c.iid,
-    memory: { incoming: { from: 'unix', path: migSocket }, sparse },
+    memory: { incoming: { from: 'fifo', path: fifo }, sparse },
     diskBacking:
       diskTarget && base.diskPath ? { file: base.diskPath, format: base.diskFormat as 'raw' | 'qcow2' } : undefined,
     forwards: opts.forwards,
@@ -256,9 +268,8 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
     timings.phases['qemu_start'] = Math.round(performance.now() - t0);
     return s;
   });
-  starting.catch(() => undefined); // awaited below; a failure also fails the stream's first write
-  const connecting = starting.then((s) => connectUnix(migSocket, s.vm));
-  const sink = socketSink(connecting, `QEMU ${c.iid}`);
+  // QEMU did not start: nobody will read the FIFO; release whatever waits on it.
+  starting.catch(() => sink.abort());
   const writer = new MigrationStreamWriter(sink);
   const store = new ScratchStore(join(dir, '.rebuilt'));
   let disk: Qcow2Writer | undefined;
@@ -308,8 +319,13 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
   } catch (err) {
     await writer.abort();
     await disk?.abort();
-    const s = await starting.catch(() => undefined);
-    if (s && err instanceof Object) vmOfError.set(err, s.vm);
+    // When QEMU did not start, that is the error to report (the stream only failed because of it).
+    const started = await starting.then(
+      (s) => ({ ok: true as const, s }),
+      (e: unknown) => ({ ok: false as const, e }),
+    );
+    if (!started.ok) throw started.e;
+    if (err instanceof Object) vmOfError.set(err, started.s.vm);
     throw err;
   } finally {
     await store.close();
@@ -324,25 +340,6 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
   } catch (err) {
     if (err instanceof Object) vmOfError.set(err, vm);
     throw err;
-  }
-}
-
-/** Connects to QEMU's incoming socket (it listens once migrate-incoming returned). */
-async function connectUnix(path: string, vm: QemuVm): Promise<Socket> {
-  for (let i = 0; ; i++) {
-    try {
-      return await new Promise<Socket>((resolve, reject) => {
-        const s = connect(path);
-        s.once('error', reject);
-        s.once('connect', () => {
-          s.off('error', reject);
-          resolve(s);
-        });
-      });
-    } catch (err) {
-      if (!vm.running || i >= 100) throw err;
-      await new Promise((r) => setTimeout(r, 10));
-    }
   }
 }
 

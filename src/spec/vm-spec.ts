@@ -32,7 +32,9 @@ export type IncomingSpec =
   /** A migration stream in a file, loaded before the VM runs. */
   | { from: 'file'; path: string }
   /** A unix socket QEMU listens on; the caller streams into it, then continues the VM. */
-  | { from: 'unix'; path: string };
+  | { from: 'unix'; path: string }
+  /** A FIFO QEMU reads (through cat); the caller writes into it, then continues the VM. */
+  | { from: 'fifo'; path: string };
 
 /** A host-side TCP forward of user-mode networking; not guest state, may differ on resume. */
 export interface PortForward {

@@ -120,9 +120,9 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
   return args;
 }
 
-/** The migration URI of an incoming spec: a file read by cat, or a unix socket QEMU listens on. */
+/** The migration URI of an incoming spec: a file or FIFO read by cat, or a unix socket QEMU listens on. */
 export function incomingUri(incoming: IncomingSpec): string {
-  return incoming.from === 'file' ? `exec:cat ${shellQuote(incoming.path)}` : `unix:${incoming.path}`;
+  return incoming.from === 'unix' ? `unix:${incoming.path}` : `exec:cat ${shellQuote(incoming.path)}`;
 }
 
 /** Node names of drive i when it has a backing override. */

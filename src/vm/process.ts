@@ -318,8 +318,8 @@ async function loadIncoming(vm: QemuVm, incoming: IncomingSpec, options: StartOp
     });
   }
   await qmp.execute('migrate-incoming', { uri: incomingUri(incoming) });
-  // From a socket the caller streams the snapshot, then calls vm.finishIncoming() itself.
-  if (incoming.from === 'unix') return;
+  // From a socket or FIFO the caller streams the snapshot, then calls vm.finishIncoming() itself.
+  if (incoming.from !== 'file') return;
   await vm.finishIncoming({ timeoutMs: options.incomingTimeoutMs, cont: !options.stayPaused });
 }
 

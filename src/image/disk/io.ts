@@ -39,11 +39,12 @@ export async function readFully(
   }
 }
 
-/** pwrite all of `data` at `position`. */
-export async function writeFully(file: FileHandle, data: Uint8Array, position: number): Promise<void> {
+/** pwrite all of `data` at `position` (null: at the current position — a pipe or FIFO). */
+export async function writeFully(file: FileHandle, data: Uint8Array, position: number | null): Promise<void> {
   let done = 0;
   while (done < data.length) {
-    const { bytesWritten } = await file.write(data, done, data.length - done, position + done);
+    const at = position === null ? null : position + done;
+    const { bytesWritten } = await file.write(data, done, data.length - done, at);
     done += bytesWritten;
   }
 }

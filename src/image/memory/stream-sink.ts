@@ -1,10 +1,10 @@
 /**
- * Where a migration stream goes: a file that appears atomically once committed, or a connected
- * socket (QEMU's `migrate-incoming unix:…` channel) that QEMU loads while we write. Writes are
- * sequential; a socket write resolves when the kernel took the bytes, so a slow QEMU slows the
- * writer down instead of filling memory.
+ * Where a migration stream goes: a file that appears atomically once committed, or a FIFO that a
+ * waiting QEMU loads while we write. Writes are sequential; a FIFO write resolves when QEMU took
+ * the bytes, so a slow QEMU slows the writer down instead of filling memory.
  */
-import type { Socket } from 'node:net';
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { AtomicFile, type AtomicOptions } from '../../util/atomic.js';
 import { writeFully } from '../disk/io.js';
 import { QemuError } from '../../util/errors.js';
@@ -31,50 +31,46 @@ export async function fileSink(path: string, options: AtomicOptions = {}): Promi
 }
 
 /**
- * A sink over a socket, possibly still connecting (QEMU starts while the stream is already
- * being built): writes wait for the connection; if it fails, so do they, with its error.
- * A peer that goes away fails the next write.
+ * A sink into a FIFO that a `cat` started by QEMU (`-incoming exec:cat FIFO`) reads. Writes run
+ * on libuv's thread pool and block there until QEMU has taken the bytes, one after the other —
+ * so feeding QEMU never needs this (busy) thread's event loop, unlike a socket, which is only
+ * written while the thread is idle. Opening waits for the reader (QEMU's cat).
  */
-export function socketSink(connecting: Promise<Socket>, name: string): StreamSink {
-  let broken: Error | undefined;
-  let socket: Socket | undefined;
-  const ready = connecting.then((s) => {
-    socket = s;
-    s.on('error', (err) => {
-      broken ??= err;
+export function fifoSink(path: string): StreamSink {
+  let chain: Promise<void> = Promise.resolve();
+  let fh: FileHandle | undefined;
+  let opening: Promise<FileHandle> | undefined;
+  let failed: Error | undefined;
+  const handle = (): Promise<FileHandle> => (opening ??= open(path, 'w').then((h) => (fh = h)));
+  const enqueue = (fn: (h: FileHandle) => Promise<void>): Promise<void> => {
+    const next = chain.then(async () => {
+      if (failed) throw failed;
+      try {
+        await fn(await handle());
+      } catch (err) {
+        failed ??= new QemuError(`QEMU stopped reading the memory stream (${path}): ${(err as Error).message}`);
+        throw failed;
+      }
     });
-    s.on('close', () => {
-      broken ??= new Error('connection closed');
-    });
-    return s;
-  });
-  ready.catch(() => undefined); // surfaces through the first write
-  const check = (): void => {
-    if (broken) throw new QemuError(`QEMU stopped reading the memory stream (${name}): ${broken.message}`);
+    chain = next.catch(() => undefined);
+    return next;
   };
   return {
-    name,
-    async write(data) {
-      const s = await ready;
-      check();
-      await new Promise<void>((resolve, reject) => {
-        s.write(data, (err) =>
-          err ? reject(new QemuError(`writing the memory stream to QEMU failed: ${err.message}`)) : resolve(),
+    name: path,
+    write: (data) => enqueue((h) => writeFully(h, data, null)),
+    commit: () => enqueue((h) => h.close()),
+    async abort() {
+      failed ??= new QemuError('memory stream aborted');
+      // Whoever waits on the FIFO's other end is let go: our own open() (no reader came) and a
+      // reader (QEMU's cat) that no writer came for. A writer blocked on a full FIFO is released
+      // by the reader going away (QEMU is killed by the caller).
+      for (const flags of [constants.O_RDONLY | constants.O_NONBLOCK, constants.O_WRONLY | constants.O_NONBLOCK]) {
+        await open(path, flags).then(
+          (h) => h.close(),
+          () => undefined,
         );
-      });
-    },
-    async commit() {
-      const s = await ready;
-      check();
-      await new Promise<void>((resolve) => s.end(resolve));
-    },
-    abort() {
-      socket?.destroy();
-      void ready.then(
-        (s) => s.destroy(),
-        () => undefined,
-      );
-      return Promise.resolve();
+      }
+      await fh?.close().catch(() => undefined);
     },
   };
 }
