@@ -19,6 +19,7 @@ interface SynthesizeFlags {
   keep?: boolean;
   timeout: number;
   memory: 'sparse' | 'stream';
+  launcher: 'auto' | 'libvirt' | 'qemu';
 }
 
 const PHASES: Array<[string, string]> = [
@@ -79,6 +80,14 @@ export function registerSynthesize(program: Command): void {
         .choices(['sparse', 'stream'])
         .default('sparse'),
     )
+    .addOption(
+      new Option(
+        '--launcher <who>',
+        'who runs QEMU: a libvirt domain, our own child, or libvirt when its daemon answers',
+      )
+        .choices(['auto', 'libvirt', 'qemu'])
+        .default('auto'),
+    )
     .addHelpText(
       'after',
       `
@@ -103,6 +112,7 @@ Example:
         keep: flags.keep,
         readyTimeoutMs: flags.timeout,
         memoryFormat: flags.memory,
+        launcher: flags.launcher,
         progress: makeProgress(g),
         signal: stop.signal,
         onReady(result) {
