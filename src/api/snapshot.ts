@@ -38,7 +38,7 @@ export interface SnapshotOptions {
   disk?: string;
   outDir: string;
   /** What the VM does after the capture (--then). */
-  afterCapture: 'resume' | 'quit';
+  afterCapture: 'resume' | 'quit' | 'stop';
   progress?: Progress;
 }
 
