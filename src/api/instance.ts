@@ -18,7 +18,7 @@ import {
 import type { LibraryBase } from '../base/open.js';
 import type { DriveSpec, IncomingSpec, PortForward, VmSpec } from '../spec/vm-spec.js';
 import { qemuLauncher } from '../vm/process.js';
-import { libvirtLauncher, resolveLauncherKind, virsh } from '../vm/libvirt.js';
+import { libvirtLauncher, resolveLauncherKind, virsh, waitDomainGone } from '../vm/libvirt.js';
 import type { LauncherChoice, RunningVm } from '../vm/launcher.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { diagnoseQemu } from '../vm/diagnose.js';
@@ -144,6 +144,8 @@ export async function stopInstance(root: string, iid: string, keep = false): Pro
       for (let i = 0; i < 40 && (await processStart(inst.pid)) === inst.pid_start; i++) await sleep(50);
     }
   }
+  // libvirt drops a transient domain a moment after its QEMU is gone: stopped means not listed.
+  if (inst.domain && inst.status === 'running') await waitDomainGone(inst.domain, 5000);
   if (!keep) await rm(inst.dir, { recursive: true, force: true });
   return { message_type: 'stop', instance: inst.id, was: inst.status, removed: !keep };
 }

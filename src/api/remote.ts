@@ -248,6 +248,24 @@ export class CloudletClient {
     }
   }
 
+  /** Import a base package (from `base export`) there: uploaded, streamed from the file. */
+  async importBase(pkg: string): Promise<{ message_type: 'base_import'; id: string; added: boolean }> {
+    const st = await stat(pkg).catch(() => undefined);
+    if (!st?.isFile()) throw new NotFoundError(`package not found: ${pkg}`, { path: pkg });
+    const file = createReadStream(pkg, { highWaterMark: 1 << 20 });
+    try {
+      const a = await this.send(
+        'POST',
+        this.target('/bases'),
+        { data: file, type: 'application/octet-stream', length: st.size },
+        30 * 60_000,
+      );
+      return this.json(a, 'base import');
+    } finally {
+      file.destroy();
+    }
+  }
+
   /** Directory mode: register or refresh a cloudlet (heartbeat). */
   async heartbeat(info: CloudletInfoMessage, ttlS: number): Promise<void> {
     const data = Buffer.from(JSON.stringify({ ...info, ttl_s: ttlS }));
