@@ -260,7 +260,7 @@ export class CloudletClient {
         { data: file, type: 'application/octet-stream', length: st.size },
         30 * 60_000,
       );
-      return this.json(a, 'base import');
+      return this.json<{ message_type: 'base_import'; id: string; added: boolean }>(a, 'base import');
     } finally {
       file.destroy();
     }

@@ -66,7 +66,7 @@ export async function virsh(args: string[], options: { timeoutMs?: number } = {}
         if (err) {
           const said = (stderr || err.message)
             .split('\n')
-            .filter((l) => l.trim() && !/^Authorization not available/.test(l))
+            .filter((l) => l.trim() && !l.startsWith('Authorization not available'))
             .join('\n')
             .trim();
           reject(new QemuError(`virsh ${args[0] ?? ''} failed: ${said}`, { virsh: args.join(' ') }));

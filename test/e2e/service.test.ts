@@ -55,7 +55,7 @@ async function serve(lib: string, args: string[]): Promise<string> {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   servers.push(child);
-  const lines = createInterface({ input: child.stdout! });
+  const lines = createInterface({ input: child.stdout });
   const [line] = (await Promise.race([
     once(lines, 'line'),
     once(child, 'exit').then(() => {
@@ -213,7 +213,7 @@ after(async () => {
     }
   }
   for (const s of servers) s.kill('SIGTERM');
-  await Promise.all(servers.map((s) => (s.exitCode === null ? once(s, 'exit') : undefined)));
+  await Promise.all(servers.map((s) => (s.exitCode === null ? once(s, 'exit') : Promise.resolve())));
   // Daemons this test started are stopped again (other tests see the machine as it was).
   for (const d of started.reverse()) {
     const pid = (await sh('pgrep', ['-x', d])).out.trim().split('\n')[0];
@@ -291,7 +291,7 @@ test(
       headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' },
       body: (await import('node:fs')).createReadStream(pkg) as never,
       duplex: 'half',
-    } as RequestInit);
+    });
     assert.equal(up.status, 201, await up.clone().text());
     assert.equal(((await up.json()) as { id: string }).id, baseId);
 

@@ -81,7 +81,7 @@ export function registerRemote(program: Command): void {
           rows.push([
             i.id,
             String(i['status']),
-            String(i['launcher'] ?? 'qemu'),
+            typeof i['launcher'] === 'string' ? i['launcher'] : 'qemu',
             String(i['base_id']).slice(0, 12),
             fw.map((x) => `${x.hostPort}→${x.guestPort}`).join(' '),
           ]);
