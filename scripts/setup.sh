@@ -20,6 +20,20 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# libvirt (the default launcher when its daemon answers; the service test runs its VMs under it).
+# The test starts libvirtd/virtlogd itself when they are not running. SETUP_LIBVIRT=0 skips it.
+if [[ ${SETUP_LIBVIRT:-1} != 0 ]]; then
+  lv=()
+  for p in libvirt-daemon-system libvirt-clients; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || lv+=("$p")
+  done
+  if ((${#lv[@]})); then
+    echo "setup: installing ${lv[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${lv[@]}" >/dev/null
+  fi
+fi
+
 # Debian's glance-api for the OpenStack end-to-end test (~200 packages, ~1 min; only when missing;
 # SETUP_GLANCE=0 skips it, e.g. for the demo).
 if [[ ${SETUP_GLANCE:-1} != 0 ]]; then bash scripts/glance.sh install; fi

@@ -5,7 +5,7 @@
  */
 import { connect } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
-import { SerialConsole } from '../vm/console.js';
+import { openPty, SerialConsole } from '../vm/console.js';
 import { CloudletError, NotFoundError } from '../util/errors.js';
 import { findInstance } from './instance.js';
 
@@ -52,9 +52,10 @@ const QUIT = 0x1d;
 export async function attachConsole(root: string, ref: string, term: ConsoleTerminal): Promise<void> {
   const s = await findInstance(root, ref);
   await new Promise<void>((resolve, reject) => {
-    const sock = connect(s.serial_socket);
+    const pty = s.serial_socket.startsWith('/dev/');
+    const sock = pty ? openPty(s.serial_socket) : connect(s.serial_socket);
     sock.once('error', (err) => reject(new CloudletError(`console of ${s.id}: ${err.message}`)));
-    sock.once('connect', () => {
+    const connected = (): void => {
       term.onConnect(s.id);
       term.input.on('data', (d: Buffer) => {
         if (d.includes(QUIT)) {
@@ -64,7 +65,9 @@ export async function attachConsole(root: string, ref: string, term: ConsoleTerm
         sock.write(d);
       });
       sock.pipe(term.output);
-    });
+    };
+    if (pty) connected();
+    else sock.once('connect', connected);
     sock.once('close', () => {
       term.onClose();
       resolve();

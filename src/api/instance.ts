@@ -17,7 +17,9 @@ import {
 } from '../instance/state.js';
 import type { LibraryBase } from '../base/open.js';
 import type { DriveSpec, IncomingSpec, PortForward, VmSpec } from '../spec/vm-spec.js';
-import { startQemu, type QemuVm } from '../vm/process.js';
+import { qemuLauncher } from '../vm/process.js';
+import { libvirtLauncher, resolveLauncherKind, virsh, waitDomainGone } from '../vm/libvirt.js';
+import type { LauncherChoice, RunningVm } from '../vm/launcher.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { diagnoseQemu } from '../vm/diagnose.js';
 import { QmpClient } from '../vm/qmp.js';
@@ -35,6 +37,8 @@ export interface InstanceStart {
   accel?: AccelChoice;
   detach?: boolean;
   overlay: string;
+  /** Who runs QEMU; default qemu (direct). */
+  launcher?: LauncherChoice;
 }
 
 export function newInstanceId(): string {
@@ -70,14 +74,15 @@ export function resumeSpecFor(
   return spec;
 }
 
-export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; state: InstanceState }> {
+export async function startInstance(s: InstanceStart): Promise<{ vm: RunningVm; state: InstanceState }> {
   const dir = instanceDir(s.root, s.iid);
   const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards, s.diskBacking);
-  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch(
-    (err: unknown) => {
+  const launcher = (await resolveLauncherKind(s.launcher ?? 'qemu')) === 'libvirt' ? libvirtLauncher : qemuLauncher;
+  const vm = await launcher
+    .start(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach })
+    .catch((err: unknown) => {
       throw withHint(err);
-    },
-  );
+    });
   const state: InstanceState = {
     id: s.iid,
     base_id: s.base.id,
@@ -92,6 +97,8 @@ export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; sta
     serial_log: vm.paths.serialLog,
     stderr_log: vm.paths.stderrLog,
     forwards: s.forwards,
+    launcher: vm.launcher,
+    domain: vm.domain,
     spec,
   };
   await writeInstance(s.root, state);
@@ -129,11 +136,16 @@ export async function stopInstance(root: string, iid: string, keep = false): Pro
       // QMP gone: fall through to signals
     }
     for (let i = 0; i < 60 && (await processStart(inst.pid)) === inst.pid_start; i++) await sleep(50);
+    if (inst.domain && (await processStart(inst.pid)) === inst.pid_start) {
+      await virsh(['destroy', inst.domain], { timeoutMs: 10_000 }).catch(() => undefined);
+    }
     if ((await processStart(inst.pid)) === inst.pid_start) {
       process.kill(inst.pid, 'SIGKILL');
       for (let i = 0; i < 40 && (await processStart(inst.pid)) === inst.pid_start; i++) await sleep(50);
     }
   }
+  // libvirt drops a transient domain a moment after its QEMU is gone: stopped means not listed.
+  if (inst.domain && inst.status === 'running') await waitDomainGone(inst.domain, 5000);
   if (!keep) await rm(inst.dir, { recursive: true, force: true });
   return { message_type: 'stop', instance: inst.id, was: inst.status, removed: !keep };
 }

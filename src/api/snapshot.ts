@@ -38,7 +38,7 @@ export interface SnapshotOptions {
   disk?: string;
   outDir: string;
   /** What the VM does after the capture (--then). */
-  afterCapture: 'resume' | 'quit';
+  afterCapture: 'resume' | 'quit' | 'stop';
   progress?: Progress;
 }
 
@@ -55,13 +55,16 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   if (!!opts.instance === !!opts.qmp) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
   let spec: VmSpec | undefined;
   let socket = opts.qmp ? resolve(opts.qmp) : undefined;
+  let launcher: string | undefined;
   if (opts.instance) {
     const inst = await findInstance(opts.root, opts.instance);
     spec = inst.spec;
     socket = inst.qmp_socket;
+    launcher = inst.launcher;
   } else {
     const ours = (await listInstances(opts.root)).find((i) => i.qmp_socket === socket);
     spec = ours?.spec;
+    launcher = ours?.launcher;
   }
   const outDir = resolve(opts.outDir);
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
@@ -82,6 +85,8 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
       memPath: join(work, SNAPSHOT_MEMORY),
       disks: diskFrom && diskFile ? [{ from: diskFrom, to: join(work, diskFile) }] : [],
       afterCapture: opts.afterCapture,
+      // libvirt's sandbox lets QEMU spawn nothing: no exec: migration there.
+      via: launcher === 'libvirt' ? 'socket' : 'exec',
     });
     progress.done(`captured ${Math.round(r.memBytes / 2 ** 20)} MiB of memory stream`);
     const file: SnapshotVmFile = {

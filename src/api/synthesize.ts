@@ -34,7 +34,7 @@ import { DiskChunks, SharedStream, StreamBlock } from '../pipeline/outputs.js';
 import { rebuild } from '../pipeline/rebuild.js';
 import type { PortForward } from '../spec/vm-spec.js';
 import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
-import type { QemuVm } from '../vm/process.js';
+import type { LauncherChoice, RunningVm } from '../vm/launcher.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { swapBacking } from '../vm/block.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
@@ -70,6 +70,8 @@ export interface SynthesizeOptions {
   pipeline?: 'stream' | 'sequential';
   /** Decode threads (default: every core). */
   threads?: number;
+  /** Who runs QEMU: libvirt (a transient domain), qemu (our child), auto (libvirt when reachable; default). */
+  launcher?: LauncherChoice;
 }
 
 export interface SynthesizeResult {
@@ -89,7 +91,7 @@ export interface SynthesizeResult {
 
 export interface Synthesized {
   result: SynthesizeResult;
-  vm: QemuVm;
+  vm: RunningVm;
   state: InstanceState;
 }
 
@@ -102,7 +104,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
   const dir = instanceDir(opts.root, iid);
   const unregister = onCleanup(() => rm(dir, { recursive: true, force: true }));
   const cleanups: Array<() => Promise<void>> = [];
-  let vm: QemuVm | undefined;
+  let vm: RunningVm | undefined;
   let opened: OpenedOverlay | undefined;
   try {
     if (!base.manifest.vm) {
@@ -203,13 +205,13 @@ interface RunContext {
 }
 
 /** A VM started by a run that failed later is attached to its error, so it can be stopped. */
-const vmOfError = new WeakMap<object, QemuVm>();
-function failedVm(err: unknown): QemuVm | undefined {
+const vmOfError = new WeakMap<object, RunningVm>();
+function failedVm(err: unknown): RunningVm | undefined {
   return typeof err === 'object' && err !== null ? vmOfError.get(err) : undefined;
 }
 
 /** The pipeline: QEMU, decoding and assembly at once; memory straight into QEMU. */
-async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceState }> {
+async function streamed(c: RunContext): Promise<{ vm: RunningVm; state: InstanceState }> {
   const { opts, base, opened, dir, timings, progress } = c;
   const header = opened.header;
   const memory = header.memory!;
@@ -264,6 +266,7 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
     accel: opts.accel,
     detach: opts.detach,
     overlay: opened.name,
+    launcher: opts.launcher ?? 'auto',
   }).then((s) => {
     timings.phases['qemu_start'] = Math.round(performance.now() - t0);
     return s;
@@ -344,7 +347,7 @@ async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceSta
 }
 
 /** Rebuild into files, then start QEMU on them (the way before the pipeline). */
-async function sequential(c: RunContext): Promise<{ vm: QemuVm; state: InstanceState }> {
+async function sequential(c: RunContext): Promise<{ vm: RunningVm; state: InstanceState }> {
   const { opts, base, dir, timings, progress } = c;
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   // The stream opened to check the header is not used: the overlay is fetched whole, then applied.
@@ -383,6 +386,7 @@ async function sequential(c: RunContext): Promise<{ vm: QemuVm; state: InstanceS
       accel: opts.accel,
       detach: opts.detach,
       overlay: c.opened.name,
+      launcher: opts.launcher ?? 'auto',
     }),
   );
   timings.phases['qemu_start'] = Math.round(started.vm.timings.qmpReadyMs);

@@ -20,6 +20,10 @@ import { registerSnapshot } from './commands/snapshot.js';
 import { registerInstances } from './commands/instances.js';
 import { registerConsole } from './commands/console.js';
 import { registerOverlay } from './commands/overlay.js';
+import { registerServe } from './commands/serve.js';
+import { registerRemote } from './commands/remote.js';
+import { registerDiscover } from './commands/discover.js';
+import { registerHandoff } from './commands/handoff.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
@@ -49,6 +53,10 @@ export function buildProgram(): Command {
   registerInstances(program);
   registerConsole(program);
   registerOverlay(program);
+  registerServe(program);
+  registerRemote(program);
+  registerDiscover(program);
+  registerHandoff(program);
   return program;
 }
 

@@ -33,3 +33,11 @@ export function durationArg(value: string): number {
   const n = Number(m[1]);
   return Math.round(m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : n * 1000);
 }
+
+/** A byte count: 123, 64K, 512M, 4G, 1T (powers of 1024). */
+export function bytesArg(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$/i.exec(value.trim());
+  if (!m) throw new InvalidArgumentError('expected a size like 4G, 512M or 1048576');
+  const mult = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[(m[2] ?? '').toUpperCase() as '' | 'K'];
+  return Math.floor(Number(m[1]) * mult);
+}

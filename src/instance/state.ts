@@ -23,6 +23,10 @@ export interface InstanceState {
   serial_log: string;
   stderr_log: string;
   forwards: PortForward[];
+  /** Who runs its QEMU (absent: qemu, from before launchers). */
+  launcher?: 'qemu' | 'libvirt';
+  /** The libvirt domain's name (launcher libvirt). */
+  domain?: string;
   /** The spec QEMU was started from (what a snapshot of the instance must match). */
   spec: VmSpec;
 }

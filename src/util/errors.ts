@@ -88,6 +88,12 @@ export class NetworkError extends CloudletError {
   override readonly exitCode = ExitCode.network;
 }
 
+/** A cloudlet refused the bearer token (HTTP 401). */
+export class UnauthorizedError extends CloudletError {
+  override readonly code = 'UnauthorizedError';
+  override readonly exitCode = ExitCode.unauthorized;
+}
+
 export class InterruptedError extends CloudletError {
   override readonly code = 'InterruptedError';
   override readonly exitCode = ExitCode.interrupted;
@@ -110,6 +116,7 @@ const CLASSES: ReadonlyArray<new (message: string, details?: ErrorDetails) => Cl
   BusyError,
   MissingToolError,
   NetworkError,
+  UnauthorizedError,
   InterruptedError,
 ];
 

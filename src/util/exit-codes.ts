@@ -42,7 +42,8 @@ const REGISTRY = {
   busy: {
     code: 10,
     label: 'busy (port/base in use, output exists)',
-    meaning: 'a port is in use, a base is in use by an instance, an output already exists',
+    meaning:
+      'a port is in use, a base is in use by an instance, an output already exists, a cloudlet is at its limit (HTTP 429)',
   },
   missingTool: {
     code: 11,
@@ -53,6 +54,11 @@ const REGISTRY = {
     code: 12,
     label: 'network',
     meaning: 'fetching an overlay URL failed; Glance or keystone unreachable or refusing',
+  },
+  unauthorized: {
+    code: 13,
+    label: 'unauthorized',
+    meaning: 'a cloudlet refused the request: no bearer token, or not one it accepts (HTTP 401)',
   },
   interrupted: {
     code: 130,

@@ -20,6 +20,7 @@ const TOOLS: { [name: string]: Tool } = {
   'qemu-img': { package: 'qemu-utils', env: 'QEMU_IMG' },
   'qemu-system-x86_64': { package: 'qemu-system-x86' },
   tar: { package: 'tar' },
+  virsh: { package: 'libvirt-clients' },
 };
 
 /** The program to run for a tool: its environment override, else the tool's own name. */

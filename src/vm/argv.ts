@@ -51,14 +51,8 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
   args.push('-machine', machineOpts.join(','));
   args.push('-accel', ctx.accel);
   args.push('-m', String(spec.memoryMiB));
-  if (spec.memoryBackendFile) {
-    const m = spec.memoryBackendFile;
-    args.push(
-      '-object',
-      `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,` +
-        `mem-path=${qemuOptValue(m.path)},share=${m.share ? 'on' : 'off'}`,
-    );
-  }
+  const ram = mainRamObject(spec);
+  if (ram) args.push('-object', ram);
   args.push('-cpu', spec.cpu ?? DEFAULT_CPU);
   args.push('-smp', String(spec.smp ?? 1));
   args.push('-nodefaults', '-no-user-config', '-display', 'none');
@@ -83,6 +77,31 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
     'chardev:serial0',
   );
 
+  args.push(...deviceArgs(spec));
+
+  // -S: after loading, the VM stays paused until it is told to run (cont) — for a synthesized
+  // VM only once everything is proven.
+  if (spec.incoming !== undefined) args.push('-S', '-incoming', 'defer');
+  args.push(...(spec.extraArgs ?? []));
+  return args;
+}
+
+/** The main RAM object when RAM is backed by a file (id pc.ram, as the migration stream names it). */
+export function mainRamObject(spec: VmSpec): string | undefined {
+  const m = spec.memoryBackendFile;
+  if (!m) return undefined;
+  return (
+    `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,` +
+    `mem-path=${qemuOptValue(m.path)},share=${m.share ? 'on' : 'off'}`
+  );
+}
+
+/**
+ * The guest's drives and NIC, in the order that gives them their PCI slots: what a resume must
+ * reproduce exactly (the libvirt launcher passes these through unchanged).
+ */
+export function deviceArgs(spec: VmSpec): string[] {
+  const args: string[] = [];
   (spec.drives ?? []).forEach((d, i) => {
     const opts = [`file=${qemuOptValue(d.file)}`, `format=${d.format}`, `if=${d.if}`];
     opts.push(`id=${d.id ?? `drive${i}`}`);
@@ -112,11 +131,6 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
     if (n.mac) dev.push(`mac=${n.mac}`);
     args.push('-device', dev.join(','));
   }
-
-  // -S: after loading, the VM stays paused until it is told to run (cont) — for a synthesized
-  // VM only once everything is proven.
-  if (spec.incoming !== undefined) args.push('-S', '-incoming', 'defer');
-  args.push(...(spec.extraArgs ?? []));
   return args;
 }
 

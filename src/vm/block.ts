@@ -6,10 +6,14 @@
  * VM ever runs — so the guest only ever sees the synthesized disk.
  */
 import { driveNodes } from './argv.js';
-import type { QemuVm } from './process.js';
+import type { QmpClient } from './qmp.js';
 
 /** blockdev-add `image` (a qcow2 whose own backing is the drive's current backing node), then reopen the drive on it. */
-export async function swapBacking(vm: QemuVm, drive: number, image: { file: string; format: 'qcow2' }): Promise<void> {
+export async function swapBacking(
+  vm: { qmp: QmpClient },
+  drive: number,
+  image: { file: string; format: 'qcow2' },
+): Promise<void> {
   const n = driveNodes(drive);
   const node = `${n.top}-synth`;
   await vm.qmp.execute('blockdev-add', {

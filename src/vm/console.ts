@@ -7,7 +7,10 @@
  * form whose echo cannot match: we type `echo "__CLD_<id>:$?:END"` and wait for
  * `__CLD_<id>:<digits>:END`, which only the shell's expansion produces.
  */
+import { constants, openSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
+import { Duplex } from 'node:stream';
+import { ReadStream, WriteStream } from 'node:tty';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QemuError, TimeoutError, UsageError } from '../util/errors.js';
@@ -28,7 +31,7 @@ export class SerialConsole {
   private closed = false;
   private waiters = new Set<() => void>();
 
-  private constructor(private readonly socket: Socket) {
+  private constructor(private readonly socket: Socket | Duplex) {
     socket.setEncoding('utf8');
     socket.on('data', (chunk: string) => {
       this.text += chunk;
@@ -43,8 +46,12 @@ export class SerialConsole {
     });
   }
 
-  /** Connects to the serial socket, retrying until it appears (QEMU may still be starting). */
+  /**
+   * Connects to the serial socket, retrying until it appears (QEMU may still be starting); a
+   * /dev/pts path (libvirt's pty console) is opened as a terminal instead.
+   */
   static async connect(path: string, options: { timeoutMs?: number } = {}): Promise<SerialConsole> {
+    if (path.startsWith('/dev/')) return new SerialConsole(openPty(path));
     const deadline = Date.now() + (options.timeoutMs ?? 10_000);
     for (;;) {
       try {
@@ -180,4 +187,35 @@ function cleanOutput(raw: string, marker: string): string {
   const start = text.match(new RegExp(`(^|\\n)${marker}_S\\n`));
   const body = start ? text.slice(start.index! + start[0].length) : text;
   return body.replace(/\n$/, '');
+}
+
+/** A pty's slave side as one duplex stream (QEMU keeps it raw). */
+export function openPty(path: string): Duplex {
+  const fd = openSync(path, constants.O_RDWR | constants.O_NOCTTY);
+  const input = new ReadStream(fd);
+  const output = new WriteStream(fd);
+  const d = new Duplex({
+    read() {
+      input.resume();
+    },
+    write(chunk: Buffer | string, _enc, cb) {
+      output.write(chunk, cb);
+    },
+    final(cb) {
+      input.destroy();
+      output.destroy();
+      cb();
+    },
+    destroy(err, cb) {
+      input.destroy();
+      output.destroy();
+      cb(err);
+    },
+  });
+  input.on('data', (b: Buffer) => {
+    if (!d.push(b)) input.pause();
+  });
+  input.on('error', () => d.destroy());
+  input.on('close', () => d.push(null));
+  return d;
 }

@@ -13,43 +13,12 @@ import { onCleanup } from '../util/cleanup.js';
 import { BusyError, CloudletError, MissingToolError, NotFoundError, QemuError, TimeoutError } from '../util/errors.js';
 import { findProgram } from '../util/programs.js';
 import type { IncomingSpec, VmSpec } from '../spec/vm-spec.js';
-import { resolveAccel, type Accel, type AccelChoice } from './accel.js';
+import { resolveAccel, type Accel } from './accel.js';
 import { buildQemuArgs, incomingUri, runPaths, type RunPaths } from './argv.js';
 import { QmpClient } from './qmp.js';
+import type { Launcher, QemuExit, RunningVm, StartOptions, StartTimings } from './launcher.js';
 
-export interface StartOptions {
-  /** Directory for sockets and logs (created). */
-  runDir: string;
-  accel?: AccelChoice;
-  qemuBinary?: string;
-  /** Spawn → QMP ready. Default 15 s. */
-  startTimeoutMs?: number;
-  /** Loading a memory snapshot. Default 120 s. */
-  incomingTimeoutMs?: number;
-  /** After an incoming migration, stay paused instead of `cont`. */
-  stayPaused?: boolean;
-  /** migrate-set-capabilities on the destination before loading (e.g. x-ignore-shared). */
-  incomingCapabilities?: Record<string, boolean>;
-  /**
-   * Let QEMU outlive this process (own process group, not killed at exit or by the cleanup
-   * registry). Close `vm.qmp` when done so Node can exit.
-   */
-  detach?: boolean;
-}
-
-export interface QemuExit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-
-export interface StartTimings {
-  /** process spawn → QMP negotiated */
-  qmpReadyMs: number;
-  /** migrate-incoming → VM left inmigrate (0 without incoming) */
-  incomingMs: number;
-  /** spawn → running (or paused when asked) */
-  totalMs: number;
-}
+export type { QemuExit, StartOptions, StartTimings } from './launcher.js';
 
 const live = new Set<ChildProcess>();
 let exitHookInstalled = false;
@@ -64,7 +33,8 @@ function installExitHook(): void {
 }
 
 /** A running QEMU started by startQemu(). */
-export class QemuVm {
+export class QemuVm implements RunningVm {
+  readonly launcher = 'qemu' as const;
   readonly exited: Promise<QemuExit>;
   /** Aborted (reason: QemuError) when the process exits; pass it to waits that need the VM. */
   readonly exitSignal: AbortSignal;
@@ -198,26 +168,11 @@ export class QemuVm {
    * succeeded, and continues the VM when asked. QemuError when QEMU refused the stream.
    */
   async finishIncoming(options: { timeoutMs?: number; cont: boolean }): Promise<void> {
-    const what = this.spec.incoming?.path ?? 'memory snapshot';
-    const timeoutMs = options.timeoutMs ?? 120_000;
-    const deadline = Date.now() + timeoutMs;
-    let status = 'inmigrate';
-    while (status === 'inmigrate') {
-      this.exitSignal.throwIfAborted();
-      if (Date.now() > deadline) {
-        throw new TimeoutError(`loading the memory snapshot ${what} took over ${timeoutMs} ms`, { path: what });
-      }
-      await sleep(5);
-      status = await this.status();
-    }
-    const mig = await this.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
-    if (mig.status === 'failed' || mig.status === 'cancelled') {
-      throw new QemuError(`QEMU could not load the memory snapshot ${what}: ${mig['error-desc'] ?? mig.status}`, {
-        path: what,
-        migrationStatus: mig.status,
-      });
-    }
-    if (options.cont && status !== 'running') await this.qmp.execute('cont');
+    await finishIncoming(this, options);
+  }
+
+  async cont(): Promise<void> {
+    await this.qmp.execute('cont');
   }
 
   /** query-status → e.g. 'running', 'paused', 'inmigrate', 'postmigrate'. */
@@ -226,6 +181,40 @@ export class QemuVm {
     return s.status;
   }
 }
+
+/**
+ * Waits until the incoming snapshot is loaded (QEMU leaves `inmigrate`), checks that the load
+ * succeeded, and continues the VM when asked. QemuError when QEMU refused the stream. Shared
+ * by both launchers: it needs nothing but our QMP session.
+ */
+export async function finishIncoming(
+  vm: Pick<RunningVm, 'spec' | 'exitSignal' | 'qmp' | 'status'>,
+  options: { timeoutMs?: number; cont: boolean },
+): Promise<void> {
+  const what = vm.spec.incoming?.path ?? 'memory snapshot';
+  const timeoutMs = options.timeoutMs ?? 120_000;
+  const deadline = Date.now() + timeoutMs;
+  let status = 'inmigrate';
+  while (status === 'inmigrate') {
+    vm.exitSignal.throwIfAborted();
+    if (Date.now() > deadline) {
+      throw new TimeoutError(`loading the memory snapshot ${what} took over ${timeoutMs} ms`, { path: what });
+    }
+    await sleep(5);
+    status = await vm.status();
+  }
+  const mig = await vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+  if (mig.status === 'failed' || mig.status === 'cancelled') {
+    throw new QemuError(`QEMU could not load the memory snapshot ${what}: ${mig['error-desc'] ?? mig.status}`, {
+      path: what,
+      migrationStatus: mig.status,
+    });
+  }
+  if (options.cont && status !== 'running') await vm.qmp.execute('cont');
+}
+
+/** The direct launcher: QEMU as our own child process. */
+export const qemuLauncher: Launcher = { kind: 'qemu', start: (spec, options) => startQemu(spec, options) };
 
 /**
  * Starts QEMU for `spec`. Resolves once QMP is negotiated and, for an incoming spec, the memory
@@ -363,7 +352,7 @@ function describeExit(e: QemuExit): string {
   return e.signal ? `signal ${e.signal}` : `status ${e.code ?? '?'}`;
 }
 
-async function tailOfFile(path: string, lines: number): Promise<string> {
+export async function tailOfFile(path: string, lines: number): Promise<string> {
   try {
     const text = await readFile(path, 'utf8');
     return text.trimEnd().split('\n').slice(-lines).join('\n');
@@ -372,7 +361,7 @@ async function tailOfFile(path: string, lines: number): Promise<string> {
   }
 }
 
-async function checkInputs(spec: VmSpec): Promise<void> {
+export async function checkInputs(spec: VmSpec): Promise<void> {
   const files: Array<[string, string]> = [];
   if (spec.kernel) files.push(['kernel', spec.kernel]);
   if (spec.initrd) files.push(['initrd', spec.initrd]);

@@ -8,8 +8,12 @@
  * finished writing, then copy disks, then `cont` or `quit`.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
-import { basename, dirname } from 'node:path';
+import { createWriteStream } from 'node:fs';
+import { mkdir, mkdtemp, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { basename, dirname, join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { syncDir, tempNameFor, writeFileAtomic } from '../util/atomic.js';
 import { onCleanup } from '../util/cleanup.js';
@@ -71,6 +75,12 @@ export interface CaptureSnapshotOptions {
   timeoutMs?: number;
   /** fsync the memory file and disk copies before renaming them into place. Default true. */
   fsync?: boolean;
+  /**
+   * How the stream leaves QEMU: `exec` (cat into the file, the default) or `socket` (QEMU
+   * connects to a unix socket we listen on and we write the file) — for a QEMU that may not
+   * spawn programs (libvirt's seccomp sandbox).
+   */
+  via?: 'exec' | 'socket';
 }
 
 export interface CapturedSnapshot {
@@ -121,11 +131,16 @@ async function captureStopped(
   let memBytes = 0;
   const m0 = performance.now();
   try {
-    await qmp.execute('migrate', {
-      uri: `exec:cat > ${shellQuote(temp)} && mv -f ${shellQuote(temp)} ${shellQuote(written)}`,
-    });
-    await waitMigration(vm, timeoutMs);
-    await waitForFile(written, vm, 30_000);
+    if (options.via === 'socket') {
+      await migrateToSocket(vm, temp, timeoutMs);
+      await rename(temp, written);
+    } else {
+      await qmp.execute('migrate', {
+        uri: `exec:cat > ${shellQuote(temp)} && mv -f ${shellQuote(temp)} ${shellQuote(written)}`,
+      });
+      await waitMigration(vm, timeoutMs);
+      await waitForFile(written, vm, 30_000);
+    }
     if (fsync) await fsyncFile(written);
     await rename(written, options.memPath);
     if (fsync) await syncDir(dirname(options.memPath));
@@ -236,6 +251,30 @@ export async function readCaptureInfo(vm: CapturableVm): Promise<Omit<CaptureInf
     argv,
     spec: vm.spec,
   };
+}
+
+/** migrate to a unix socket we listen on; resolves once QEMU completed and the file is whole. */
+async function migrateToSocket(vm: CapturableVm, file: string, timeoutMs: number): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'cs-'));
+  const sock = join(dir, 'migrate.sock');
+  const server = createServer();
+  try {
+    const received = new Promise<void>((resolvePromise, reject) => {
+      server.once('connection', (conn) => {
+        server.close();
+        pipeline(conn, createWriteStream(file)).then(resolvePromise, reject);
+      });
+      server.once('error', reject);
+    });
+    received.catch(() => undefined);
+    await new Promise<void>((r) => server.listen(sock, r));
+    await vm.qmp.execute('migrate', { uri: `unix:${sock}` });
+    await waitMigration(vm, timeoutMs);
+    await received;
+  } finally {
+    server.close();
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 interface MigrateInfo {

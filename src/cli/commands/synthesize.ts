@@ -21,6 +21,7 @@ interface SynthesizeFlags {
   memory: 'sparse' | 'stream';
   threads?: number;
   pipeline: 'stream' | 'sequential';
+  launcher: 'auto' | 'libvirt' | 'qemu';
 }
 
 const PHASES: Array<[string, string]> = [
@@ -92,6 +93,14 @@ export function registerSynthesize(program: Command): void {
         .choices(['stream', 'sequential'])
         .default('stream'),
     )
+    .addOption(
+      new Option(
+        '--launcher <who>',
+        'who runs QEMU: a libvirt domain, our own child, or libvirt when its daemon answers',
+      )
+        .choices(['auto', 'libvirt', 'qemu'])
+        .default('auto'),
+    )
     .addHelpText(
       'after',
       `
@@ -118,6 +127,7 @@ Example:
         memoryFormat: flags.memory,
         threads: flags.threads === 1 ? 0 : flags.threads,
         pipeline: flags.pipeline,
+        launcher: flags.launcher,
         progress: makeProgress(g),
         signal: stop.signal,
         onReady(result) {
