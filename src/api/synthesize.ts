@@ -14,7 +14,7 @@
  */
 import { once } from 'node:events';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,6 +30,11 @@ import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { ScratchStore } from '../image/scratch-store.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
 import { fifoSink } from '../image/memory/stream-sink.js';
+import type { Assembler } from '../delta/assemble.js';
+import { NbdServer } from '../nbd/index.js';
+import { httpRange } from '../net/http-stream.js';
+import { OverlayReader } from '../overlay/reader.js';
+import { EarlyDisk } from '../pipeline/early-disk.js';
 import { DiskChunks, SharedStream, StreamBlock } from '../pipeline/outputs.js';
 import { rebuild } from '../pipeline/rebuild.js';
 import type { PortForward } from '../spec/vm-spec.js';
@@ -72,6 +77,11 @@ export interface SynthesizeOptions {
   threads?: number;
   /** Who runs QEMU: libvirt (a transient domain), qemu (our child), auto (libvirt when reachable; default). */
   launcher?: LauncherChoice;
+  /**
+   * Let the VM run as soon as its memory is proven, its disk served from here (over NBD) while
+   * the rest of the overlay arrives; synthesize returns once the VM no longer needs this process.
+   */
+  earlyStart?: boolean;
 }
 
 export interface SynthesizeResult {
@@ -140,6 +150,9 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     } else if (port) {
       await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
     }
+    timings.phases['answered'] = timings.total();
+    // Early start: the rest of the overlay still arrives; done when the VM needs us no more.
+    await started.complete;
     progress.done('VM resumed');
     timings.phases['total'] = timings.total();
     unregister();
@@ -210,17 +223,34 @@ function failedVm(err: unknown): RunningVm | undefined {
   return typeof err === 'object' && err !== null ? vmOfError.get(err) : undefined;
 }
 
-/** The pipeline: QEMU, decoding and assembly at once; memory straight into QEMU. */
-async function streamed(c: RunContext): Promise<{ vm: RunningVm; state: InstanceState }> {
+/** What a run started: the VM, once it runs; `complete` settles when it needs this process no more. */
+interface Started {
+  vm: RunningVm;
+  state: InstanceState;
+  complete: Promise<void>;
+}
+
+/**
+ * The pipeline: QEMU, decoding and assembly at once; memory straight into QEMU. With early
+ * start the VM runs as soon as its memory is proven, its disk served over NBD from here
+ * (pipeline/early-disk.ts) until the rest has arrived and is proven too; then the disk is put
+ * onto the rebuilt local layer and `complete` settles.
+ */
+async function streamed(c: RunContext): Promise<Started> {
   const { opts, base, opened, dir, timings, progress } = c;
   const header = opened.header;
   const memory = header.memory!;
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   const diskTarget = header.targets.find((t) => t.kind === 'disk');
+  const diskIndex = diskTarget ? header.targets.indexOf(diskTarget) : -1;
   const baseDisk = base.targets.find((t) => t.kind === 'disk');
   if (diskTarget && (baseDisk?.kind !== 'disk' || !base.diskPath || !base.diskFormat)) {
     throw new UsageError('the overlay rebuilds a disk: the base needs its disk');
   }
+  const baseImage = base.diskPath ? { file: base.diskPath, format: base.diskFormat as 'raw' | 'qcow2' } : undefined;
+  // Early start needs the overlay's index up front (random access: the file, or Range requests).
+  const random = opts.earlyStart && diskTarget ? await openRandom(opts, opened) : undefined;
+  if (random) c.cleanups.push(() => random.close());
   // The guest's disk: an empty qcow2 for its own writes, whose header names the rebuilt layer
   // (so tools see the real chain); QEMU opens it over the base disk until that layer is proven.
   const top = join(dir, 'disk.qcow2');
@@ -254,14 +284,42 @@ async function streamed(c: RunContext): Promise<{ vm: RunningVm; state: Instance
   });
   await exec(await findProgram('mkfifo'), ['-m', '600', fifo]);
 
+  // Early start: the disk over NBD, answered from the assembler once there is one.
+  let asm: Assembler | undefined;
+  let earlyDisk: EarlyDisk | undefined;
+  let nbd: NbdServer | undefined;
+  if (random && diskTarget) {
+    nbd = new NbdServer({
+      name: 'disk',
+      export: {
+        size: diskTarget.size,
+        readOnly: true,
+        read: async (offset, length, buf) => {
+          if (!earlyDisk) {
+            if (!asm) throw new Error('the disk is read before the VM runs');
+            earlyDisk = new EarlyDisk(asm, diskIndex, random, { targets: header.targets, base: base.targets }, base.targets);
+          }
+          await earlyDisk.read(offset, length, buf);
+        },
+      },
+      onError: () => undefined, // the guest sees EIO; the stream's own failure is what we report
+    });
+    await nbd.listen(join(fifoDir, 'disk.nbd'));
+    const server = nbd;
+    c.cleanups.push(() => server.close());
+  }
+
   const t0 = performance.now();
   const starting = startInstance({
     root: opts.root,
     base,
     iid: c.iid,
     memory: { incoming: { from: 'fifo', path: fifo }, sparse },
-    diskBacking:
-      diskTarget && base.diskPath ? { file: base.diskPath, format: base.diskFormat as 'raw' | 'qcow2' } : undefined,
+    diskBacking: !diskTarget
+      ? undefined
+      : nbd
+        ? { kind: 'nbd', socket: join(fifoDir, 'disk.nbd'), export: 'disk' }
+        : baseImage && { kind: 'image', ...baseImage },
     forwards: opts.forwards,
     accel: opts.accel,
     detach: opts.detach,
@@ -277,77 +335,159 @@ async function streamed(c: RunContext): Promise<{ vm: RunningVm; state: Instance
   const store = new ScratchStore(join(dir, '.rebuilt'));
   let disk: Qcow2Writer | undefined;
   let stream: SharedStream | undefined;
-  try {
-    if (diskTarget && baseDisk?.kind === 'disk' && base.diskPath && base.diskFormat) {
-      disk = await Qcow2Writer.create(rebuilt, {
-        virtualSize: diskTarget.size,
-        backingFile: base.diskPath,
-        backingFormat: base.diskFormat,
-        base: baseDisk.source,
-        durable: false,
-      });
-    }
-    const dw = disk;
-    progress.step('synthesizing', opened.size);
-    const rebuiltRun = await timings.time('rebuild', () =>
-      rebuild({
-        reader: opened.reader,
-        header,
-        base: base.targets,
-        baseSources: base.sources,
-        store,
-        threads: opts.threads,
-        onBytes: (n) => progress.advance(n),
-        outputs: (blob) => {
-          stream = new SharedStream(writer, blob, memory.ramSectionId, {
-            prefix: BLOB_PREFIX,
-            start: BLOB_START,
-            tail: BLOB_TAIL,
-          });
-          const s = stream;
-          return header.targets.map((t): AssemblyOutput | undefined => {
-            if (t.kind === 'disk') return dw ? new DiskChunks(dw, t.size) : undefined;
-            if (t.kind === 'ram') return new StreamBlock(s, t.name, !sparse || t.name !== memory.mainBlock);
-            return undefined;
-          });
-        },
-      }),
-    );
-    for (const [k, v] of Object.entries(rebuiltRun.stats) as Array<[string, number]>) {
-      if (k.endsWith('_ms')) timings.phases[`pipeline_${k}`] = v;
-    }
-    opened.verifyWhole();
-    // Everything is proven: the device state completes QEMU's load.
+  const ready = deferred<Started>();
+  ready.promise.catch(() => undefined);
+  /** Memory proven: give QEMU the device state, wait for its load, let it run. */
+  const resume = async (): Promise<void> => {
     await stream!.end();
-  } catch (err) {
-    await writer.abort();
-    await disk?.abort();
-    // When QEMU did not start, that is the error to report (the stream only failed because of it).
-    const started = await starting.then(
-      (s) => ({ ok: true as const, s }),
-      (e: unknown) => ({ ok: false as const, e }),
-    );
-    if (!started.ok) throw started.e;
-    if (err instanceof Object) vmOfError.set(err, started.s.vm);
-    throw err;
-  } finally {
-    await store.close();
-  }
-  const { vm, state } = await starting;
-  try {
-    progress.step('resuming VM');
-    await timings.time('load_wait', () => vm.finishIncoming({ cont: false }));
-    if (disk) await timings.time('disk_switch', () => swapBacking(vm, 0, { file: rebuilt, format: 'qcow2' }));
-    await vm.qmp.execute('cont');
-    return { vm, state };
-  } catch (err) {
-    if (err instanceof Object) vmOfError.set(err, vm);
-    throw err;
-  }
+    const { vm, state } = await starting;
+    try {
+      progress.step('resuming VM');
+      await timings.time('load_wait', () => vm.finishIncoming({ cont: false }));
+      if (disk && !nbd) await timings.time('disk_switch', () => swapBacking(vm, 0, { file: rebuilt, format: 'qcow2' }));
+      await vm.qmp.execute('cont');
+      ready.resolve({ vm, state, complete });
+    } catch (err) {
+      if (err instanceof Object) vmOfError.set(err, vm);
+      throw err;
+    }
+  };
+  let resuming: Promise<void> | undefined;
+  const memoryTargets = new Set(header.targets.flatMap((t, i) => (t.kind === 'disk' ? [] : [i])));
+  const watchdog = random ? starting.then((s) => watchOver(s.vm.pid, dir)) : undefined;
+  watchdog?.catch(() => undefined);
+
+  const complete = (async (): Promise<void> => {
+    try {
+      if (diskTarget && baseDisk?.kind === 'disk' && base.diskPath && base.diskFormat) {
+        disk = await Qcow2Writer.create(rebuilt, {
+          virtualSize: diskTarget.size,
+          backingFile: base.diskPath,
+          backingFormat: base.diskFormat,
+          base: baseDisk.source,
+          durable: false,
+        });
+      }
+      const dw = disk;
+      progress.step('synthesizing', opened.size);
+      const rebuiltRun = await timings.time('rebuild', () =>
+        rebuild({
+          reader: opened.reader,
+          header,
+          base: base.targets,
+          baseSources: base.sources,
+          store,
+          threads: opts.threads,
+          onBytes: (n) => progress.advance(n),
+          onAssembler: (a) => (asm = a),
+          onTargetDone: (t) => {
+            memoryTargets.delete(t);
+            // Early start: memory (and the stream's pieces) proven — the VM may run.
+            if (nbd && memoryTargets.size === 0 && !resuming) {
+              timings.phases['memory_proven'] = timings.total();
+              resuming = resume();
+              resuming.catch(() => undefined);
+            }
+          },
+          outputs: (blob) => {
+            stream = new SharedStream(writer, blob, memory.ramSectionId, {
+              prefix: BLOB_PREFIX,
+              start: BLOB_START,
+              tail: BLOB_TAIL,
+            });
+            const s = stream;
+            return header.targets.map((t): AssemblyOutput | undefined => {
+              if (t.kind === 'disk') return dw ? new DiskChunks(dw, t.size) : undefined;
+              if (t.kind === 'ram') return new StreamBlock(s, t.name, !sparse || t.name !== memory.mainBlock);
+              return undefined;
+            });
+          },
+        }),
+      );
+      for (const [k, v] of Object.entries(rebuiltRun.stats) as Array<[string, number]>) {
+        if (k.endsWith('_ms')) timings.phases[`pipeline_${k}`] = v;
+      }
+      opened.verifyWhole();
+      // Everything is proven: without early start, the device state completes QEMU's load now.
+      await (resuming ?? (resuming = resume()));
+      if (nbd && disk) {
+        // The rebuilt layer is complete and proven: the VM leaves our NBD export for it.
+        const { vm } = await ready.promise;
+        await timings.time('disk_switch', () => swapBacking(vm, 0, { file: rebuilt, format: 'qcow2' }, baseImage));
+        await nbd.close();
+        if (earlyDisk) {
+          timings.phases['early_segments_fetched'] = earlyDisk.stats.fetched;
+          timings.phases['early_bytes_fetched'] = earlyDisk.stats.fetchedBytes;
+          timings.phases['early_chunks_on_demand'] = earlyDisk.stats.onDemand;
+        }
+        timings.phases['independent'] = timings.total();
+      }
+      (await watchdog)?.release();
+    } catch (err) {
+      await writer.abort();
+      await disk?.abort();
+      // The caller stops the VM now; the watchdog must not kill a pid that may be reused later.
+      (await watchdog?.catch(() => undefined))?.release();
+      // When QEMU did not start, that is the error to report (the stream only failed because of it).
+      const started = await starting.then(
+        (s) => ({ ok: true as const, s }),
+        (e: unknown) => ({ ok: false as const, e }),
+      );
+      if (!started.ok) throw started.e;
+      if (err instanceof Object) vmOfError.set(err, started.s.vm);
+      if (resuming && err instanceof CloudletError) {
+        err.message = `${err.message} — found after the VM had started (early start); the VM was stopped`;
+      }
+      throw err;
+    } finally {
+      await store.close();
+    }
+  })();
+  complete.catch((err: unknown) => ready.reject(err));
+  return ready.promise;
+}
+
+/** Random access to the overlay for early start: the local file, or ranged GETs of its URL. */
+async function openRandom(opts: SynthesizeOptions, opened: OpenedOverlay): Promise<OverlayReader> {
+  const input = await resolveInput(opts, opened.header.base.id);
+  if (input.kind === 'file') return OverlayReader.open(input.path);
+  if (input.kind === 'url') return OverlayReader.fromRange(await httpRange(input.url, { headers: input.headers }), input.url);
+  throw new UsageError('early start needs random access to the overlay: a file or a URL, not an upload');
+}
+
+/**
+ * Until the VM no longer needs us, a watchdog ends it if this process dies (even by SIGKILL):
+ * a shell reading one line from us; end of file without "keep" kills QEMU and removes its
+ * instance directory. release() says "keep".
+ */
+function watchOver(pid: number, dir: string): { release(): void } {
+  const sh = spawn(
+    '/bin/sh',
+    ['-c', 'read cmd; [ "$cmd" = keep ] || { kill -9 "$0" 2>/dev/null; rm -rf "$1"; }', String(pid), dir],
+    { stdio: ['pipe', 'ignore', 'ignore'], detached: true },
+  );
+  sh.unref();
+  sh.stdin.on('error', () => undefined);
+  (sh.stdin as unknown as { unref?: () => void }).unref?.();
+  return {
+    release() {
+      sh.stdin.end('keep\n');
+    },
+  };
+}
+
+function deferred<T>(): { promise: Promise<T>; resolve(v: T): void; reject(e: unknown): void } {
+  let resolve!: (v: T) => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
 }
 
 /** Rebuild into files, then start QEMU on them (the way before the pipeline). */
-async function sequential(c: RunContext): Promise<{ vm: RunningVm; state: InstanceState }> {
+async function sequential(c: RunContext): Promise<Started> {
   const { opts, base, dir, timings, progress } = c;
   const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
   // The stream opened to check the header is not used: the overlay is fetched whole, then applied.
@@ -391,7 +531,7 @@ async function sequential(c: RunContext): Promise<{ vm: RunningVm; state: Instan
   );
   timings.phases['qemu_start'] = Math.round(started.vm.timings.qmpReadyMs);
   timings.phases['incoming_load'] = Math.round(started.vm.timings.incomingMs);
-  return started;
+  return { ...started, complete: Promise.resolve() };
 }
 
 export interface RunSynthesisOptions extends SynthesizeOptions {

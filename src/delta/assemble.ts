@@ -221,6 +221,28 @@ export class Assembler {
     return this.states[target]?.done ?? false;
   }
 
+  /**
+   * Chunk `c` of chunked target `t` as rebuilt so far, into out[0, its length): true when its
+   * content is settled (a record for it was assembled, or no record can come any more), false
+   * when it may still change. For serving a disk while its overlay is still arriving.
+   */
+  async readRebuilt(t: number, c: number, out: Buffer): Promise<boolean> {
+    const s = this.states[t];
+    if (!s || s.kind === 'blob' || c >= s.n) throw new RangeError(`readRebuilt: no chunk ${t}#${c}`);
+    const len = chunkLength(s.info.size, c);
+    const buf = out.subarray(0, len);
+    const pc = this.piece(s, c, 1);
+    if (pc.kind === R_DATA) await this.opts.store.read(pc.a, len, buf);
+    else if (pc.kind === R_BASE) await (this.base[pc.a] as BaseChunkedTarget).source.read(pc.b * CHUNK_SIZE, len, buf);
+    else if (pc.kind === R_ZERO) buf.fill(0);
+    else {
+      if (!(s.done || (!this.opts.passes && t === this.current && c < s.cursor))) return false;
+      if (s.same && eligible(s.same, s.info.size, c)) await s.same.source.read(c * CHUNK_SIZE, len, buf);
+      else buf.fill(0);
+    }
+    return true;
+  }
+
   /** Applies one decoded segment (or slice of one); segments must come in file order. */
   async add(seg: DecodedSegment): Promise<void> {
     const ops = seg.ops;

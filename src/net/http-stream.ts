@@ -49,11 +49,16 @@ interface Opened {
   abort: AbortController;
 }
 
-async function request(url: string, headers: Record<string, string>, idleMs: number): Promise<Opened> {
+async function request(
+  url: string,
+  headers: Record<string, string>,
+  idleMs: number,
+  method: 'GET' | 'HEAD' = 'GET',
+): Promise<Opened> {
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(new Error(`no answer in ${idleMs} ms`)), idleMs);
   try {
-    const res = await fetch(url, { headers, signal: abort.signal, redirect: 'follow' });
+    const res = await fetch(url, { method, headers, signal: abort.signal, redirect: 'follow' });
     return { res, abort };
   } catch (err) {
     throw new NetworkError(`cannot fetch ${url}: ${describe(err)}`, { url });
@@ -251,4 +256,27 @@ export async function fetchRange(
   }
   if (got !== out.length) throw new NetworkError(`${url} sent ${got} of the ${out.length} bytes asked for`, { url });
   return out;
+}
+
+/**
+ * Random access to `url` by ranged GETs (its size from a HEAD request): what reading an
+ * overlay's footer, index and single segments needs while the body still streams.
+ */
+export async function httpRange(
+  url: string,
+  opts: { headers?: Record<string, string>; idleMs?: number } = {},
+): Promise<{ size: number; read(offset: number, length: number): Promise<Buffer>; close(): Promise<void> }> {
+  const idleMs = opts.idleMs ?? 30_000;
+  const { res, abort } = await request(url, { ...opts.headers }, idleMs, 'HEAD');
+  abort.abort();
+  if (!res.ok) throw statusError(url, res);
+  const len = res.headers.get('content-length');
+  if (len === null || !/^\d+$/.test(len)) throw new NetworkError(`${url}: the server does not say its size`, { url });
+  const etag = res.headers.get('etag') ?? res.headers.get('last-modified') ?? undefined;
+  const headers = { ...opts.headers, ...(etag ? { 'if-range': etag } : {}) };
+  return {
+    size: Number(len),
+    read: (offset, length) => fetchRange(url, offset, offset + length, { headers, idleMs }),
+    close: () => Promise.resolve(),
+  };
 }

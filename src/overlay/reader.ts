@@ -29,13 +29,53 @@ import {
 } from './format.js';
 import { parseHeader, parseIndex } from './validate.js';
 
+/** Random-access bytes of an overlay: a local file, or ranged GETs of a URL. */
+export interface RangeSource {
+  readonly size: number;
+  /** Exactly `length` bytes from `offset` (within size). */
+  read(offset: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+async function fileRange(path: string): Promise<RangeSource> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === 'ENOENT') throw new NotFoundError(`overlay not found: ${path}`, { path });
+    throw new NotFoundError(`cannot read overlay ${path}: ${e.message}`, { path });
+  }
+  const size = (await stat(path)).size;
+  return {
+    size,
+    async read(offset, length) {
+      const buf = Buffer.alloc(length);
+      const { bytesRead } = await fh.read(buf, 0, length, offset);
+      check(bytesRead === length, `short read at ${offset} (file truncated?)`, { offset });
+      return buf;
+    },
+    close: () => fh.close(),
+  };
+}
+
+/** A segment's frame as it is stored, with what its index entry says about it. */
+export interface SegmentFrame {
+  segment: number;
+  frame: Buffer;
+  rawLength: number;
+  records: number;
+  /** The index's sha256 of the frame (decodeSegment checks the frame against it). */
+  sha256: Buffer;
+}
+
 export class OverlayReader {
   private cache = new Map<number, Buffer>();
   private static readonly CACHE_SEGMENTS = 32;
 
   private constructor(
     readonly path: string,
-    private readonly fh: FileHandle,
+    private readonly fh: RangeSource,
     readonly fileSize: number,
     readonly header: OverlayHeader,
     readonly headerLength: number,
@@ -44,21 +84,18 @@ export class OverlayReader {
   ) {}
 
   static async open(path: string): Promise<OverlayReader> {
-    let fh: FileHandle;
+    return OverlayReader.fromRange(await fileRange(path), path);
+  }
+
+  /** Opens an overlay on any random-access source (it is closed with the reader, or on failure). */
+  static async fromRange(src: RangeSource, name: string): Promise<OverlayReader> {
     try {
-      fh = await open(path, 'r');
+      const size = src.size;
+      const { header, length: headerLength, hash } = await readHeader(src, size);
+      const { index, offset } = await readTrailer(src, size, headerLength, hash);
+      return new OverlayReader(name, src, size, header, headerLength, index, offset);
     } catch (err) {
-      const e = err as NodeJS.ErrnoException;
-      if (e.code === 'ENOENT') throw new NotFoundError(`overlay not found: ${path}`, { path });
-      throw new NotFoundError(`cannot read overlay ${path}: ${e.message}`, { path });
-    }
-    try {
-      const size = (await stat(path)).size;
-      const { header, length: headerLength, hash } = await readHeader(fh, size);
-      const { index, offset } = await readTrailer(fh, size, headerLength, hash);
-      return new OverlayReader(path, fh, size, header, headerLength, index, offset);
-    } catch (err) {
-      await fh.close();
+      await src.close();
       throw err;
     }
   }
@@ -85,6 +122,19 @@ export class OverlayReader {
       if (oldest !== undefined) this.cache.delete(oldest);
     }
     return raw;
+  }
+
+  /** Segment `n`'s frame, checked against the index (its checksum is checked by the decoder). */
+  async frame(n: number): Promise<SegmentFrame> {
+    const seg = this.index.segments[n];
+    if (!seg) throw new CorruptInputError(`reference to segment ${n}, which does not exist`);
+    const where = `segment ${n}`;
+    const head = decodeFrameHeader(await readExact(this.fh, seg.offset, FRAME_HEADER, this.fileSize, where));
+    check(head.magic.equals(SEGMENT_MAGIC) && head.compLength === seg.length, `${where}: disagrees with the index`, {
+      segment: n,
+    });
+    const frame = await readExact(this.fh, seg.offset + FRAME_HEADER, seg.length, this.fileSize, where);
+    return { segment: n, frame, rawLength: seg.rawLength, records: seg.records, sha256: Buffer.from(seg.sha256, 'hex') };
   }
 
   private async readSegment(n: number, seg: SegmentEntry): Promise<Buffer> {
@@ -115,7 +165,7 @@ export class OverlayReader {
 }
 
 async function readExact(
-  fh: FileHandle,
+  fh: RangeSource,
   offset: number,
   length: number,
   fileSize: number,
@@ -128,14 +178,13 @@ async function readExact(
       offset,
     },
   );
-  const buf = Buffer.alloc(length);
-  const { bytesRead } = await fh.read(buf, 0, length, offset);
-  check(bytesRead === length, `${where}: short read (file truncated?)`, { offset });
+  const buf = await fh.read(offset, length);
+  check(buf.length === length, `${where}: short read (file truncated?)`, { offset });
   return buf;
 }
 
 async function readHeader(
-  fh: FileHandle,
+  fh: RangeSource,
   size: number,
 ): Promise<{ header: OverlayHeader; length: number; hash: Buffer }> {
   check(size >= HEADER_FIXED, 'not an overlay: file too short');
@@ -164,7 +213,7 @@ async function readHeader(
 }
 
 async function readTrailer(
-  fh: FileHandle,
+  fh: RangeSource,
   size: number,
   headerLength: number,
   headerHash: Buffer,

@@ -38,6 +38,8 @@ export interface RebuildOptions {
   threads?: number;
   progress?: Progress;
   onTargetDone?: (target: number) => void | Promise<void>;
+  /** Told the assembler as soon as it exists (early start reads rebuilt chunks from it). */
+  onAssembler?: (assembler: Assembler) => void;
   /** Called as segments are assembled: bytes of the overlay consumed so far. */
   onBytes?: (n: number) => void;
 }
@@ -136,6 +138,7 @@ export async function rebuild(opts: RebuildOptions): Promise<RebuildResult> {
     onTargetDone: opts.onTargetDone,
   });
   assembler.attach(opts.outputs((name) => assembler.blob(name)));
+  opts.onAssembler?.(assembler);
   const inflight = Math.max(2, threads * 2);
   const queue: Array<{ seg: StreamedSegment; result: Promise<DecodedSegment> }> = [];
   let segments = 0;

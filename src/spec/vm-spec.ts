@@ -24,8 +24,13 @@ export interface DriveSpec {
    * (a synthesized VM starts over the base disk and is switched to its rebuilt layer before it
    * runs). Host-side only; the guest sees the drive's bytes.
    */
-  backing?: { file: string; format: 'raw' | 'qcow2' };
+  backing?: DriveBacking;
 }
+
+/** A drive's backing node: an image file, or an NBD export served over a unix socket. */
+export type DriveBacking =
+  | { kind: 'image'; file: string; format: 'raw' | 'qcow2' }
+  | { kind: 'nbd'; socket: string; export: string };
 
 /** Where a resuming QEMU reads its memory snapshot from. */
 export type IncomingSpec =

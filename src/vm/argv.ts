@@ -110,11 +110,18 @@ export function deviceArgs(spec: VmSpec): string[] {
     if (d.backing) {
       // Named nodes, so that a QMP blockdev-reopen can later put another backing under the drive.
       const n = driveNodes(i);
-      args.push(
-        '-blockdev',
-        `driver=file,filename=${qemuOptValue(d.backing.file)},node-name=${n.backing}-file,read-only=on`,
-      );
-      args.push('-blockdev', `driver=${d.backing.format},file=${n.backing}-file,node-name=${n.backing},read-only=on`);
+      const b = d.backing;
+      if (b.kind === 'image') {
+        args.push('-blockdev', `driver=file,filename=${qemuOptValue(b.file)},node-name=${n.backing}-file,read-only=on`);
+        args.push('-blockdev', `driver=${b.format},file=${n.backing}-file,node-name=${n.backing},read-only=on`);
+      } else {
+        // An NBD client that waits for a dropped server instead of failing reads at once.
+        args.push(
+          '-blockdev',
+          `driver=nbd,server.type=unix,server.path=${qemuOptValue(b.socket)},export=${qemuOptValue(b.export)},` +
+            `node-name=${n.backing},read-only=on,reconnect-delay=5`,
+        );
+      }
       opts.push(`node-name=${n.top}`, `file.node-name=${n.file}`, `backing=${n.backing}`);
     }
     args.push('-drive', opts.join(','));

@@ -8,23 +8,38 @@
 import { driveNodes } from './argv.js';
 import type { QmpClient } from './qmp.js';
 
-/** blockdev-add `image` (a qcow2 whose own backing is the drive's current backing node), then reopen the drive on it. */
+/**
+ * blockdev-add `image` (a qcow2), then reopen the drive on it. Its own backing is the drive's
+ * current backing node, or — when the drive was started over an NBD export (early start) — the
+ * base image `base`, opened anew; the NBD node is then removed, so the VM no longer needs the
+ * process that served it.
+ */
 export async function swapBacking(
   vm: { qmp: QmpClient },
   drive: number,
   image: { file: string; format: 'qcow2' },
+  base?: { file: string; format: 'raw' | 'qcow2' },
 ): Promise<void> {
   const n = driveNodes(drive);
   const node = `${n.top}-synth`;
+  const backing = base
+    ? {
+        driver: base.format,
+        'node-name': `${n.top}-base`,
+        'read-only': true,
+        file: { driver: 'file', filename: base.file, 'read-only': true },
+      }
+    : n.backing;
   await vm.qmp.execute('blockdev-add', {
     driver: image.format,
     'node-name': node,
     'read-only': true,
     file: { driver: 'file', filename: image.file, 'read-only': true },
-    backing: n.backing,
+    backing,
   });
   // blockdev-reopen takes the node's whole option set: what the drive was opened with, new backing.
   await vm.qmp.execute('blockdev-reopen', {
     options: [{ driver: 'qcow2', 'node-name': n.top, file: n.file, backing: node }],
   });
+  if (base) await vm.qmp.execute('blockdev-del', { 'node-name': n.backing });
 }

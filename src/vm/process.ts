@@ -367,7 +367,7 @@ export async function checkInputs(spec: VmSpec): Promise<void> {
   if (spec.initrd) files.push(['initrd', spec.initrd]);
   for (const d of spec.drives ?? []) files.push(['drive', d.file]);
   if (spec.incoming?.from === 'file') files.push(['memory snapshot', spec.incoming.path]);
-  for (const d of spec.drives ?? []) if (d.backing) files.push(['backing image', d.backing.file]);
+  for (const d of spec.drives ?? []) if (d.backing?.kind === 'image') files.push(['backing image', d.backing.file]);
   // A shared backend file may be created by QEMU; a private (share=off) one must exist.
   if (spec.memoryBackendFile && !spec.memoryBackendFile.share) {
     files.push(['memory backend file', spec.memoryBackendFile.path]);

@@ -33,6 +33,7 @@ export async function startNginx(root: string, dir: string, bitsPerSecond?: numb
   await writeFile(
     conf,
     `daemon off;
+${process.getuid?.() === 0 ? 'user root;' : ''}
 worker_processes 1;
 pid ${join(dir, 'nginx.pid')};
 error_log ${join(dir, 'error.log')} warn;

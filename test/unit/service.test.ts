@@ -171,7 +171,7 @@ test('libvirt: the domain XML passes the devices through, swaps the RAM, escapes
       memoryMiB: 128,
       kernel: "/b/k'&<",
       drives: [
-        { file: '/i/disk.qcow2', format: 'qcow2', if: 'virtio', backing: { file: '/b/disk.raw', format: 'raw' } },
+        { file: '/i/disk.qcow2', format: 'qcow2', if: 'virtio', backing: { kind: 'image', file: '/b/disk.raw', format: 'raw' } },
       ],
       network: { forwards: [{ hostPort: 2000, guestPort: 80 }] },
       memoryBackendFile: { path: '/b/ram', share: false },

@@ -22,6 +22,7 @@ interface SynthesizeFlags {
   threads?: number;
   pipeline: 'stream' | 'sequential';
   launcher: 'auto' | 'libvirt' | 'qemu';
+  earlyStart?: boolean;
 }
 
 const PHASES: Array<[string, string]> = [
@@ -93,6 +94,12 @@ export function registerSynthesize(program: Command): void {
         .choices(['stream', 'sequential'])
         .default('stream'),
     )
+    .option(
+      '--early-start',
+      'run the VM as soon as its memory is proven; its disk is served from here while the rest of the ' +
+        'overlay arrives (needs a file or a URL that answers Range requests); returns once the VM needs ' +
+        'this process no more',
+    )
     .addOption(
       new Option(
         '--launcher <who>',
@@ -128,6 +135,7 @@ Example:
         threads: flags.threads === 1 ? 0 : flags.threads,
         pipeline: flags.pipeline,
         launcher: flags.launcher,
+        earlyStart: flags.earlyStart,
         progress: makeProgress(g),
         signal: stop.signal,
         onReady(result) {
