@@ -15,7 +15,9 @@ import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { RawWriter } from '../image/disk/raw-writer.js';
 import type { DiskWriter } from '../image/disk/writer.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
-import { BaseMismatchError, BusyError, UsageError } from '../util/errors.js';
+import { BusyError, UsageError } from '../util/errors.js';
+import type { TrustedKey } from '../util/sign.js';
+import { checkOverlayFitsBase } from './overlay-fit.js';
 import { onCleanup } from '../util/cleanup.js';
 import { writeFileAtomic, syncDir } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
@@ -43,6 +45,8 @@ export interface ApplyOptions {
   /** Replace outputs that already exist. */
   force?: boolean;
   progress?: Progress;
+  /** Trusted keys: refuse an unsigned or wrongly signed overlay (overlay/signature.ts). */
+  trust?: readonly TrustedKey[];
 }
 
 /** The manifest.json apply writes beside the rebuilt VM: its files and how to resume them. */
@@ -72,12 +76,7 @@ export interface ApplyResult {
 }
 
 export function checkBase(header: OverlayHeader, base: BaseVm): void {
-  if (header.base.id !== base.id) {
-    throw new BaseMismatchError(
-      `this overlay was made for base ${header.base.id.slice(0, 12)}, not for base ${base.id.slice(0, 12)}`,
-      { expected_base: header.base.id, actual_base: base.id },
-    );
-  }
+  checkOverlayFitsBase(header, base);
 }
 
 export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
@@ -85,7 +84,10 @@ export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
   return withBase(opts.base, progress, async (base) => {
     const timings = new Timings();
     const given = opts.overlay;
-    const reader = typeof given === 'string' ? await timings.time('open', () => OverlayReader.open(given)) : given;
+    const reader =
+      typeof given === 'string'
+        ? await timings.time('open', () => OverlayReader.open(given, { trust: opts.trust }))
+        : given;
     try {
       return await applyWith(reader, base, opts, progress, timings);
     } finally {

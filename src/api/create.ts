@@ -19,6 +19,8 @@ import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
 import { openVmImages, vmTargets, mainBlockOf } from '../targets/vm-images.js';
 import { TOOL } from '../util/version.js';
+import { checkOutputPath } from '../util/atomic.js';
+import { publicOf, type SigningKey } from '../util/sign.js';
 import { withBase, type BaseRef } from './base-ref.js';
 
 export interface CreateOptions {
@@ -34,6 +36,10 @@ export interface CreateOptions {
   progress?: Progress;
   /** Switch encoders off (benchmarks). */
   encoders?: Partial<DiffOptions>;
+  /** Sign the overlay's header (format 1.1 signature) with this key. */
+  sign?: SigningKey;
+  /** Replace an existing output file (else BusyError before any work). */
+  force?: boolean;
 }
 
 export interface CreateResult {
@@ -58,6 +64,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
   const level = opts.level ?? DEFAULT_LEVEL;
   if (!Number.isInteger(level) || level < 1 || level > 22)
     throw new UsageError(`compression level must be 1..22, not ${level}`);
+  await checkOutputPath(opts.output, opts.force ?? false);
   if (opts.memory && !base.targets.some((t) => t.kind === 'ram')) {
     throw new UsageError('the customized VM has a memory snapshot but the base has none: give the base memory too');
   }
@@ -76,6 +83,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       );
     }
     const targets = vmTargets(vm);
+    checkRamBlocks(targets, base);
     const header: OverlayHeader = {
       format: 'cloudlet-overlay',
       version: [VERSION_MAJOR, VERSION_MINOR],
@@ -112,7 +120,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       progress.done('base anchors indexed');
     }
     const total = targets.reduce((n, t) => n + targetSize(t), 0);
-    const writer = await OverlayWriter.create(opts.output, header);
+    const writer = await OverlayWriter.create(opts.output, header, { sign: opts.sign, force: opts.force });
     let result;
     try {
       progress.step('creating overlay', total);
@@ -126,7 +134,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       result = await timings.time('finish', () => writer.finish(diffResult.targets, diffResult.stats));
       progress.done('overlay created');
       // Re-read what was written: header, footer and index must parse (restic does the same).
-      const check = await OverlayReader.open(opts.output);
+      const check = await OverlayReader.open(opts.output, { trust: opts.sign ? [publicOf(opts.sign)] : [] });
       await check.close();
       return {
         message_type: 'create',
@@ -144,5 +152,23 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
     }
   } finally {
     await vm.close();
+  }
+}
+
+/**
+ * A memory snapshot resumes only on the base's machine: its RAM blocks must be the base's, by
+ * name and at most as large (readers refuse anything else, so refuse it here with the reason).
+ */
+function checkRamBlocks(targets: ReturnType<typeof vmTargets>, base: BaseVm): void {
+  for (const t of targets) {
+    if (t.kind !== 'ram') continue;
+    const b = base.targets.find((x) => x.kind === 'ram' && x.name === t.name);
+    if (!b || t.source.size > b.size) {
+      throw new UsageError(
+        `the customized memory snapshot has RAM block ${t.name} of ${t.source.size} bytes, ` +
+          (b ? `the base's is ${b.size} bytes` : 'the base has no such block') +
+          ': take the customized snapshot from a resume of the base snapshot',
+      );
+    }
   }
 }

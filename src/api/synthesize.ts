@@ -13,7 +13,8 @@ import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
 import { instanceDir, type InstanceState } from '../instance/state.js';
 import { tmpDir } from '../base/paths.js';
-import { fetchToFile, isUrl, type Fetched } from '../net/fetch.js';
+import { fetchToFile, isUrl, type Fetched, type FetchLimits } from '../net/fetch.js';
+import type { TrustedKey } from '../util/sign.js';
 import type { PortForward } from '../spec/vm-spec.js';
 import type { QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
@@ -40,6 +41,10 @@ export interface SynthesizeOptions {
   progress?: Progress;
   /** Resume the full customized stream instead of the sparse one (benchmarks). */
   memoryFormat?: 'sparse' | 'stream';
+  /** Trusted keys: refuse an unsigned or wrongly signed overlay before anything is written. */
+  trust?: readonly TrustedKey[];
+  /** Download bounds for a URL overlay (net/fetch.ts). */
+  fetch?: FetchLimits;
 }
 
 export interface SynthesizeResult {
@@ -81,10 +86,10 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     let overlayPath = opts.overlay;
     if (isUrl(opts.overlay)) {
       await mkdir(tmpDir(opts.root), { recursive: true });
-      fetched = await timings.time('fetch', () => fetchToFile(opts.overlay, tmpDir(opts.root), progress));
+      fetched = await timings.time('fetch', () => fetchToFile(opts.overlay, tmpDir(opts.root), progress, opts.fetch));
       overlayPath = fetched.path;
     }
-    const reader = await timings.time('open_overlay', () => OverlayReader.open(overlayPath));
+    const reader = await timings.time('open_overlay', () => OverlayReader.open(overlayPath, { trust: opts.trust }));
     try {
       checkBase(reader.header, base);
       if (!reader.header.targets.some((t) => t.kind === 'ram')) {

@@ -26,3 +26,18 @@ export function durationArg(value: string): number {
   const n = Number(m[1]);
   return Math.round(m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : n * 1000);
 }
+
+/** A repeatable option's values, in order. */
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+/** A size in bytes: 1048576, 512K, 64M, 2G, 1T (binary units). */
+export function sizeArg(value: string): number {
+  const m = value.match(/^(\d+)([KMGT]i?B?)?$/i);
+  if (!m) throw new InvalidArgumentError('expected a size like 500M, 2G or a number of bytes');
+  const unit = (m[2] ?? '').charAt(0).toUpperCase();
+  const n = Number(m[1]) * 1024 ** (unit ? 'KMGT'.indexOf(unit) + 1 : 0);
+  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('size out of range');
+  return n;
+}

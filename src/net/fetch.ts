@@ -1,7 +1,10 @@
 /**
  * Fetching an overlay given as a URL: streamed to a file next to where it is used (the
  * library's tmp dir), so it can be verified and applied with random access. HTTP errors and
- * network failures become NetworkError (exit 12), 404 a NotFoundError.
+ * network failures become NetworkError (exit 12), 404 a NotFoundError. Bounded: a server that
+ * sends nothing for `idleMs` (connecting, or mid-body) is dropped, and a body longer than
+ * `maxBytes` (by its Content-Length up front, or as it streams) is refused; a full disk is a
+ * NoSpaceError. On every failure the partial file is removed.
  */
 import { createWriteStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
@@ -10,13 +13,24 @@ import { Readable, Transform } from 'node:stream';
 import { join } from 'node:path';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { randomBytes } from 'node:crypto';
-import { NetworkError, NotFoundError } from '../util/errors.js';
+import { CloudletError, NetworkError, NotFoundError, classifyFsError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
+import { ownerTag } from '../util/owner.js';
 import { silent, type Progress } from '../util/progress.js';
 
 export function isUrl(s: string): boolean {
   return /^https?:\/\//i.test(s);
 }
+
+export interface FetchLimits {
+  /** No byte for this long (connecting or mid-body) ends the download. Default 30 s. */
+  idleMs?: number;
+  /** Largest body accepted. Default 32 GiB. */
+  maxBytes?: number;
+}
+
+export const DEFAULT_IDLE_MS = 30_000;
+export const DEFAULT_MAX_BYTES = 32 * 2 ** 30;
 
 export interface Fetched {
   path: string;
@@ -28,62 +42,98 @@ export async function fetchToFile(
   url: string,
   dir: string,
   progress: Progress = silent,
-  timeoutMs = 300_000,
+  limits: FetchLimits = {},
 ): Promise<Fetched> {
-  const path = join(dir, `download-${randomBytes(6).toString('hex')}.overlay`);
-  const unregister = onCleanup(() => rm(path, { force: true }));
-  let res: Response;
-  try {
-    res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-  } catch (err) {
-    unregister();
-    throw new NetworkError(
-      `cannot fetch ${url}: ${(err as Error).cause ? String((err as Error).cause) : (err as Error).message}`,
-      { url },
+  const idleMs = limits.idleMs ?? DEFAULT_IDLE_MS;
+  const maxBytes = limits.maxBytes ?? DEFAULT_MAX_BYTES;
+  const path = join(dir, `download-${ownerTag()}-${randomBytes(6).toString('hex')}.overlay`);
+  const remove = (): Promise<void> => rm(path, { force: true });
+  const unregister = onCleanup(remove);
+  const abort = new AbortController();
+  let idle: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    clearTimeout(idle);
+    idle = setTimeout(
+      () => abort.abort(new NetworkError(`${url}: no data for ${idleMs} ms (stalled)`, { url })),
+      idleMs,
     );
-  }
-  if (res.status === 404) {
-    unregister();
-    throw new NotFoundError(`overlay not found at ${url} (HTTP 404)`, { url });
-  }
-  if (!res.ok || !res.body) {
-    unregister();
-    throw new NetworkError(`cannot fetch ${url}: HTTP ${res.status} ${res.statusText}`, { url, status: res.status });
-  }
-  const total = Number(res.headers.get('content-length') ?? 0);
-  progress.step(`downloading ${url}`, total || undefined);
+  };
   let bytes = 0;
-  const count = new Transform({
-    transform(chunk: Buffer, _enc, cb) {
-      bytes += chunk.length;
-      progress.advance(chunk.length);
-      cb(null, chunk);
-    },
-  });
   try {
-    await pipeline(
-      Readable.fromWeb(res.body as WebReadableStream<Uint8Array>),
-      count,
-      createWriteStream(path, { flags: 'wx' }),
-    );
+    arm();
+    let res: Response;
+    try {
+      res = await fetch(url, { signal: abort.signal });
+    } catch (err) {
+      throw abortReason(abort) ?? new NetworkError(`cannot fetch ${url}: ${describe(err)}`, { url });
+    }
+    if (res.status === 404) throw new NotFoundError(`overlay not found at ${url} (HTTP 404)`, { url });
+    if (!res.ok || !res.body) {
+      throw new NetworkError(`cannot fetch ${url}: HTTP ${res.status} ${res.statusText}`, { url, status: res.status });
+    }
+    const total = Number(res.headers.get('content-length') ?? 0);
+    if (total > maxBytes) {
+      throw new NetworkError(`${url} is ${total} bytes, more than the limit of ${maxBytes} (--max-size)`, { url });
+    }
+    progress.step(`downloading ${url}`, total || undefined);
+    const count = new Transform({
+      transform(chunk: Buffer, _enc, cb) {
+        bytes += chunk.length;
+        arm();
+        if (bytes > maxBytes) {
+          cb(new NetworkError(`${url}: more than the limit of ${maxBytes} bytes (--max-size)`, { url }));
+          return;
+        }
+        progress.advance(chunk.length);
+        cb(null, chunk);
+      },
+    });
+    try {
+      await pipeline(
+        Readable.fromWeb(res.body as WebReadableStream<Uint8Array>),
+        count,
+        createWriteStream(path, { flags: 'wx' }),
+        { signal: abort.signal },
+      );
+    } catch (err) {
+      const reason = abortReason(abort);
+      if (reason) throw reason;
+      if (err instanceof CloudletError) throw err;
+      const fsErr = classifyFsError(err, path);
+      if (fsErr instanceof CloudletError) throw fsErr;
+      throw new NetworkError(`download of ${url} failed after ${bytes} bytes: ${describe(err)}`, { url });
+    }
+    if (total && bytes !== total) {
+      throw new NetworkError(`download of ${url} ended after ${bytes} of ${total} bytes`, { url });
+    }
+    progress.done(`downloaded ${url}`);
   } catch (err) {
-    await rm(path, { force: true });
-    unregister();
     progress.fail('download failed');
-    throw new NetworkError(`download of ${url} failed after ${bytes} bytes: ${(err as Error).message}`, { url });
-  }
-  if (total && bytes !== total) {
-    await rm(path, { force: true });
+    abort.abort();
+    await remove();
     unregister();
-    throw new NetworkError(`download of ${url} ended after ${bytes} of ${total} bytes`, { url });
+    throw err;
+  } finally {
+    clearTimeout(idle);
   }
-  progress.done(`downloaded ${url}`);
   return {
     path,
     bytes,
     async remove() {
-      await rm(path, { force: true });
+      await remove();
       unregister();
     },
   };
+}
+
+function abortReason(abort: AbortController): CloudletError | undefined {
+  const r: unknown = abort.signal.reason;
+  return abort.signal.aborted && r instanceof CloudletError ? r : undefined;
+}
+
+function describe(err: unknown): string {
+  const e = err as Error & { cause?: { message?: unknown; code?: unknown } };
+  const c = e.cause;
+  if (!c) return e.message;
+  return [c.code, c.message].filter((x) => typeof x === 'string').join(' ') || e.message;
 }

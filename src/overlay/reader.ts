@@ -4,7 +4,8 @@
  * decompressing it. Every length is checked against the file and the format's limits before
  * it is trusted. Random access to any segment (with a small cache) serves SELF_REF lookups.
  */
-import { open, stat, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { CorruptInputError, NotFoundError, UnsupportedError, check } from '../util/errors.js';
 import { decompress } from '../delta/zstd.js';
@@ -30,6 +31,16 @@ import {
   type SegmentEntry,
 } from './format.js';
 import { parseHeader, parseIndex } from './validate.js';
+import { checkIndexHash, verifyHeaderSignature, type SignatureStatus } from './signature.js';
+import type { TrustedKey } from '../util/sign.js';
+
+export interface ReaderOptions {
+  /**
+   * Trusted keys (util/sign.ts). Non-empty: an unsigned or wrongly signed overlay is refused on
+   * open (UntrustedError), before anything else is read.
+   */
+  trust?: readonly TrustedKey[];
+}
 
 export class OverlayReader implements SegmentStore {
   private cache = new Map<number, Buffer>();
@@ -43,22 +54,31 @@ export class OverlayReader implements SegmentStore {
     readonly headerLength: number,
     readonly index: OverlayIndex,
     readonly indexOffset: number,
+    /** What the signature check found (signature.ts). */
+    readonly signature: SignatureStatus,
+    /** The header JSON exactly as stored. */
+    readonly headerJson: Buffer,
   ) {}
 
-  static async open(path: string): Promise<OverlayReader> {
+  static async open(path: string, opts: ReaderOptions = {}): Promise<OverlayReader> {
     let fh: FileHandle;
     try {
-      fh = await open(path, 'r');
+      // O_NONBLOCK: a FIFO given as an overlay must not block the open.
+      fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
       if (e.code === 'ENOENT') throw new NotFoundError(`overlay not found: ${path}`, { path });
       throw new NotFoundError(`cannot read overlay ${path}: ${e.message}`, { path });
     }
     try {
-      const size = (await stat(path)).size;
-      const { header, length: headerLength, hash } = await readHeader(fh, size);
-      const { index, offset } = await readTrailer(fh, size, headerLength, hash);
-      return new OverlayReader(path, fh, size, header, headerLength, index, offset);
+      const st = await fh.stat();
+      if (st.isDirectory()) throw new NotFoundError(`${path} is a directory, not an overlay file`, { path });
+      if (!st.isFile()) throw new NotFoundError(`${path} is not a regular file`, { path });
+      const size = st.size;
+      const { header, json, length: headerLength, hash } = await readHeader(fh, size);
+      const signature = verifyHeaderSignature(json, header, opts.trust ?? []);
+      const { index, offset } = await readTrailer(fh, size, headerLength, hash, header);
+      return new OverlayReader(path, fh, size, header, headerLength, index, offset, signature, json);
     } catch (err) {
       await fh.close();
       throw err;
@@ -158,7 +178,7 @@ async function readExact(
 async function readHeader(
   fh: FileHandle,
   size: number,
-): Promise<{ header: OverlayHeader; length: number; hash: Buffer }> {
+): Promise<{ header: OverlayHeader; json: Buffer; length: number; hash: Buffer }> {
   check(size >= HEADER_FIXED, 'not an overlay: file too short');
   const fixed = await readExact(fh, 0, HEADER_FIXED, size, 'header');
   check(fixed.subarray(0, 8).equals(MAGIC), 'not a cloudlet-overlay file (bad magic)');
@@ -180,8 +200,9 @@ async function readHeader(
     .update(whole.subarray(0, HEADER_FIXED + jsonLen))
     .digest();
   check(hash.equals(whole.subarray(HEADER_FIXED + jsonLen)), 'header: checksum mismatch (damaged overlay)');
-  const header = parseHeader(whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen));
-  return { header, length: whole.length, hash: createHash('sha256').update(whole).digest() };
+  const json = whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen);
+  const header = parseHeader(json);
+  return { header, json, length: whole.length, hash: createHash('sha256').update(whole).digest() };
 }
 
 async function readTrailer(
@@ -189,6 +210,7 @@ async function readTrailer(
   size: number,
   headerLength: number,
   headerHash: Buffer,
+  header: OverlayHeader,
 ): Promise<{ index: OverlayIndex; offset: number }> {
   check(size >= headerLength + FOOTER_SIZE, 'overlay is truncated: no footer');
   const footer = await readExact(fh, size - FOOTER_SIZE, FOOTER_SIZE, size, 'footer');
@@ -203,7 +225,8 @@ async function readTrailer(
     'footer: index position is inconsistent',
     { offset },
   );
-  const head = decodeFrameHeader(await readExact(fh, offset, FRAME_HEADER, size, 'index'));
+  const headBytes = await readExact(fh, offset, FRAME_HEADER, size, 'index');
+  const head = decodeFrameHeader(headBytes);
   check(head.magic.equals(INDEX_MAGIC), 'index: bad magic', { offset });
   check(head.compLength === length - FRAME_HEADER, 'index: length disagrees with the footer', { offset });
   check(head.rawLength <= MAX_INDEX_RAW, 'index: implausible size', { offset });
@@ -211,6 +234,9 @@ async function readTrailer(
   check(createHash('sha256').update(frame).digest().equals(head.sha256), 'index: checksum mismatch (damaged overlay)', {
     offset,
   });
+  // The header (signed, when it is) names the index's hash: the index, and through it every
+  // segment's checksum, is authenticated before it is decompressed.
+  checkIndexHash(header, [headBytes, frame]);
   const index = parseIndex(decompress(frame, head.rawLength, 'index'));
   check(index.segments.length === segments, 'index: segment count disagrees with the footer');
   let expect = headerLength;

@@ -1,7 +1,8 @@
 /**
- * Writes an overlay file front to back: the header first (with placeholder digests of the
- * same length, patched in place at the end), then segments of ~1 MiB of records, each its own
- * zstd frame, then the index and the footer. The file appears atomically on finish().
+ * Writes an overlay file front to back: the header first (with placeholder digests, index hash
+ * and signature of the same length, patched in place at the end), then segments of ~1 MiB of
+ * records, each its own zstd frame, then the index and the footer. With a signing key the final
+ * header is signed (signature.ts). The file appears atomically on finish().
  */
 import { createHash } from 'node:crypto';
 import { AtomicFile } from '../util/atomic.js';
@@ -9,6 +10,8 @@ import { compress } from '../delta/zstd.js';
 import { encodedLength, recordCount, writeRecord, type ChunkRecord, type RecordSink } from '../delta/record.js';
 import type { DiffStats } from '../delta/stats.js';
 import type { TargetInfo } from '../delta/target.js';
+import type { SigningKey } from '../util/sign.js';
+import { ZERO_SHA256, signHeader, signatureDraft } from './signature.js';
 import {
   FOOTER_MAGIC,
   FOOTER_SIZE,
@@ -41,18 +44,34 @@ export class OverlayWriter implements RecordSink {
     private readonly header: OverlayHeader,
     private readonly headerLength: number,
     private readonly level: number,
+    private readonly signer: SigningKey | undefined,
   ) {
     this.pos = headerLength;
   }
 
-  /** Creates the file (under a temp name) and writes the header with placeholder digests. */
-  static async create(path: string, header: OverlayHeader): Promise<OverlayWriter> {
-    const file = await AtomicFile.create(path);
+  /**
+   * Creates the file (under a temp name) and writes the header with placeholder digests (and,
+   * with `sign`, a placeholder signature). `force` replaces an existing file on commit; without
+   * it an existing file is refused now and again at commit (BusyError).
+   */
+  static async create(
+    path: string,
+    header: OverlayHeader,
+    opts: { sign?: SigningKey; force?: boolean } = {},
+  ): Promise<OverlayWriter> {
+    const file = await AtomicFile.create(path, { force: opts.force ?? false });
     try {
-      const draft: OverlayHeader = { ...header, targets: header.targets.map((t) => ({ ...t, digest: PLACEHOLDER })) };
+      const draft: OverlayHeader = {
+        ...header,
+        version: [VERSION_MAJOR, VERSION_MINOR],
+        targets: header.targets.map((t) => ({ ...t, digest: PLACEHOLDER })),
+        index_sha256: ZERO_SHA256,
+      };
+      if (opts.sign) draft.signature = signatureDraft(opts.sign);
+      else delete draft.signature;
       const bytes = headerBytes(draft);
       await file.handle.write(bytes, 0, bytes.length, 0);
-      return new OverlayWriter(file, draft, bytes.length, header.compression.level);
+      return new OverlayWriter(file, draft, bytes.length, header.compression.level, opts.sign);
     } catch (err) {
       await file.abort();
       throw err;
@@ -96,16 +115,21 @@ export class OverlayWriter implements RecordSink {
           return { ...t, digest: info.digest };
         }),
       };
-      const hb = headerBytes(finalHeader);
-      if (hb.length !== this.headerLength) throw new Error('overlay writer: header changed length');
-      await this.file.handle.write(hb, 0, hb.length, 0);
-
       const index: OverlayIndex = { segments: this.segments, stats };
       const raw = Buffer.from(JSON.stringify(index), 'utf8');
       const frame = compress(raw, 19);
       const sha = createHash('sha256').update(frame).digest();
+      const indexHead = encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha);
+      finalHeader.index_sha256 = createHash('sha256').update(indexHead).update(frame).digest('hex');
+
+      let json: Buffer = Buffer.from(JSON.stringify(finalHeader), 'utf8');
+      if (this.signer) json = signHeader(json, this.signer);
+      const hb = headerBytesFromJson(json);
+      if (hb.length !== this.headerLength) throw new Error('overlay writer: header changed length');
+      await this.file.handle.write(hb, 0, hb.length, 0);
+
       const indexOffset = this.pos;
-      await this.append(encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha));
+      await this.append(indexHead);
       await this.append(frame);
 
       const footer = Buffer.alloc(FOOTER_SIZE);
@@ -118,7 +142,8 @@ export class OverlayWriter implements RecordSink {
       createHash('sha256').update(hb).digest().copy(footer, 32);
       await this.append(footer);
       await this.file.commit();
-      return { size: this.pos, header: finalHeader };
+      const signature = this.signer ? (JSON.parse(json.toString('utf8')) as OverlayHeader).signature : undefined;
+      return { size: this.pos, header: signature ? { ...finalHeader, signature } : finalHeader };
     } catch (err) {
       this.failed = true;
       await this.file.abort();
@@ -167,7 +192,11 @@ export class OverlayWriter implements RecordSink {
 }
 
 export function headerBytes(header: OverlayHeader): Buffer {
-  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  return headerBytesFromJson(Buffer.from(JSON.stringify(header), 'utf8'));
+}
+
+/** The stored header around its JSON: magic, version, length, the JSON, its checksum. */
+export function headerBytesFromJson(json: Buffer): Buffer {
   const out = Buffer.alloc(HEADER_FIXED + json.length + 32);
   MAGIC.copy(out, 0);
   out.writeUInt16LE(VERSION_MAJOR, 8);

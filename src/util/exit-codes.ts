@@ -42,14 +42,28 @@ const REGISTRY = {
   busy: {
     code: 10,
     label: 'busy (port/base in use, output exists)',
-    meaning: 'a port is in use, a base is in use by an instance, an output already exists',
+    meaning: 'a port is in use, a base is in use (by an instance or a running operation), an output already exists',
   },
   missingTool: {
     code: 11,
     label: 'tool missing',
     meaning: 'qemu-img / qemu-system-x86_64 / tar not found on PATH',
   },
-  network: { code: 12, label: 'network', meaning: 'fetching an overlay URL failed' },
+  network: {
+    code: 12,
+    label: 'network',
+    meaning: 'fetching an overlay URL failed: refused, an HTTP error, stalled (idle timeout) or too large',
+  },
+  untrusted: {
+    code: 13,
+    label: 'untrusted (signature)',
+    meaning: 'unsigned, untrusted or badly signed overlay or base package while a trusted key is configured',
+  },
+  noSpace: {
+    code: 14,
+    label: 'no space',
+    meaning: 'the file system that holds an output (named in the message) is full',
+  },
   interrupted: {
     code: 130,
     label: 'interrupted',

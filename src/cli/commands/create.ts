@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { Option } from 'commander';
 import { createOverlay, DEFAULT_LEVEL } from '../../api/create.js';
+import { signingKey } from '../../api/keys.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, seconds, table, type GlobalOptions } from '../output.js';
@@ -13,6 +14,8 @@ interface CreateFlags extends BaseFlags {
   output: string;
   level: number;
   tmpDir?: string;
+  sign?: string;
+  force?: boolean;
 }
 
 export function registerCreate(program: Command): void {
@@ -33,6 +36,8 @@ export function registerCreate(program: Command): void {
       new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg),
     )
     .option('--tmp-dir <dir>', 'scratch space for converted disk views (default: system temp)')
+    .option('--sign <key>', 'sign the overlay with this private key (NAME.key from `key generate`)')
+    .option('--force', 'replace the output file if it exists')
     .addHelpText(
       'after',
       `
@@ -52,6 +57,8 @@ Examples:
         level: flags.level,
         tmpDir: flags.tmpDir,
         progress: makeProgress(g),
+        sign: await signingKey(flags.sign),
+        force: flags.force,
       });
       printResult(g, r, () => {
         const rows = [['target', 'kind', 'size', 'changed chunks']];
