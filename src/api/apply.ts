@@ -5,7 +5,7 @@
  * after every target has been proven against the overlay's digests. An error or interrupt
  * leaves the output directory as it was.
  */
-import { mkdir, rename, rm, stat, mkdtemp } from 'node:fs/promises';
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Patcher, type TargetOutput } from '../delta/patch.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
@@ -19,7 +19,7 @@ import { BusyError, UsageError } from '../util/errors.js';
 import type { TrustedKey } from '../util/sign.js';
 import { checkOverlayFitsBase } from './overlay-fit.js';
 import { onCleanup } from '../util/cleanup.js';
-import { writeFileAtomic, syncDir } from '../util/atomic.js';
+import { stagingDir, writeFileAtomic, syncDir } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import { safeName } from '../util/safe-name.js';
 import type { BaseVm } from '../targets/base-vm.js';
@@ -155,7 +155,7 @@ async function applyWith(
     }
   }
 
-  const staging = await mkdtemp(join(outDir, '.staging-'));
+  const staging = await stagingDir(outDir, '.staging-');
   const unregister = onCleanup(() => rm(staging, { recursive: true, force: true }));
   const aborts: Array<() => Promise<void>> = [];
   try {

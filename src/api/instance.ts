@@ -33,6 +33,8 @@ export interface InstanceStart {
   accel?: AccelChoice;
   detach?: boolean;
   overlay: string;
+  /** Raw QEMU options from the operator (--qemu-arg): appended to argv, never part of a base. */
+  qemuArgs?: readonly string[];
 }
 
 export function newInstanceId(): string {
@@ -56,8 +58,10 @@ export function resumeSpecFor(
   if (spec.kernel) spec.kernel = join(base.dir, spec.kernel);
   if (spec.initrd) spec.initrd = join(base.dir, spec.initrd);
   if (spec.drives?.[0]) spec.drives = [{ ...spec.drives[0], file: join(dir, 'disk.qcow2'), format: 'qcow2' }];
-  if (spec.network) spec.network = { ...spec.network, forwards };
-  else if (forwards.length > 0) throw new UsageError('this base VM has no network card: --forward is not possible');
+  if (spec.network) {
+    spec.network = { ...spec.network, forwards };
+    if (spec.network.romfile) spec.network.romfile = join(base.dir, spec.network.romfile);
+  } else if (forwards.length > 0) throw new UsageError('this base VM has no network card: --forward is not possible');
   if (memory.sparse) {
     if (!base.ramFile) throw new UsageError(`base ${base.id.slice(0, 12)} has no memory snapshot: nothing to resume`);
     spec.memoryBackendFile = { path: base.ramFile, share: false };
@@ -69,11 +73,14 @@ export function resumeSpecFor(
 export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; state: InstanceState }> {
   const dir = instanceDir(s.root, s.iid);
   const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards);
-  const vm = await startQemu(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach }).catch(
-    (err: unknown) => {
-      throw withHint(err);
-    },
-  );
+  const vm = await startQemu(spec, {
+    runDir: dir,
+    accel: s.accel ?? 'auto',
+    detach: s.detach,
+    hostArgs: s.qemuArgs,
+  }).catch((err: unknown) => {
+    throw withHint(err);
+  });
   const state: InstanceState = {
     id: s.iid,
     base_id: s.base.id,
@@ -89,6 +96,7 @@ export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; sta
     stderr_log: vm.paths.stderrLog,
     forwards: s.forwards,
     spec,
+    ...(s.qemuArgs?.length ? { host_args: [...s.qemuArgs] } : {}),
   };
   await writeInstance(s.root, state);
   return { vm, state };

@@ -5,17 +5,17 @@
  * The directory appears atomically.
  */
 import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { basename, dirname, join, resolve } from 'node:path';
 import { AttachedVm } from '../vm/attach.js';
 import { captureSnapshot } from '../vm/snapshot.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { listInstances } from '../instance/state.js';
-import { writeFileAtomic, syncDir } from '../util/atomic.js';
+import { stagingDir, writeFileAtomic, syncDir } from '../util/atomic.js';
 import { BusyError, CorruptInputError, NotFoundError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { findInstance } from './instance.js';
+import { parseSpec, withoutHostSide } from '../spec/validate.js';
 
 export const SNAPSHOT_MEMORY = 'memory.stream';
 export const SNAPSHOT_VM = 'vm.json';
@@ -40,6 +40,11 @@ export interface SnapshotOptions {
   /** What the VM does after the capture (--then). */
   afterCapture: 'resume' | 'quit';
   progress?: Progress;
+  /**
+   * Refuse (before anything is captured) a VM whose spec could not become a base: options the
+   * closed list does not model (spec/validate.ts). `base capture` sets it.
+   */
+  requireStorable?: boolean;
 }
 
 export interface SnapshotResult {
@@ -67,7 +72,16 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
   if (!socket) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
   const vm = await AttachedVm.attach(socket, spec);
-  const work = `${outDir}.tmp-${randomBytes(4).toString('hex')}`;
+  if (opts.requireStorable) {
+    try {
+      parseSpec(withoutHostSide(vm.spec), 'input');
+    } catch (err) {
+      await vm.detach();
+      throw err;
+    }
+  }
+  await mkdir(dirname(outDir), { recursive: true });
+  const work = await stagingDir(dirname(outDir), `${basename(outDir)}.tmp-`);
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
   try {
     const vmSpec: VmSpec = { ...vm.spec };

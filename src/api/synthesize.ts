@@ -11,7 +11,7 @@ import { join, resolve } from 'node:path';
 import { OverlayReader } from '../overlay/reader.js';
 import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir, type InstanceState } from '../instance/state.js';
+import { claimInstanceDir, instanceDir, type InstanceState } from '../instance/state.js';
 import { tmpDir } from '../base/paths.js';
 import { fetchToFile, isUrl, type Fetched, type FetchLimits } from '../net/fetch.js';
 import type { TrustedKey } from '../util/sign.js';
@@ -25,6 +25,7 @@ import { scratchWrites } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import { applyOverlay, checkBase } from './apply.js';
 import { newInstanceId, startInstance } from './instance.js';
+import { sweepLibrary } from './gc.js';
 
 export interface SynthesizeOptions {
   root: string;
@@ -45,6 +46,8 @@ export interface SynthesizeOptions {
   trust?: readonly TrustedKey[];
   /** Download bounds for a URL overlay (net/fetch.ts). */
   fetch?: FetchLimits;
+  /** Raw QEMU options from the operator (--qemu-arg). */
+  qemuArgs?: string[];
 }
 
 export interface SynthesizeResult {
@@ -69,6 +72,7 @@ export interface Synthesized {
 export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> {
   const progress = opts.progress ?? silent;
   const timings = new Timings();
+  await sweepLibrary(opts.root);
   const id = await resolveBaseId(opts.root, opts.base);
   const base = await timings.time('open_base', () => openLibraryBase(opts.root, id));
   let fetched: Fetched | undefined;
@@ -97,7 +101,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
           'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
         );
       }
-      await mkdir(dir, { recursive: true });
+      await claimInstanceDir(dir);
       // Instance files are scratch: written atomically, but not fsynced (see scratchWrites).
       await timings.time('apply', () =>
         scratchWrites(() =>
@@ -127,6 +131,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         accel: opts.accel,
         detach: opts.detach,
         overlay: isUrl(opts.overlay) ? opts.overlay : resolve(opts.overlay),
+        qemuArgs: opts.qemuArgs,
       }),
     );
     const running = started.vm;

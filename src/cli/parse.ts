@@ -41,3 +41,8 @@ export function sizeArg(value: string): number {
   if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('size out of range');
   return n;
 }
+
+/** The help text of --qemu-arg (launch, synthesize). */
+export const QEMU_ARG_HELP =
+  'add one raw argument to the QEMU command line (repeatable, e.g. --qemu-arg=-device --qemu-arg=virtio-rng-pci); ' +
+  'an operator option on this host only, never stored in a base or passed on by a snapshot';

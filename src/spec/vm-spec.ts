@@ -9,6 +9,7 @@
  * keeps the host-only parts (port forwards, file paths, sockets) separate and free to change.
  */
 import { UsageError } from '../util/errors.js';
+import { checkRuntimeSpec } from './validate.js';
 
 export interface DriveSpec {
   file: string;
@@ -65,6 +66,7 @@ export interface VmSpec {
   /** Exit instead of rebooting (a guest panic then ends QEMU, visibly). Default true. */
   noReboot?: boolean;
   name?: string;
+  /** Never run: raw QEMU options come from the host's command line (--qemu-arg), see validate.ts. */
   extraArgs?: string[];
 }
 
@@ -93,6 +95,7 @@ export function validateSpec(spec: VmSpec): void {
       }
     }
   }
+  checkRuntimeSpec(spec); // the closed list: values that reach argv (spec/validate.ts)
 }
 
 /**

@@ -7,7 +7,7 @@
  * leftovers of a killed run are removed by the next write to the same name (sweepTemps).
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { link, lstat, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { link, lstat, mkdtemp, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { onCleanup } from './cleanup.js';
@@ -155,5 +155,22 @@ export async function writeFileAtomic(
   } catch (err) {
     await f.abort();
     throw classifyFsError(err, path);
+  }
+}
+
+/**
+ * A fresh staging directory `<parent>/<prefix><owner>-XXXXXX`, after removing the ones with the
+ * same prefix whose owners are gone (leftovers of killed runs).
+ */
+export async function stagingDir(parent: string, prefix: string): Promise<string> {
+  for (const name of await readdir(parent).catch(() => [] as string[])) {
+    if (name.startsWith(prefix) && (await ownerIsDead(name))) {
+      await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+  try {
+    return await mkdtemp(join(parent, `${prefix}${ownerTag()}-`));
+  } catch (err) {
+    throw classifyFsError(err, parent);
   }
 }

@@ -19,6 +19,8 @@ export interface RunPaths {
 export interface ArgsContext {
   accel: Accel;
   paths: RunPaths;
+  /** Raw QEMU options from the host's command line (--qemu-arg), last; never from a spec. */
+  hostArgs?: readonly string[];
 }
 
 /** Paths of the run files; sockets may live elsewhere when runDir is too long (see startQemu). */
@@ -104,7 +106,7 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
   }
 
   if (spec.incoming !== undefined) args.push('-incoming', 'defer');
-  args.push(...(spec.extraArgs ?? []));
+  args.push(...(ctx.hostArgs ?? []));
   return args;
 }
 

@@ -35,6 +35,8 @@ export interface StartOptions {
    * registry). Close `vm.qmp` when done so Node can exit.
    */
   detach?: boolean;
+  /** Raw QEMU options given by the operator on the host (--qemu-arg), appended last. */
+  hostArgs?: readonly string[];
 }
 
 export interface QemuExit {
@@ -229,7 +231,7 @@ export async function startQemu(spec: VmSpec, options: StartOptions): Promise<Qe
     }
   }
 
-  const args = buildQemuArgs(spec, { accel, paths });
+  const args = buildQemuArgs(spec, { accel, paths, hostArgs: options.hostArgs });
   const stderrFile = await open(paths.stderrLog, 'w');
   const startedAt = performance.now();
   let child: ChildProcess;

@@ -109,9 +109,9 @@ describe('buildQemuArgs', () => {
     ]);
   });
 
-  it('incoming snapshots start deferred; extra args go last', () => {
-    const spec = { ...demoSpec(), incoming: '/s/base.mem', extraArgs: ['-S'] };
-    const args = buildQemuArgs(spec, { accel: 'tcg', paths });
+  it('incoming snapshots start deferred; host args go last', () => {
+    const spec = { ...demoSpec(), incoming: '/s/base.mem' };
+    const args = buildQemuArgs(spec, { accel: 'tcg', paths, hostArgs: ['-S'] });
     assert.deepEqual(values(args, '-incoming'), ['defer']);
     assert.equal(args.at(-1), '-S');
     assert.equal(incomingUri("/s/it's.mem"), `exec:cat '/s/it'\\''s.mem'`);

@@ -5,10 +5,14 @@ import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';
 import { makeProgress } from '../progress.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
-import { durationArg, forwardArg, intArg } from '../parse.js';
+import { QEMU_ARG_HELP, collect, durationArg, forwardArg, intArg, sizeArg } from '../parse.js';
+import { trust, trustOption, type TrustFlags } from '../trust-flags.js';
 import { onForegroundSignal } from '../signals.js';
 
-interface SynthesizeFlags {
+interface SynthesizeFlags extends TrustFlags {
+  qemuArg?: string[];
+  maxSize?: number;
+  idleTimeout?: number;
   base: string;
   forward: PortForward[];
   waitHttp?: string;
@@ -32,7 +36,7 @@ const PHASES: Array<[string, string]> = [
 ];
 
 export function registerSynthesize(program: Command): void {
-  program
+  const cmd = program
     .command('synthesize')
     .summary('rebuild a customized VM from a base + overlay and resume it until it answers')
     .description(
@@ -73,41 +77,54 @@ export function registerSynthesize(program: Command): void {
         .choices(['sparse', 'stream'])
         .default('sparse'),
     )
+    .addOption(new Option('--qemu-arg <arg>', QEMU_ARG_HELP).argParser(collect))
+    .addOption(
+      new Option('--max-size <bytes>', 'for a URL: refuse a download larger than this (e.g. 2G)')
+        .argParser(sizeArg)
+        .default(undefined, '32G'),
+    )
+    .addOption(
+      new Option('--idle-timeout <duration>', 'for a URL: give up when the server sends nothing for this long')
+        .argParser(durationArg)
+        .default(undefined, '30s'),
+    )
     .addHelpText(
       'after',
       `
 Example:
   cloudlet-overlay synthesize app.overlay --base web --forward 8080:8080 \\
       --wait-http http://127.0.0.1:8080/ --detach`,
-    )
-    .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
-      const g = command.optsWithGlobals<GlobalOptions>();
-      const human = !g.json && !g.quiet;
-      const stop = new AbortController();
-      await runSynthesis({
-        root: libraryRoot(g.library),
-        base: flags.base,
-        overlay,
-        forwards: flags.forward,
-        waitHttp: flags.waitHttp,
-        waitTcp: flags.waitTcp,
-        accel: flags.accel,
-        detach: flags.detach,
-        keep: flags.keep,
-        readyTimeoutMs: flags.timeout,
-        memoryFormat: flags.memory,
-        progress: makeProgress(g),
-        signal: stop.signal,
-        onReady(result) {
-          if (human) process.stderr.write(phaseTable(result) + '\n');
-          printResult(g, result, () => summary(result));
-          if (flags.detach) return;
-          // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
-          onForegroundSignal(() => stop.abort());
-          if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
-        },
-      });
+    );
+  trustOption(cmd).action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
+    const g = command.optsWithGlobals<GlobalOptions>();
+    const human = !g.json && !g.quiet;
+    const stop = new AbortController();
+    await runSynthesis({
+      root: libraryRoot(g.library),
+      base: flags.base,
+      overlay,
+      forwards: flags.forward,
+      waitHttp: flags.waitHttp,
+      waitTcp: flags.waitTcp,
+      accel: flags.accel,
+      detach: flags.detach,
+      keep: flags.keep,
+      readyTimeoutMs: flags.timeout,
+      memoryFormat: flags.memory,
+      progress: makeProgress(g),
+      trust: await trust(flags),
+      fetch: { maxBytes: flags.maxSize, idleMs: flags.idleTimeout },
+      signal: stop.signal,
+      onReady(result) {
+        if (human) process.stderr.write(phaseTable(result) + '\n');
+        printResult(g, result, () => summary(result));
+        if (flags.detach) return;
+        // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
+        onForegroundSignal(() => stop.abort());
+        if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+      },
     });
+  });
 }
 
 function phaseTable(result: SynthesizeResult): string {
