@@ -67,7 +67,11 @@ async function openLocked(root: string, id: string, dir: string, unlock: () => P
       let source: DiskSource | RamFile;
       if (t.kind === 'disk') {
         if (!manifest.disk) throw new CorruptInputError(`base ${id}: disk target without disk file`);
-        source = await openDisk(join(dir, manifest.disk.file), { format: manifest.disk.format, name: 'disk' });
+        source = await openDisk(join(dir, manifest.disk.file), {
+          format: manifest.disk.format,
+          name: 'disk',
+          check: false,
+        });
       } else {
         const file = manifest.memory?.files[t.name];
         if (!file) throw new CorruptInputError(`base ${id}: no file for RAM block ${t.name}`);

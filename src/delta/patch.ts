@@ -44,6 +44,12 @@ export interface PatchResult {
 }
 
 const MAX_BLOB = 256 * 1024 * 1024;
+/** Loop iterations between two yields to the event loop. */
+const YIELD_EVERY = 1 << 14;
+
+function yieldToEventLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
 /** Bound on references to references (a corrupt overlay could chain them without end). */
 const MAX_DEPTH = 32;
 
@@ -206,7 +212,10 @@ export class Patcher {
     const map = same?.map;
     const buf = (this.batch ??= Buffer.alloc(256 * CHUNK_SIZE));
     let c = st.next;
+    let steps = 0;
     while (c < end) {
+      // Long runs of zero chunks do no I/O: yield now and then, so signals (SIGINT) are handled.
+      if (++steps % YIELD_EVERY === 0) await yieldToEventLoop();
       // Zero run up to the next non-zero eligible base chunk.
       while (map && st.mapPos < map.count && map.indexes[st.mapPos]! < c) st.mapPos++;
       const nextData = map && st.mapPos < map.count ? map.indexes[st.mapPos]! : Infinity;

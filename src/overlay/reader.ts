@@ -202,6 +202,7 @@ async function readHeader(
   check(hash.equals(whole.subarray(HEADER_FIXED + jsonLen)), 'header: checksum mismatch (damaged overlay)');
   const json = whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen);
   const header = parseHeader(json);
+  check(header.version[0] === major && header.version[1] === minor, 'header: version fields disagree');
   return { header, json, length: whole.length, hash: createHash('sha256').update(whole).digest() };
 }
 
@@ -216,7 +217,11 @@ async function readTrailer(
   const footer = await readExact(fh, size - FOOTER_SIZE, FOOTER_SIZE, size, 'footer');
   check(footer.subarray(0, 8).equals(FOOTER_MAGIC), 'overlay is truncated or damaged: no footer at the end');
   check(footer.subarray(32, 64).equals(headerHash), 'footer does not belong to this header (damaged or spliced file)');
-  check(footer.readUInt16LE(28) === VERSION_MAJOR, 'footer: format version differs from the header');
+  // Both halves of the version: no byte of the file goes unchecked.
+  check(
+    footer.readUInt16LE(28) === VERSION_MAJOR && footer.readUInt16LE(30) === header.version[1],
+    'footer: format version differs from the header',
+  );
   const offset = Number(footer.readBigUInt64LE(8));
   const length = Number(footer.readBigUInt64LE(16));
   const segments = footer.readUInt32LE(24);
