@@ -24,6 +24,8 @@ export interface BaseSummary {
   disk_bytes?: number;
   /** Bytes the base's files occupy on disk. */
   stored_bytes: number;
+  /** Set when the manifest cannot be read or is not valid: why (the base cannot be used). */
+  damaged?: string;
 }
 
 export async function listBases(root: string): Promise<BaseSummary[]> {
@@ -35,8 +37,14 @@ export async function listBases(root: string): Promise<BaseSummary[]> {
   }
   const out: BaseSummary[] = [];
   for (const id of ids.filter((n) => /^[0-9a-f]{64}$/.test(n)).sort()) {
-    const m = await readManifest(join(baseDir(root, id), 'manifest.json')).catch(() => undefined);
-    if (m) out.push(summarize(m, await duBytes(baseDir(root, id))));
+    const dir = baseDir(root, id);
+    try {
+      out.push(summarize(await readManifest(join(dir, 'manifest.json')), await duBytes(dir)));
+    } catch (err) {
+      // Shown, not hidden: a damaged base is named by its id, and refused with its reason on use.
+      const why = err instanceof Error ? err.message : String(err);
+      out.push({ id, created_at: '', stored_bytes: await duBytes(dir).catch(() => 0), damaged: why });
+    }
   }
   return out;
 }

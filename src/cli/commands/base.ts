@@ -119,7 +119,7 @@ Examples:
             b.memory_bytes === undefined ? '' : bytes(b.memory_bytes),
             b.disk_bytes === undefined ? '' : bytes(b.disk_bytes),
             bytes(b.stored_bytes),
-            b.created_at.slice(0, 19),
+            b.damaged ? 'DAMAGED (see base verify)' : b.created_at.slice(0, 19),
           ]);
         }
         return table(rows);
