@@ -267,7 +267,7 @@ test('header strings reach the terminal with their control characters escaped', 
     targets: [],
     compression: { codec: 'zstd', level: 3 },
   });
-  await w.finish([], { encodings: {}, targets: {}, bytesRead: 0 } as never);
+  await w.finish([], { encodings: {}, targets: {}, bytesRead: 0 });
   const human = execFileSync(process.execPath, [BIN, 'info', file], { env, encoding: 'utf8' });
   // eslint-disable-next-line no-control-regex
   assert.doesNotMatch(human, /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/, 'no control character printed');
