@@ -15,7 +15,7 @@ import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { RawWriter } from '../image/disk/raw-writer.js';
 import type { DiskWriter } from '../image/disk/writer.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
-import { BusyError, UsageError } from '../util/errors.js';
+import { BusyError, UsageError, withPath } from '../util/errors.js';
 import type { TrustedKey } from '../util/sign.js';
 import { checkOverlayFitsBase } from './overlay-fit.js';
 import { onCleanup } from '../util/cleanup.js';
@@ -81,6 +81,10 @@ export function checkBase(header: OverlayHeader, base: BaseVm): void {
 
 export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
   const progress = opts.progress ?? silent;
+  return withPath(resolve(opts.outDir), () => applyWithBase(opts, progress));
+}
+
+function applyWithBase(opts: ApplyOptions, progress: Progress): Promise<ApplyResult> {
   return withBase(opts.base, progress, async (base) => {
     const timings = new Timings();
     const given = opts.overlay;

@@ -22,7 +22,7 @@ import type { SignatureStatus, SigningKey, TrustedKey } from '../util/sign.js';
 import { sweepLibrary } from './gc.js';
 import { tmpDir } from '../base/paths.js';
 import { listInstances } from '../instance/state.js';
-import { BusyError, NotFoundError, UsageError } from '../util/errors.js';
+import { BusyError, NotFoundError, UsageError, withPath } from '../util/errors.js';
 import { lockBase } from '../base/locks.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readSnapshotDir, snapshotVm } from './snapshot.js';
@@ -58,6 +58,10 @@ export interface BaseImportMessage {
 }
 
 export async function importBaseFrom(opts: BaseImportOptions): Promise<BaseImportMessage> {
+  return withPath(opts.root, () => importInto(opts));
+}
+
+async function importInto(opts: BaseImportOptions): Promise<BaseImportMessage> {
   const progress = opts.progress ?? silent;
   const root = opts.root;
   await sweepLibrary(root);

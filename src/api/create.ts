@@ -13,7 +13,7 @@ import { OverlayReader } from '../overlay/reader.js';
 import { VERSION_MAJOR, VERSION_MINOR, type OverlayHeader } from '../overlay/format.js';
 import type { DiffStats } from '../delta/stats.js';
 import { targetSize, type NewChunkedTarget, type TargetInfo } from '../delta/target.js';
-import { UsageError } from '../util/errors.js';
+import { UsageError, withPath } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
@@ -56,7 +56,8 @@ export const DEFAULT_LEVEL = 9;
 
 export async function createOverlay(opts: CreateOptions): Promise<CreateResult> {
   const progress = opts.progress ?? silent;
-  return withBase(opts.base, progress, (base) => createWith(base, opts, progress));
+  // A full disk (or a missing directory) is reported naming the output, not as a bare errno.
+  return withPath(opts.output, () => withBase(opts.base, progress, (base) => createWith(base, opts, progress)));
 }
 
 async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress): Promise<CreateResult> {

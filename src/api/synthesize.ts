@@ -19,7 +19,7 @@ import type { PortForward } from '../spec/vm-spec.js';
 import type { QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
-import { CloudletError, UsageError } from '../util/errors.js';
+import { CloudletError, UsageError, withPath } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { scratchWrites } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
@@ -197,7 +197,7 @@ export interface RunSynthesisOptions extends SynthesizeOptions {
  * QEMU exits or `signal` aborts; then stop it and remove its instance directory (unless keep).
  */
 export async function runSynthesis(opts: RunSynthesisOptions): Promise<SynthesizeResult> {
-  const { result, vm, state } = await synthesize(opts);
+  const { result, vm, state } = await withPath(opts.root, () => synthesize(opts));
   opts.onReady?.(result);
   if (opts.detach) {
     await vm.qmp.close();

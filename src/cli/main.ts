@@ -56,7 +56,13 @@ export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
   const json = argv.includes('--json');
   // Under --json commander's own messages would be a second, non-JSON outcome: ours says it.
-  if (json) program.configureOutput({ writeErr: () => undefined });
+  if (json) {
+    const quiet = (c: Command): void => {
+      c.configureOutput({ writeErr: () => undefined });
+      c.commands.forEach(quiet);
+    };
+    quiet(program);
+  }
   let signalled = false;
   let interrupted: Promise<void> | undefined;
   const onSignal = (signal: NodeJS.Signals): void => {

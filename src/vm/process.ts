@@ -184,6 +184,8 @@ export class QemuVm {
 
   /** SIGKILL now. */
   kill(): void {
+    // A detached child is unref'd: whoever awaits `exited` after a kill must keep Node alive.
+    this.child.ref();
     if (this.running) this.child.kill('SIGKILL');
   }
 

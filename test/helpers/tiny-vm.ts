@@ -18,12 +18,13 @@ export interface TinyVm {
   custMem: string;
 }
 
-export async function makeTinyVm(dir: string, seed = 11): Promise<TinyVm> {
+/** `ramMiB`: size of pc.ram (QEMU itself needs at least 16 for a resume, even a fake one). */
+export async function makeTinyVm(dir: string, seed = 11, ramMiB = 2): Promise<TinyVm> {
   await mkdir(dir, { recursive: true });
   const rand = rng(seed);
   const disk = Buffer.alloc(4 << 20);
   textish(rand, 1 << 20).copy(disk, 1 << 20);
-  const ram = Buffer.alloc(2 << 20);
+  const ram = Buffer.alloc(ramMiB << 20);
   textish(rand, 1 << 20).copy(ram, 0);
   const bios = textish(rand, 64 << 10);
   const t: TinyVm = {
@@ -48,7 +49,7 @@ export async function makeTinyVm(dir: string, seed = 11): Promise<TinyVm> {
     t.vmJson,
     JSON.stringify({
       machine: 'pc-q35-7.2',
-      memoryMiB: 2,
+      memoryMiB: ramMiB,
       kernel: t.kernel,
       append: 'console=ttyS0',
       drives: [{ file: 'x', format: 'raw', if: 'virtio' }],
@@ -65,7 +66,7 @@ export async function makeTinyVm(dir: string, seed = 11): Promise<TinyVm> {
     ]),
   );
   const cdisk = Buffer.from(disk);
-  cdisk.write('customized', 3 << 20);
+  cdisk.write('customized', (1 << 20) + 5000); // inside the base's data: a delta record
   await writeFile(t.custDisk, cdisk);
   return t;
 }
