@@ -44,9 +44,12 @@ export function ownerTag(): string {
   return tag;
 }
 
-/** The owner tag inside a name made with ownerTag(), e.g. `import-123.4567-ab12cd` → `123.4567`. */
+/**
+ * The owner tag inside a name made with ownerTag(), e.g. `import-123.4567-ab12cd` or
+ * `download-123.4567-ab12cd.overlay` → pid 123, start 4567.
+ */
 export function ownerOf(name: string): { pid: number; start: string } | undefined {
-  const m = /(?:^|[-.])(\d+)\.(\d+)-[0-9A-Za-z]+$/.exec(name);
+  const m = /(?:^|[-.])(\d+)\.(\d+)-[0-9A-Za-z]+(?:\.[a-z]+)?$/.exec(name);
   if (!m) return undefined;
   return { pid: Number(m[1]), start: m[2]! };
 }
