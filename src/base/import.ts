@@ -17,7 +17,8 @@ import { mainBlockOf } from '../targets/vm-images.js';
 import type { NewTarget } from '../delta/target.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { TOOL } from '../util/version.js';
-import { NotFoundError, UnsupportedError, UsageError } from '../util/errors.js';
+import { NotFoundError, UnsupportedError, UsageError, classifyFsError } from '../util/errors.js';
+import { ownerTag } from '../util/owner.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { BASE_NAME, BLOB_FILES, ramFileName, readManifest, type BaseManifest } from './manifest.js';
@@ -66,7 +67,7 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
   }
   await mkdir(tmpDir(opts.root), { recursive: true });
   await mkdir(basesDir(opts.root), { recursive: true });
-  const work = await mkdtemp(join(tmpDir(opts.root), 'import-'));
+  const work = await mkdtemp(join(tmpDir(opts.root), `import-${ownerTag()}-`));
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
   try {
     const targets: TargetInfo[] = [];
@@ -157,6 +158,8 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
       const files: SpecFileDigests = {};
       for (const [name, from] of Object.entries(sources) as Array<[SpecFile, string]>) {
         await copyFile(from, join(work, name)).catch((err: unknown) => {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === 'ENOSPC' || code === 'EDQUOT') throw classifyFsError(err, join(work, name));
           throw new NotFoundError(`the VM spec's ${name} ${from} cannot be read: ${(err as Error).message}`, {
             path: from,
           });

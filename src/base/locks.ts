@@ -40,7 +40,12 @@ export async function lockBase(root: string, id: string): Promise<() => Promise<
     command: process.argv.slice(2, 4).join(' ').slice(0, 100),
     since: new Date().toISOString(),
   };
-  await writeFile(path, JSON.stringify(body) + '\n');
+  try {
+    await writeFile(path, JSON.stringify(body) + '\n');
+  } catch (err) {
+    await rm(path, { force: true }); // a full disk: no half-written lock either
+    throw err;
+  }
   let released = false;
   const release = async (): Promise<void> => {
     if (released) return;

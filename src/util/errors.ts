@@ -129,8 +129,10 @@ export class NoSpaceError extends CloudletError {
  */
 export function classifyFsError(err: unknown, path?: string): unknown {
   if (err instanceof CloudletError || !(err instanceof Error)) return err;
-  const e = err as NodeJS.ErrnoException;
-  const where = e.path ?? path;
+  const e = err as NodeJS.ErrnoException & { dest?: string };
+  // A full disk is about where bytes were going (copyFile's dest), not where they came from.
+  const nospace = e.code === 'ENOSPC' || e.code === 'EDQUOT' || e.code === 'EFBIG';
+  const where = (nospace ? (e.dest ?? path ?? e.path) : (e.path ?? path)) ?? undefined;
   const at = where ? ` (${where})` : '';
   const details: ErrorDetails = where ? { path: where } : {};
   switch (e.code) {

@@ -11,7 +11,8 @@
  *
  * The image (and its backing files) must not change while it is open.
  */
-import { mkdtemp, open, rm, stat, type FileHandle } from 'node:fs/promises';
+import { open, rm, stat, type FileHandle } from 'node:fs/promises';
+import { stagingDir } from '../../util/atomic.js';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { ChunkSource, Extent } from '../../delta/source.js';
@@ -296,7 +297,8 @@ async function convertedView(
   format: string,
   tmpDir: string,
 ): Promise<{ handle: FileHandle; remove: () => Promise<void> }> {
-  const dir = await mkdtemp(join(tmpDir, 'cloudlet-disk-'));
+  // Owner-tagged: the view of a killed run is removed by the next one (util/atomic.ts stagingDir).
+  const dir = await stagingDir(tmpDir, 'cloudlet-disk-');
   const removeDir = (): Promise<void> => rm(dir, { recursive: true, force: true });
   const unregister = onCleanup(removeDir);
   const remove = async (): Promise<void> => {
