@@ -10,7 +10,7 @@ ROOT=$PWD
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 
 say "setup: system packages, npm dependencies, build"
-bash scripts/setup.sh
+SETUP_GLANCE=0 bash scripts/setup.sh   # the demo needs no Glance
 
 say "demo base VM: kernel + busybox initramfs + ext4 disk from Debian packages (cached)"
 bash scripts/demo-vm/build.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything cloudlet-overlay needs on a fresh Debian 12 machine (as root, or with
 # sudo): QEMU and qemu-img, the benchmark peers (xdelta3, casync), what the demo VM build uses,
-# then the npm dependencies, and builds. Safe to run again: it only installs what is missing.
+# glance-api (scripts/glance.sh), then the npm dependencies, and builds. Safe to run again: it
+# only installs what is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +19,10 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Debian's glance-api for the OpenStack end-to-end test (~200 packages, ~1 min; only when missing;
+# SETUP_GLANCE=0 skips it, e.g. for the demo).
+if [[ ${SETUP_GLANCE:-1} != 0 ]]; then bash scripts/glance.sh install; fi
 
 # zstd-napi is a native addon: without a reachable prebuilt binary, node-gyp builds it against
 # Node's headers, which Debian's nodejs ships in /usr/include/node (no download needed).

@@ -7,15 +7,16 @@
  */
 import { mkdir, rename, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { Patcher, type TargetOutput } from '../delta/patch.js';
-import { initXdelta3 } from '../delta/xdelta3.js';
-import { OverlayReader } from '../overlay/reader.js';
+import type { AssemblyOutput } from '../delta/assemble.js';
 import type { OverlayHeader } from '../overlay/format.js';
+import { DiskChunks, RawRamFile, SharedStream, StreamBlock } from '../pipeline/outputs.js';
+import { rebuild } from '../pipeline/rebuild.js';
+import { ScratchStore } from '../image/scratch-store.js';
 import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { RawWriter } from '../image/disk/raw-writer.js';
 import type { DiskWriter } from '../image/disk/writer.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
-import { BusyError, UsageError, withPath } from '../util/errors.js';
+import { BusyError, UnsupportedError, UsageError, withPath } from '../util/errors.js';
 import type { TrustedKey } from '../util/sign.js';
 import { checkOverlayFitsBase } from './overlay-fit.js';
 import { onCleanup } from '../util/cleanup.js';
@@ -25,13 +26,14 @@ import { safeName } from '../util/safe-name.js';
 import type { BaseVm } from '../targets/base-vm.js';
 import { BLOB_PREFIX, BLOB_START, BLOB_TAIL, STREAM_BLOBS } from '../targets/blobs.js';
 import { withBase, type BaseRef } from './base-ref.js';
-import { DiskOutput, RawFileOutput, SharedStream, StreamBlockOutput } from './outputs.js';
+import { openOverlayInput, overlayInput, type OpenedOverlay, type OverlayInput } from './overlay-input.js';
 
 export type DiskFormat = 'qcow2' | 'raw';
 export type MemoryFormat = 'sparse' | 'stream' | 'raw';
 
 export interface ApplyOptions {
-  overlay: string | OverlayReader;
+  /** A path or URL, or any overlay input (an upload). */
+  overlay: string | OverlayInput;
   /** An open base, or one to open (and close) for this call. */
   base: BaseVm | BaseRef;
   outDir: string;
@@ -45,6 +47,10 @@ export interface ApplyOptions {
   /** Replace outputs that already exist. */
   force?: boolean;
   progress?: Progress;
+  /** Decode threads (default: every core; 0: this thread only). */
+  threads?: number;
+  /** fsync outputs (default true; a synthesized VM's instance files are scratch). */
+  durable?: boolean;
   /** Trusted keys: refuse an unsigned or wrongly signed overlay (overlay/signature.ts). */
   trust?: readonly TrustedKey[];
 }
@@ -75,41 +81,60 @@ export interface ApplyResult {
   timings_ms: { [phase: string]: number };
 }
 
+/** The overlay fits the base: the id, the base targets it lists, its RAM blocks (overlay-fit.ts). */
 export function checkBase(header: OverlayHeader, base: BaseVm): void {
   checkOverlayFitsBase(header, base);
 }
 
 export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
   const progress = opts.progress ?? silent;
+  // A full disk (or a missing directory) is reported naming the output, not as a bare errno.
   return withPath(resolve(opts.outDir), () => applyWithBase(opts, progress));
 }
 
 function applyWithBase(opts: ApplyOptions, progress: Progress): Promise<ApplyResult> {
   return withBase(opts.base, progress, async (base) => {
     const timings = new Timings();
-    const given = opts.overlay;
-    const reader =
-      typeof given === 'string'
-        ? await timings.time('open', () => OverlayReader.open(given, { trust: opts.trust }))
-        : given;
+    const input = typeof opts.overlay === 'string' ? overlayInput(opts.overlay) : opts.overlay;
+    // The pipeline reports the overlay bytes it consumes: a download itself stays silent.
+    const opened = await timings.time('open', () => openOverlayInput(input, silent, { trust: opts.trust }));
     try {
-      return await applyWith(reader, base, opts, progress, timings);
+      return await applyWith(opened, base, opts, progress, timings);
     } finally {
-      if (typeof given === 'string') await reader.close();
+      await opened.close();
     }
   });
 }
 
+/**
+ * The overlay's RAM blocks must be the base's (same names and sizes): they come from a resume
+ * of it, and it bounds the work a header could otherwise ask for.
+ */
+export function checkRamLayout(header: OverlayHeader, base: BaseVm): void {
+  for (const t of header.targets) {
+    if (t.kind !== 'ram') continue;
+    const b = base.targets.find((x) => x.kind === 'ram' && x.name === t.name);
+    if (!b || b.size !== t.size) {
+      throw new UnsupportedError(
+        `the overlay's RAM block ${t.name} (${t.size} bytes) is not one of the base's` +
+          ' (a customized VM must come from a resume of the base snapshot)',
+        { block: t.name },
+      );
+    }
+  }
+}
+
 async function applyWith(
-  reader: OverlayReader,
+  opened: OpenedOverlay,
   base: BaseVm,
   opts: ApplyOptions,
   progress: Progress,
   timings: Timings,
 ): Promise<ApplyResult> {
-  const header = reader.header;
+  const header = opened.header;
   checkBase(header, base);
-  await initXdelta3();
+  checkRamLayout(header, base);
+  const durable = opts.durable ?? true;
 
   const outDir = resolve(opts.outDir);
   const diskTarget = header.targets.find((t) => t.kind === 'disk');
@@ -163,13 +188,8 @@ async function applyWith(
   const unregister = onCleanup(() => rm(staging, { recursive: true, force: true }));
   const aborts: Array<() => Promise<void>> = [];
   try {
-    const outputs: Array<TargetOutput | undefined> = header.targets.map(() => undefined);
-    // The stream output needs the blobs the patcher rebuilds first (they precede every page).
-    const made: { patcher?: Patcher } = {};
-    const blob = (name: string): Buffer => {
-      if (!made.patcher) throw new Error('apply: a stream blob was asked for before the patcher exists');
-      return made.patcher.blob(name);
-    };
+    const outputs: Array<AssemblyOutput | undefined> = header.targets.map(() => undefined);
+    let stream: SharedStream | undefined;
     if (diskTarget && baseDisk?.kind === 'disk' && baseDiskFile) {
       const path = join(staging, names.disk);
       const writer: DiskWriter =
@@ -180,59 +200,69 @@ async function applyWith(
               backingFormat: baseDiskFile.format,
               base: baseDisk.source,
               clusterSize: opts.clusterSize,
+              durable,
             })
-          : await RawWriter.create(path, { virtualSize: diskTarget.size, base: baseDisk.source });
+          : await RawWriter.create(path, { virtualSize: diskTarget.size, base: baseDisk.source, durable });
       aborts.push(() => writer.abort());
-      outputs[header.targets.indexOf(diskTarget)] = new DiskOutput(writer, diskTarget.size);
+      outputs[header.targets.indexOf(diskTarget)] = new DiskChunks(writer, diskTarget.size);
     }
-    if (ramTargets.length > 0) {
-      if (!mem) throw new UsageError('overlay has RAM blocks but no memory description');
-      if (memoryFormat === 'raw') {
-        await mkdir(join(staging, names.memory));
-        for (const t of ramTargets) {
-          const out = new RawFileOutput(join(staging, names.memory, `${safeName(t.name)}.raw`), t.size);
-          aborts.push(() => out.abort());
-          outputs[header.targets.indexOf(t)] = out;
-        }
-      } else {
-        const writer = new MigrationStreamWriter(join(staging, names.memory));
-        aborts.push(() => writer.abort());
-        const shared = new SharedStream(writer, ramTargets.length, blob, mem.ramSectionId, {
-          prefix: BLOB_PREFIX,
-          start: BLOB_START,
-          tail: BLOB_TAIL,
-        });
-        for (const t of ramTargets) {
-          const all = memoryFormat === 'stream' || t.name !== mem.mainBlock;
-          outputs[header.targets.indexOf(t)] = new StreamBlockOutput(shared, t.name, all);
-        }
+    const memory = mem;
+    if (ramTargets.length > 0 && !memory) throw new UsageError('overlay has RAM blocks but no memory description');
+    if (memory && memoryFormat === 'raw') {
+      await mkdir(join(staging, names.memory));
+      for (const t of ramTargets) {
+        const out = new RawRamFile(join(staging, names.memory, `${safeName(t.name)}.raw`), t.size, durable);
+        aborts.push(() => out.abort());
+        outputs[header.targets.indexOf(t)] = out;
       }
     }
 
-    const patcher = new Patcher(base.targets, header.targets, outputs, reader);
-    made.patcher = patcher;
-    progress.step('rebuilding VM from overlay', reader.fileSize);
-    let seg = -1;
+    const store = new ScratchStore(join(staging, '.rebuilt'));
+    progress.step('rebuilding VM from overlay', opened.size);
     const result = await timings.time('rebuild', async () => {
-      for await (const at of reader.records()) {
-        if (at.segment !== seg) {
-          seg = at.segment;
-          progress.advance(reader.index.segments[seg]?.length ?? 0);
-        }
-        await patcher.add(at);
+      try {
+        return await rebuild({
+          reader: opened.reader,
+          header,
+          base: base.targets,
+          baseSources: base.sources,
+          store,
+          threads: opts.threads,
+          onBytes: (n) => progress.advance(n),
+          outputs: (blob) => {
+            if (memory && memoryFormat !== 'raw') {
+              const writer = new MigrationStreamWriter(join(staging, names.memory), { durable });
+              aborts.push(() => writer.abort());
+              stream = new SharedStream(writer, blob, memory.ramSectionId, {
+                prefix: BLOB_PREFIX,
+                start: BLOB_START,
+                tail: BLOB_TAIL,
+              });
+              for (const t of ramTargets) {
+                const every = memoryFormat === 'stream' || t.name !== memory.mainBlock;
+                outputs[header.targets.indexOf(t)] = new StreamBlock(stream, t.name, every);
+              }
+            }
+            return outputs;
+          },
+        });
+      } finally {
+        await store.close();
       }
-      return patcher.finish();
     });
+    opened.verifyWhole();
+    await stream?.end();
     if (memoryFormat === 'raw' && ramTargets.length > 0) {
       for (const name of STREAM_BLOBS) {
-        await writeFileAtomic(join(staging, names.memory, name), patcher.blob(name));
+        const b = result.blobs.get(name);
+        if (b) await writeFileAtomic(join(staging, names.memory, name), b, { durable });
       }
     }
     progress.done('rebuilt and verified');
 
     const manifest: ApplyManifest = {
       message_type: 'synthesis',
-      overlay: typeof opts.overlay === 'string' ? resolve(opts.overlay) : resolve(reader.path),
+      overlay: opened.name,
       base_id: base.id,
       created_at: new Date().toISOString(),
     };
@@ -250,7 +280,7 @@ async function applyWith(
       };
       if (memoryFormat === 'sparse' && baseRamFile) manifest.memory.base_ram_file = resolve(baseRamFile);
     }
-    await writeFileAtomic(join(staging, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+    await writeFileAtomic(join(staging, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n', { durable });
 
     // Everything is proven: move into place, manifest last so it only ever describes real files.
     await timings.time('commit', async () => {
@@ -258,7 +288,7 @@ async function applyWith(
         if (opts.force) await rm(join(outDir, n), { recursive: true, force: true });
         await rename(join(staging, n), join(outDir, n));
       }
-      await syncDir(outDir);
+      if (durable) await syncDir(outDir);
     });
     return {
       message_type: 'apply',

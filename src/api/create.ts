@@ -5,8 +5,11 @@
  */
 import { realpath } from 'node:fs/promises';
 import { anchorBase, indexBase } from '../delta/base-index.js';
+import { availableParallelism } from 'node:os';
+import { createPool } from '../pipeline/create-pool.js';
+import { SharedHashes } from '../delta/shared-hashes.js';
 import { CHUNK_SIZE } from '../delta/chunk.js';
-import { diff, type DiffOptions } from '../delta/diff.js';
+import { defaultDiffOptions, diff, type DiffOptions } from '../delta/diff.js';
 import { initXdelta3 } from '../delta/xdelta3.js';
 import { OverlayWriter } from '../overlay/writer.js';
 import { OverlayReader } from '../overlay/reader.js';
@@ -17,7 +20,7 @@ import { UsageError, withPath } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
-import { openVmImages, vmTargets, mainBlockOf } from '../targets/vm-images.js';
+import { openVmImages, vmTargets, mainBlockOf, type TargetOrder } from '../targets/vm-images.js';
 import { TOOL } from '../util/version.js';
 import { checkOutputPath } from '../util/atomic.js';
 import { publicOf, type SigningKey } from '../util/sign.js';
@@ -40,6 +43,10 @@ export interface CreateOptions {
   sign?: SigningKey;
   /** Replace an existing output file (else BusyError before any work). */
   force?: boolean;
+  /** Default memory-first: what a synthesizing QEMU loads first comes first. */
+  order?: TargetOrder;
+  /** Threads (default: every core); the overlay's bytes are the same whatever the number. */
+  threads?: number;
 }
 
 export interface CreateResult {
@@ -83,7 +90,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
           'take the customized snapshot from a resume of the base snapshot',
       );
     }
-    const targets = vmTargets(vm);
+    const targets = vmTargets(vm, opts.order ?? 'memory-first');
     checkRamBlocks(targets, base);
     const header: OverlayHeader = {
       format: 'cloudlet-overlay',
@@ -121,15 +128,29 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       progress.done('base anchors indexed');
     }
     const total = targets.reduce((n, t) => n + targetSize(t), 0);
-    const writer = await OverlayWriter.create(opts.output, header, { sign: opts.sign, force: opts.force });
+    const baseIndex = indexBase(base.targets);
+    const ladder = { ...defaultDiffOptions, ...opts.encoders };
+    // threads 1: everything on this thread; more: proposals and segment compression on workers.
+    const threads = opts.threads ?? availableParallelism();
+    const known = new SharedHashes(targets.reduce((n, t) => n + (t.kind === 'blob' ? 0 : t.source.size / 4096), 0));
+    const pool =
+      threads > 1 ? await createPool(threads, base.sources, baseIndex, base.anchors, known, ladder) : undefined;
+    const writer = await OverlayWriter.create(opts.output, header, {
+      ...(pool ? { compress: pool.compress, depth: threads + 1 } : {}),
+      sign: opts.sign,
+      force: opts.force,
+    });
     let result;
     try {
       progress.step('creating overlay', total);
       const diffResult = await timings.time('diff', () =>
-        diff(base.targets, indexBase(base.targets), targets, writer, {
+        diff(base.targets, baseIndex, targets, writer, {
           baseAnchors: base.anchors,
           ...opts.encoders,
           onProgress: (n) => progress.advance(n),
+          proposer: pool?.propose,
+          depth: pool ? threads * 2 : 1,
+          known,
         }),
       );
       result = await timings.time('finish', () => writer.finish(diffResult.targets, diffResult.stats));
@@ -150,6 +171,8 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       progress.fail('create failed');
       await writer.abort();
       throw err;
+    } finally {
+      await pool?.close();
     }
   } finally {
     await vm.close();

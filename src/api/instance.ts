@@ -16,7 +16,7 @@ import {
   type InstanceStatus,
 } from '../instance/state.js';
 import type { LibraryBase } from '../base/open.js';
-import type { PortForward, VmSpec } from '../spec/vm-spec.js';
+import type { DriveSpec, IncomingSpec, PortForward, VmSpec } from '../spec/vm-spec.js';
 import { startQemu, type QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { diagnoseQemu } from '../vm/diagnose.js';
@@ -27,8 +27,10 @@ export interface InstanceStart {
   root: string;
   base: LibraryBase;
   iid: string;
-  /** The memory stream to load: sparse over the base RAM file, or a full stream. */
-  memory: { path: string; sparse: boolean };
+  /** The memory stream to load (a file, or a socket we stream into): sparse over the base RAM file, or full. */
+  memory: { incoming: IncomingSpec; sparse: boolean };
+  /** The instance's disk over another backing node than its header names (see DriveSpec.backing). */
+  diskBacking?: DriveSpec['backing'];
   forwards: PortForward[];
   accel?: AccelChoice;
   detach?: boolean;
@@ -47,6 +49,7 @@ export function resumeSpecFor(
   dir: string,
   memory: InstanceStart['memory'],
   forwards: PortForward[],
+  diskBacking?: DriveSpec['backing'],
 ): VmSpec {
   const vm = base.manifest.vm;
   if (!vm)
@@ -57,7 +60,8 @@ export function resumeSpecFor(
   delete spec.name;
   if (spec.kernel) spec.kernel = join(base.dir, spec.kernel);
   if (spec.initrd) spec.initrd = join(base.dir, spec.initrd);
-  if (spec.drives?.[0]) spec.drives = [{ ...spec.drives[0], file: join(dir, 'disk.qcow2'), format: 'qcow2' }];
+  const drive = spec.drives?.[0];
+  if (drive) spec.drives = [{ ...drive, file: join(dir, 'disk.qcow2'), format: 'qcow2', backing: diskBacking }];
   if (spec.network) {
     spec.network = { ...spec.network, forwards };
     if (spec.network.romfile) spec.network.romfile = join(base.dir, spec.network.romfile);
@@ -66,13 +70,13 @@ export function resumeSpecFor(
     if (!base.ramFile) throw new UsageError(`base ${base.id.slice(0, 12)} has no memory snapshot: nothing to resume`);
     spec.memoryBackendFile = { path: base.ramFile, share: false };
   }
-  spec.incoming = memory.path;
+  spec.incoming = memory.incoming;
   return spec;
 }
 
 export async function startInstance(s: InstanceStart): Promise<{ vm: QemuVm; state: InstanceState }> {
   const dir = instanceDir(s.root, s.iid);
-  const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards);
+  const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards, s.diskBacking);
   const vm = await startQemu(spec, {
     runDir: dir,
     accel: s.accel ?? 'auto',

@@ -78,7 +78,7 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
       root: opts.root,
       base,
       iid,
-      memory: { path: join(dir, 'memory.sparse'), sparse: true },
+      memory: { incoming: { from: 'file', path: join(dir, 'memory.sparse') }, sparse: true },
       forwards: opts.forwards,
       accel: opts.accel,
       detach: true,

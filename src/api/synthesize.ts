@@ -1,37 +1,59 @@
 /**
- * synthesize: base (from the library) + overlay (file or URL) → a running VM that answers.
- * Phases, each timed: fetch, open+check (header, footer, index, base id: all before anything
- * is written or launched), apply (rebuild disk as qcow2 over the base disk and memory as a
- * sparse stream over the base RAM file, every target proven), QEMU start, incoming load,
- * first response. A failure at any phase stops QEMU and removes the instance directory.
+ * synthesize: base (from the library) + overlay (file, URL or any byte stream) → a running VM
+ * that answers. One pipeline: QEMU starts at once (paused, waiting for its memory on a unix
+ * socket, its disk opened over the base disk); the overlay is read front to back, its segments
+ * decoded on worker threads and assembled here; memory pages flow into QEMU as they are rebuilt
+ * (changed pages only, over the base RAM file mapped copy-on-write), disk chunks into a qcow2
+ * layer over the base disk. Only when every target is proven against the overlay's digests and
+ * the index and footer check out does QEMU get the device state that completes its load; the
+ * rebuilt disk layer is then put under the guest's write layer, and only then is the VM told to
+ * run. Any failure kills QEMU and removes the instance: nothing unproven ever runs.
+ *
+ * `pipeline: 'sequential'` does the same in phases (rebuild into files, then start QEMU and let
+ * it read them) — the way it was done before, kept for comparison.
  */
 import { once } from 'node:events';
-import { mkdir, rm } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { OverlayReader } from '../overlay/reader.js';
-import { openLibraryBase } from '../base/open.js';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { tmpDir } from '../base/paths.js';
+import { isGlanceRef } from '../glance/image.js';
+import { resolveOverlaySource } from '../glance/overlays.js';
+import { DEFAULT_MAX_BYTES, fetchToFile, type FetchLimits } from '../net/fetch.js';
+import type { TrustedKey } from '../util/sign.js';
+import { sweepLibrary } from './gc.js';
+import { openLibraryBase, type LibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
 import { claimInstanceDir, instanceDir, type InstanceState } from '../instance/state.js';
-import { tmpDir } from '../base/paths.js';
-import { fetchToFile, isUrl, type Fetched, type FetchLimits } from '../net/fetch.js';
-import type { TrustedKey } from '../util/sign.js';
+import type { AssemblyOutput } from '../delta/assemble.js';
+import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
+import { ScratchStore } from '../image/scratch-store.js';
+import { MigrationStreamWriter } from '../image/memory/writer.js';
+import { socketSink } from '../image/memory/stream-sink.js';
+import { DiskChunks, SharedStream, StreamBlock } from '../pipeline/outputs.js';
+import { rebuild } from '../pipeline/rebuild.js';
 import type { PortForward } from '../spec/vm-spec.js';
+import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 import type { QemuVm } from '../vm/process.js';
 import type { AccelChoice } from '../vm/accel.js';
+import { swapBacking } from '../vm/block.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
 import { CloudletError, UsageError, withPath } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
-import { scratchWrites } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
-import { applyOverlay, checkBase } from './apply.js';
+import { applyOverlay, checkBase, checkRamLayout } from './apply.js';
 import { newInstanceId, startInstance } from './instance.js';
-import { sweepLibrary } from './gc.js';
+import { openOverlayInput, overlayInput, type OpenedOverlay, type OverlayInput } from './overlay-input.js';
 
 export interface SynthesizeOptions {
   root: string;
   /** Base id, unique id prefix or name. */
   base: string;
-  overlay: string;
+  /** A path, an http(s) URL, glance://IMAGE_ID, or any overlay input (an upload). */
+  overlay: string | OverlayInput;
+  /** Glance endpoint for glance:// overlays (else $CLOUDLET_GLANCE_URL or the OS_* environment). */
+  glance?: string;
   forwards: PortForward[];
   waitHttp?: string;
   waitTcp?: number;
@@ -42,11 +64,15 @@ export interface SynthesizeOptions {
   progress?: Progress;
   /** Resume the full customized stream instead of the sparse one (benchmarks). */
   memoryFormat?: 'sparse' | 'stream';
-  /** Trusted keys: refuse an unsigned or wrongly signed overlay before anything is written. */
+  /** Default 'stream'; 'sequential' rebuilds into files first (benchmarks). */
+  pipeline?: 'stream' | 'sequential';
+  /** Decode threads (default: every core). */
+  threads?: number;
+  /** Trusted keys: refuse an unsigned or wrongly signed overlay before anything is written or run. */
   trust?: readonly TrustedKey[];
-  /** Download bounds for a URL overlay (net/fetch.ts). */
+  /** Download bounds for a URL overlay (idle timeout, size). */
   fetch?: FetchLimits;
-  /** Raw QEMU options from the operator (--qemu-arg). */
+  /** Raw QEMU options from the operator (--qemu-arg): this host only, never part of a base. */
   qemuArgs?: string[];
 }
 
@@ -60,6 +86,8 @@ export interface SynthesizeResult {
   forwards: PortForward[];
   /** The guest's first answer, when waited for. */
   answer?: { status: number; body: string };
+  /** For an overlay streamed from a URL: what arrived, and connections resumed after a drop. */
+  download?: { bytes: number; resumed: number };
   timings_ms: { [phase: string]: number };
 }
 
@@ -72,72 +100,39 @@ export interface Synthesized {
 export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> {
   const progress = opts.progress ?? silent;
   const timings = new Timings();
-  await sweepLibrary(opts.root);
+  await sweepLibrary(opts.root); // leftovers of killed runs (api/gc.ts)
   const id = await resolveBaseId(opts.root, opts.base);
   const base = await timings.time('open_base', () => openLibraryBase(opts.root, id));
-  let fetched: Fetched | undefined;
-  let vm: QemuVm | undefined;
   const iid = newInstanceId();
   const dir = instanceDir(opts.root, iid);
   const unregister = onCleanup(() => rm(dir, { recursive: true, force: true }));
-  const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
+  const cleanups: Array<() => Promise<void>> = [];
+  let vm: QemuVm | undefined;
+  let opened: OpenedOverlay | undefined;
   try {
     if (!base.manifest.vm) {
       throw new UsageError(
         `base ${id.slice(0, 12)} has no VM spec: import it from a snapshot directory (or with --vm) to resume it`,
       );
     }
-    let overlayPath = opts.overlay;
-    if (isUrl(opts.overlay)) {
-      await mkdir(tmpDir(opts.root), { recursive: true });
-      fetched = await timings.time('fetch', () => fetchToFile(opts.overlay, tmpDir(opts.root), progress, opts.fetch));
-      overlayPath = fetched.path;
-    }
-    const reader = await timings.time('open_overlay', () => OverlayReader.open(overlayPath, { trust: opts.trust }));
-    try {
-      checkBase(reader.header, base);
-      if (!reader.header.targets.some((t) => t.kind === 'ram')) {
-        throw new UsageError(
-          'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
-        );
-      }
-      await claimInstanceDir(dir);
-      // Instance files are scratch: written atomically, but not fsynced (see scratchWrites).
-      await timings.time('apply', () =>
-        scratchWrites(() =>
-          applyOverlay({
-            overlay: reader,
-            base,
-            outDir: dir,
-            diskFormat: 'qcow2',
-            memoryFormat: sparse ? 'sparse' : 'stream',
-            progress,
-          }),
-        ),
+    const input = await timings.time('resolve', () => resolveInput(opts, id));
+    // The pipeline reports the overlay bytes it consumes: the download itself stays silent.
+    const ov = await timings.time('open_overlay', () => openOverlayInput(input, silent, { trust: opts.trust }));
+    opened = ov;
+    const header = ov.header;
+    checkBase(header, base);
+    checkRamLayout(header, base);
+    if (!header.targets.some((t) => t.kind === 'ram') || !header.memory) {
+      throw new UsageError(
+        'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
       );
-    } finally {
-      await reader.close();
     }
-    await fetched?.remove();
-
-    progress.step('resuming VM');
-    const started = await timings.time('qemu', () =>
-      startInstance({
-        root: opts.root,
-        base,
-        iid,
-        memory: { path: join(dir, sparse ? 'memory.sparse' : 'memory.stream'), sparse },
-        forwards: opts.forwards,
-        accel: opts.accel,
-        detach: opts.detach,
-        overlay: isUrl(opts.overlay) ? opts.overlay : resolve(opts.overlay),
-        qemuArgs: opts.qemuArgs,
-      }),
-    );
+    await claimInstanceDir(dir); // owned: swept if this process dies before the instance is recorded
+    const run = opts.pipeline === 'sequential' ? sequential : streamed;
+    // Instance files are scratch: written atomically, but not fsynced (see util/atomic.ts).
+    const started = await run({ opts, base, opened: ov, dir, iid, timings, progress, cleanups });
+    vm = started.vm;
     const running = started.vm;
-    vm = running;
-    timings.phases['qemu_start'] = Math.round(running.timings.qmpReadyMs);
-    timings.phases['incoming_load'] = Math.round(running.timings.incomingMs);
     let answer: SynthesizeResult['answer'];
     const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
     const { waitHttp: url, waitTcp: port } = opts;
@@ -163,24 +158,258 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         dir,
         forwards: opts.forwards,
         answer,
+        download: ov.transfer ? { bytes: ov.transfer.received, resumed: ov.transfer.resumed } : undefined,
         timings_ms: timings.phases,
       },
     };
   } catch (err) {
     progress.fail('synthesis failed');
+    vm ??= failedVm(err);
     if (vm) {
       const tail = await vm.stderrTail(10).catch(() => '');
       vm.kill();
       await vm.exited;
       if (err instanceof CloudletError && tail && !err.details['stderrTail']) err.details['stderrTail'] = tail;
     }
-    await fetched?.remove();
     await rm(dir, { recursive: true, force: true });
     unregister();
     throw err;
   } finally {
+    await opened?.close();
+    for (const c of cleanups) await c().catch(() => undefined);
     await base.close();
   }
+}
+
+/** The overlay to read: glance://ID resolved (type and base checked on the image, before any byte). */
+async function resolveInput(opts: SynthesizeOptions, baseId: string): Promise<OverlayInput> {
+  if (typeof opts.overlay !== 'string') return opts.overlay;
+  if (!isGlanceRef(opts.overlay)) {
+    const input = overlayInput(opts.overlay);
+    if (input.kind !== 'url') return input;
+    return { ...input, maxBytes: opts.fetch?.maxBytes ?? DEFAULT_MAX_BYTES, idleMs: opts.fetch?.idleMs };
+  }
+  const src = await resolveOverlaySource(opts.overlay, { endpoint: opts.glance, expectBase: baseId });
+  return {
+    kind: 'url',
+    url: src.url,
+    headers: src.headers,
+    maxBytes: src.size,
+    sha256: src.sha256,
+    name: opts.overlay,
+  };
+}
+
+interface RunContext {
+  opts: SynthesizeOptions;
+  base: LibraryBase;
+  opened: OpenedOverlay;
+  dir: string;
+  iid: string;
+  timings: Timings;
+  progress: Progress;
+  cleanups: Array<() => Promise<void>>;
+}
+
+/** A VM started by a run that failed later is attached to its error, so it can be stopped. */
+const vmOfError = new WeakMap<object, QemuVm>();
+function failedVm(err: unknown): QemuVm | undefined {
+  return typeof err === 'object' && err !== null ? vmOfError.get(err) : undefined;
+}
+
+/** The pipeline: QEMU, decoding and assembly at once; memory straight into QEMU. */
+async function streamed(c: RunContext): Promise<{ vm: QemuVm; state: InstanceState }> {
+  const { opts, base, opened, dir, timings, progress } = c;
+  const header = opened.header;
+  const memory = header.memory!;
+  const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
+  const diskTarget = header.targets.find((t) => t.kind === 'disk');
+  const baseDisk = base.targets.find((t) => t.kind === 'disk');
+  if (diskTarget && (baseDisk?.kind !== 'disk' || !base.diskPath || !base.diskFormat)) {
+    throw new UsageError('the overlay rebuilds a disk: the base needs its disk');
+  }
+  // The guest's disk: an empty qcow2 for its own writes, whose header names the rebuilt layer
+  // (so tools see the real chain); QEMU opens it over the base disk until that layer is proven.
+  const top = join(dir, 'disk.qcow2');
+  const rebuilt = join(dir, 'disk.rebuilt.qcow2');
+  if (base.diskPath && base.diskFormat && baseDisk?.kind === 'disk') {
+    const size = diskTarget?.size ?? baseDisk.size;
+    const w = await Qcow2Writer.create(top, {
+      virtualSize: size,
+      backingFile: diskTarget ? rebuilt : base.diskPath,
+      backingFormat: diskTarget ? 'qcow2' : base.diskFormat,
+      base: baseDisk.source,
+      durable: false,
+    });
+    await w.finish();
+  }
+  // A short private directory: a library path can be longer than a unix socket name may be.
+  const sockDir = await mkdtemp(join(tmpdir(), 'cm-'));
+  const dropSockDir = (): Promise<void> => rm(sockDir, { recursive: true, force: true });
+  const unregister = onCleanup(dropSockDir);
+  c.cleanups.push(async () => {
+    unregister();
+    await dropSockDir();
+  });
+  const migSocket = join(sockDir, 'memory.sock');
+
+  const t0 = performance.now();
+  const starting = startInstance({
+    root: opts.root,
+    base,
+    iid: c.iid,
+    memory: { incoming: { from: 'unix', path: migSocket }, sparse },
+    diskBacking:
+      diskTarget && base.diskPath ? { file: base.diskPath, format: base.diskFormat as 'raw' | 'qcow2' } : undefined,
+    forwards: opts.forwards,
+    accel: opts.accel,
+    detach: opts.detach,
+    overlay: opened.name,
+    qemuArgs: opts.qemuArgs,
+  }).then((s) => {
+    timings.phases['qemu_start'] = Math.round(performance.now() - t0);
+    return s;
+  });
+  starting.catch(() => undefined); // awaited below; a failure also fails the stream's first write
+  const connecting = starting.then((s) => connectUnix(migSocket, s.vm));
+  const sink = socketSink(connecting, `QEMU ${c.iid}`);
+  const writer = new MigrationStreamWriter(sink);
+  const store = new ScratchStore(join(dir, '.rebuilt'));
+  let disk: Qcow2Writer | undefined;
+  let stream: SharedStream | undefined;
+  try {
+    if (diskTarget && baseDisk?.kind === 'disk' && base.diskPath && base.diskFormat) {
+      disk = await Qcow2Writer.create(rebuilt, {
+        virtualSize: diskTarget.size,
+        backingFile: base.diskPath,
+        backingFormat: base.diskFormat,
+        base: baseDisk.source,
+        durable: false,
+      });
+    }
+    const dw = disk;
+    progress.step('synthesizing', opened.size);
+    const rebuiltRun = await timings.time('rebuild', () =>
+      rebuild({
+        reader: opened.reader,
+        header,
+        base: base.targets,
+        baseSources: base.sources,
+        store,
+        threads: opts.threads,
+        onBytes: (n) => progress.advance(n),
+        outputs: (blob) => {
+          stream = new SharedStream(writer, blob, memory.ramSectionId, {
+            prefix: BLOB_PREFIX,
+            start: BLOB_START,
+            tail: BLOB_TAIL,
+          });
+          const s = stream;
+          return header.targets.map((t): AssemblyOutput | undefined => {
+            if (t.kind === 'disk') return dw ? new DiskChunks(dw, t.size) : undefined;
+            if (t.kind === 'ram') return new StreamBlock(s, t.name, !sparse || t.name !== memory.mainBlock);
+            return undefined;
+          });
+        },
+      }),
+    );
+    for (const [k, v] of Object.entries(rebuiltRun.stats) as Array<[string, number]>) {
+      if (k.endsWith('_ms')) timings.phases[`pipeline_${k}`] = v;
+    }
+    opened.verifyWhole();
+    // Everything is proven: the device state completes QEMU's load.
+    await stream!.end();
+  } catch (err) {
+    await writer.abort();
+    await disk?.abort();
+    const s = await starting.catch(() => undefined);
+    if (s && err instanceof Object) vmOfError.set(err, s.vm);
+    throw err;
+  } finally {
+    await store.close();
+  }
+  const { vm, state } = await starting;
+  try {
+    progress.step('resuming VM');
+    await timings.time('load_wait', () => vm.finishIncoming({ cont: false }));
+    if (disk) await timings.time('disk_switch', () => swapBacking(vm, 0, { file: rebuilt, format: 'qcow2' }));
+    await vm.qmp.execute('cont');
+    return { vm, state };
+  } catch (err) {
+    if (err instanceof Object) vmOfError.set(err, vm);
+    throw err;
+  }
+}
+
+/** Connects to QEMU's incoming socket (it listens once migrate-incoming returned). */
+async function connectUnix(path: string, vm: QemuVm): Promise<Socket> {
+  for (let i = 0; ; i++) {
+    try {
+      return await new Promise<Socket>((resolve, reject) => {
+        const s = connect(path);
+        s.once('error', reject);
+        s.once('connect', () => {
+          s.off('error', reject);
+          resolve(s);
+        });
+      });
+    } catch (err) {
+      if (!vm.running || i >= 100) throw err;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+}
+
+/** Rebuild into files, then start QEMU on them (the way before the pipeline). */
+async function sequential(c: RunContext): Promise<{ vm: QemuVm; state: InstanceState }> {
+  const { opts, base, dir, timings, progress } = c;
+  const sparse = (opts.memoryFormat ?? 'sparse') === 'sparse';
+  // The stream opened to check the header is not used: the overlay is fetched whole, then applied.
+  await c.opened.close();
+  const input = await resolveInput(opts, base.id);
+  let path: string;
+  if (input.kind === 'file') path = input.path;
+  else if (input.kind === 'url') {
+    await mkdir(tmpDir(opts.root), { recursive: true });
+    const fetched = await timings.time('fetch', () =>
+      fetchToFile(input.url, tmpDir(opts.root), progress, opts.fetch ?? {}, {
+        headers: input.headers,
+        sha256: input.sha256,
+      }),
+    );
+    c.cleanups.push(() => fetched.remove());
+    path = fetched.path;
+  } else throw new UsageError('the sequential pipeline takes a file or a URL');
+  await timings.time('apply', () =>
+    applyOverlay({
+      overlay: path,
+      base,
+      outDir: dir,
+      diskFormat: 'qcow2',
+      memoryFormat: sparse ? 'sparse' : 'stream',
+      progress,
+      threads: opts.threads ?? 0,
+      durable: false,
+      trust: opts.trust,
+    }),
+  );
+  progress.step('resuming VM');
+  const started = await timings.time('qemu', () =>
+    startInstance({
+      root: opts.root,
+      base,
+      iid: c.iid,
+      memory: { incoming: { from: 'file', path: join(dir, sparse ? 'memory.sparse' : 'memory.stream') }, sparse },
+      forwards: opts.forwards,
+      accel: opts.accel,
+      detach: opts.detach,
+      overlay: c.opened.name,
+      qemuArgs: opts.qemuArgs,
+    }),
+  );
+  timings.phases['qemu_start'] = Math.round(started.vm.timings.qmpReadyMs);
+  timings.phases['incoming_load'] = Math.round(started.vm.timings.incomingMs);
+  return started;
 }
 
 export interface RunSynthesisOptions extends SynthesizeOptions {
@@ -197,6 +426,7 @@ export interface RunSynthesisOptions extends SynthesizeOptions {
  * QEMU exits or `signal` aborts; then stop it and remove its instance directory (unless keep).
  */
 export async function runSynthesis(opts: RunSynthesisOptions): Promise<SynthesizeResult> {
+  // A full disk (or a missing directory) is reported naming the library, not as a bare errno.
   const { result, vm, state } = await withPath(opts.root, () => synthesize(opts));
   opts.onReady?.(result);
   if (opts.detach) {

@@ -1,11 +1,14 @@
-/** The base library's operations: list, show, remove, verify (packages: package.ts). */
+/** The base library's operations: list, show, remove, verify (packages: package.ts; a package as a stream here). */
+import { spawn } from 'node:child_process';
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { PassThrough, type Readable } from 'node:stream';
 import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
 import { randomBytes } from 'node:crypto';
-import { BusyError, NotFoundError } from '../util/errors.js';
+import { BusyError, CorruptInputError, NotFoundError } from '../util/errors.js';
+import { findTool, missingTool } from '../util/programs.js';
 import { ownerTag } from '../util/owner.js';
 import { lockHolders } from './locks.js';
 import { silent, type Progress } from '../util/progress.js';
@@ -151,6 +154,51 @@ export async function verifyBase(root: string, id: string, progress: Progress = 
     await base.close();
   }
   return { message_type: 'base_verify', id, ok: problems.length === 0, problems };
+}
+
+/**
+ * The package `base export` writes (unsigned), as a stream (for an upload; nothing lands on disk): a sparse
+ * tar of the base directory that fails, rather than ends short, when tar fails.
+ */
+export async function exportStream(root: string, id: string): Promise<Readable> {
+  await showBase(root, id);
+  return tarStream(await findTool('tar'), ['--sparse', '-cf', '-', '-C', basesDir(root), id]);
+}
+
+/**
+ * `program ARGS` (a tar writing to stdout) as a stream that is destroyed with the error, never
+ * ended cleanly, when tar fails: a consumer cannot mistake a short archive for a whole one.
+ * Destroying the stream early ends tar.
+ */
+export function tarStream(program: string, args: string[]): Readable {
+  const out = new PassThrough();
+  const child = spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (c: Buffer) => {
+    if (stderr.length < 4096) stderr += c.toString('utf8');
+  });
+  const exited = new Promise<Error | undefined>((resolve) => {
+    child.once('error', (err: NodeJS.ErrnoException) =>
+      resolve(err.code === 'ENOENT' ? missingTool('tar', program) : err),
+    );
+    child.once('close', (code, signal) =>
+      resolve(
+        code === 0
+          ? undefined
+          : new CorruptInputError(`tar failed (${signal ?? code}): ${stderr.trim().split('\n').pop()}`),
+      ),
+    );
+  });
+  child.stdout.on('data', (c: Buffer) => {
+    if (!out.write(c)) child.stdout.pause();
+  });
+  out.on('drain', () => child.stdout.resume());
+  child.stdout.once('end', () => void exited.then((err) => (err ? out.destroy(err) : out.end())));
+  void exited.then((err) => err && out.destroy(err));
+  out.once('close', () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+  });
+  return out;
 }
 
 /** Allocated bytes of a directory tree (du: holes do not count). */

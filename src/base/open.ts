@@ -10,6 +10,7 @@ import type { BaseTarget } from '../delta/target.js';
 import { openDisk, type DiskSource } from '../image/disk/open-disk.js';
 import { openRamFile, type RamFile } from '../image/memory/ram-file.js';
 import type { BaseVm } from '../targets/base-vm.js';
+import type { BaseSourceSpec } from '../targets/base-sources.js';
 import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 import { readManifest, type BaseManifest } from './manifest.js';
@@ -98,6 +99,19 @@ async function openLocked(root: string, id: string, dir: string, unlock: () => P
       diskPath: manifest.disk ? join(dir, manifest.disk.file) : undefined,
       diskFormat: manifest.disk?.format,
       ramFile: mainRamFile ? join(dir, mainRamFile) : undefined,
+      sources: targets.map((t): BaseSourceSpec => {
+        if (t.kind === 'blob') return { kind: 'blob', name: t.name, size: t.size, bytes: t.blob };
+        if (t.kind === 'disk') {
+          return {
+            kind: 'disk',
+            name: t.name,
+            size: t.size,
+            path: join(dir, manifest.disk!.file),
+            format: manifest.disk!.format,
+          };
+        }
+        return { kind: 'ram-file', name: t.name, size: t.size, path: join(dir, manifest.memory!.files[t.name]!) };
+      }),
       async close() {
         await Promise.allSettled(closers.map((c) => c()));
         await unlock();

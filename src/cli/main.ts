@@ -20,6 +20,7 @@ import { registerSnapshot } from './commands/snapshot.js';
 import { registerInstances } from './commands/instances.js';
 import { registerConsole } from './commands/console.js';
 import { registerKey } from './commands/key.js';
+import { registerOverlay } from './commands/overlay.js';
 
 export function buildProgram(): Command {
   const program = new Command('cloudlet-overlay')
@@ -49,6 +50,7 @@ export function buildProgram(): Command {
   registerInstances(program);
   registerConsole(program);
   registerKey(program);
+  registerOverlay(program);
   return program;
 }
 

@@ -8,6 +8,13 @@ export function intArg(value: string): number {
   return n;
 }
 
+/** A thread count: 1 or more (1: everything on the main thread). */
+export function threadsArg(value: string): number {
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 1 || n > 256) throw new InvalidArgumentError('expected a thread count 1..256');
+  return n;
+}
+
 /**
  * A port forward: QEMU's hostfwd syntax `tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT`, or the
  * short `HOSTPORT:GUESTPORT` (host side on 127.0.0.1).

@@ -33,12 +33,18 @@ class SpinnerProgress implements Progress {
     if (!this.spinner || now - this.lastRender < 100) return;
     this.lastRender = now;
     const mib = (this.doneBytes / MiB).toFixed(0);
-    const rate = (this.doneBytes / MiB / Math.max(0.001, (now - this.started) / 1000)).toFixed(0);
-    this.spinner.text =
-      this.total > 0
-        ? `${this.label} ${Math.min(100, (100 * this.doneBytes) / this.total).toFixed(0)}% ` +
-          `(${mib}/${(this.total / MiB).toFixed(0)} MiB, ${rate} MiB/s)`
-        : `${this.label} ${mib} MiB (${rate} MiB/s)`;
+    const perSec = this.doneBytes / Math.max(0.001, (now - this.started) / 1000);
+    const rate = `${(perSec / MiB).toFixed(perSec < 10 * MiB ? 1 : 0)} MiB/s`;
+    if (this.total > 0) {
+      const frac = Math.min(1, this.doneBytes / this.total);
+      const bar = '█'.repeat(Math.round(frac * 20)).padEnd(20, '░');
+      const eta = perSec > 0 ? Math.max(0, (this.total - this.doneBytes) / perSec) : Infinity;
+      this.spinner.text =
+        `${this.label} ${bar} ${(frac * 100).toFixed(0)}% ${mib}/${(this.total / MiB).toFixed(0)} MiB, ${rate}` +
+        (Number.isFinite(eta) ? `, ETA ${formatEta(eta)}` : '');
+    } else {
+      this.spinner.text = `${this.label} ${mib} MiB (${rate})`;
+    }
   }
 
   done(summary?: string): void {
@@ -51,6 +57,11 @@ class SpinnerProgress implements Progress {
     this.spinner?.fail(summary ?? this.label);
     this.spinner = undefined;
   }
+}
+
+function formatEta(s: number): string {
+  if (s < 60) return `${s.toFixed(0)} s`;
+  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
 }
 
 /** A spinner only when stderr is a terminal and the output is for humans. */

@@ -12,15 +12,18 @@ export interface TrustFlags {
 }
 
 export function trustOption(cmd: Command): Command {
-  return cmd.addOption(
-    new Option(
-      '--trust <pubkey>',
-      'trust this public key (NAME.pub, repeatable; also every *.pub in $XDG_CONFIG_HOME/cloudlet-overlay/trusted): ' +
-        'then unsigned or wrongly signed input is refused',
-    ).argParser(collect),
-  );
+  return cmd.addOption(trustOpt());
 }
 
 export function trust(flags: TrustFlags): Promise<TrustedKey[]> {
   return trustedKeys(flags.trust);
+}
+
+/** The --trust option, to add to a command with addOption(). */
+export function trustOpt(): Option {
+  return new Option(
+    '--trust <pubkey>',
+    'trust this public key (NAME.pub, repeatable; also every *.pub in $XDG_CONFIG_HOME/cloudlet-overlay/trusted): ' +
+      'then unsigned or wrongly signed input is refused',
+  ).argParser(collect);
 }

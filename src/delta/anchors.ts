@@ -62,6 +62,15 @@ export function anchorKey(buf: Uint8Array, pos: number): [number, number] {
   return [a >>> 0, b >>> 0];
 }
 
+/** An AnchorIndex's arrays in shared memory. */
+export interface SharedAnchors {
+  cap: number;
+  n: number;
+  keys: SharedArrayBuffer;
+  targets: SharedArrayBuffer;
+  offsets: SharedArrayBuffer;
+}
+
 export interface AnchorHit {
   target: number;
   offset: number;
@@ -124,6 +133,27 @@ export class AnchorIndex {
       Buffer.from(this.targets.buffer, this.targets.byteOffset, this.targets.byteLength),
       Buffer.from(this.offsets.buffer, this.offsets.byteOffset, this.offsets.byteLength),
     ]);
+  }
+
+  /** The table in shared memory: worker threads read it without a copy (fromShared). */
+  toShared(): SharedAnchors {
+    const sab = (a: Uint32Array | Float64Array): SharedArrayBuffer => {
+      const b = new SharedArrayBuffer(a.byteLength);
+      new Uint8Array(b).set(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+      return b;
+    };
+    return { cap: this.cap, n: this.n, keys: sab(this.keys), targets: sab(this.targets), offsets: sab(this.offsets) };
+  }
+
+  /** A read-only view of a table made by toShared(). */
+  static fromShared(s: SharedAnchors): AnchorIndex {
+    const idx = new AnchorIndex(0);
+    idx.cap = s.cap;
+    idx.n = s.n;
+    idx.keys = new Uint32Array(s.keys);
+    idx.targets = new Uint32Array(s.targets);
+    idx.offsets = new Float64Array(s.offsets);
+    return idx;
   }
 
   /** Reads toBuffer()'s output; undefined when the bytes are not an anchor index. */

@@ -10,9 +10,11 @@ import { TargetDigest, sha256Hex } from './hash.js';
 import { HashIndex } from './hash-index.js';
 import { ChunkLadder, blobRecord, type LadderOptions, type TargetScan } from './ladder.js';
 import { defaultLiteralOptions } from './literal.js';
-import { PairReader } from './pair-reader.js';
+import { PairReader, type Batch } from './pair-reader.js';
+import { proposeBatch, type ProposeContext, type ProposeInput, type Proposals } from './propose.js';
 import type { RecordSink } from './record.js';
 import { RunMerger } from './runs.js';
+import { SharedHashes } from './shared-hashes.js';
 import { Shifter } from './shifter.js';
 import { emptyStats, type DiffStats } from './stats.js';
 import {
@@ -24,11 +26,20 @@ import {
   type TargetInfo,
 } from './target.js';
 
+/** Computes a batch's proposals (propose.ts): inline, or on worker threads. */
+export type Proposer = (input: ProposeInput) => Promise<Proposals>;
+
 export interface DiffOptions extends LadderOptions {
   /** Anchors of the base targets (target = position in the base list). */
   baseAnchors?: AnchorIndex;
   /** Called with bytes of customized data processed. */
   onProgress?: (bytes: number) => void;
+  /** Default: proposeBatch on this thread. */
+  proposer?: Proposer;
+  /** Batches (1 MiB each) proposed ahead of the one being decided. Default 1. */
+  depth?: number;
+  /** Literal hashes shared with the proposer's threads (default: one made here). */
+  known?: SharedHashes;
 }
 
 export const defaultDiffOptions: DiffOptions = {
@@ -55,8 +66,19 @@ export async function diff(
   const stats = emptyStats();
   const selfAnchors = new AnchorIndex(4096);
   const runs = new RunMerger(sink, stats);
-  const shifter = new Shifter(base, targets, opt.baseAnchors, selfAnchors);
-  const ladder = new ChunkLadder(baseIndex, new HashIndex(4096), selfAnchors, shifter, runs, opt);
+  const shifter = new Shifter(targets, selfAnchors);
+  const known = opt.known ?? new SharedHashes(chunkTotal(targets));
+  const ladder = new ChunkLadder(new HashIndex(4096), selfAnchors, shifter, runs, opt, known);
+  const ctx: ProposeContext = {
+    opt,
+    known,
+    baseIndex,
+    baseAnchors: opt.baseAnchors,
+    baseSources: base.map((b) => (b.kind === 'blob' ? undefined : b)),
+  };
+  const propose: Proposer = opt.proposer ?? ((input) => proposeBatch(input, ctx));
+  // A proposal that skipped a literal on a wrong hint is redone here, fully.
+  const full: ProposeContext = { ...ctx, known: undefined };
   const infos: TargetInfo[] = [];
 
   for (const [t, target] of targets.entries()) {
@@ -78,7 +100,7 @@ export async function diff(
       digest: new TargetDigest(size),
       stats: (stats.targets[target.name] = { kind: target.kind, size, dataChunks: 0, changedChunks: 0 }),
     };
-    await scanTarget(target, scan, ladder, runs, stats, opt.onProgress);
+    await scanTarget(target, scan, ladder, runs, stats, opt.onProgress, propose, full, opt.depth ?? 1);
     await runs.flush();
     infos.push({ name: target.name, kind: target.kind, size, digest: scan.digest.finish() });
   }
@@ -86,7 +108,28 @@ export async function diff(
   return { targets: infos, stats };
 }
 
-/** Sends every chunk of one chunked target down the ladder, reading only where data may be. */
+/** Chunks of all chunked targets: the most literals an overlay can hold. */
+function chunkTotal(targets: readonly NewTarget[]): number {
+  return targets.reduce((n, t) => n + (t.kind === 'blob' ? 0 : chunkCount(t.source.size)), 0);
+}
+
+/** A batch read and being proposed, or the gap before the next range read. */
+type Pending =
+  | {
+      kind: 'batch';
+      first: number;
+      batch: Batch;
+      basePos: Int32Array;
+      inBase: Uint8Array;
+      proposals: Promise<Proposals>;
+    }
+  | { kind: 'gap'; end: number };
+
+/**
+ * Sends every chunk of one chunked target down the ladder, reading only where data may be.
+ * Batches are read and proposed up to `depth` ahead (on workers, when the proposer uses them)
+ * and decided strictly in order, gaps between ranges included, so the records come out the same.
+ */
 async function scanTarget(
   target: NewChunkedTarget,
   scan: TargetScan,
@@ -94,6 +137,9 @@ async function scanTarget(
   runs: RunMerger,
   stats: DiffStats,
   onProgress: ((bytes: number) => void) | undefined,
+  propose: Proposer,
+  full: ProposeContext,
+  depth: number,
 ): Promise<void> {
   const { target: t, same, size, digest } = scan;
   const ts = scan.stats;
@@ -103,6 +149,8 @@ async function scanTarget(
   const hinted = target.changedHint !== undefined && same !== undefined && same.size === size;
   // Chunks between the ranges read below: with a hint they equal the base (digest from the
   // base's map); otherwise they read as zero, so non-zero base chunks there become ZERO runs.
+  // The map is walked twice, in order: ahead, to tell proposals where the base has data, and
+  // behind, as chunks are decided and gaps settled.
   let mapPos = 0;
   const gapUntil = async (end: number): Promise<void> => {
     if (!same || !baseMap) return;
@@ -118,6 +166,16 @@ async function scanTarget(
       mapPos++;
     }
   };
+  let aheadPos = 0;
+  const basePositions = (first: number, count: number): Int32Array => {
+    const out = new Int32Array(count).fill(-1);
+    if (!baseMap) return out;
+    while (aheadPos < baseMap.count && baseMap.indexes[aheadPos]! < first) aheadPos++;
+    for (let p = aheadPos; p < baseMap.count && baseMap.indexes[p]! < first + count; p++) {
+      out[baseMap.indexes[p]! - first] = p;
+    }
+    return out;
+  };
 
   const extents = hinted && target.changedHint ? target.changedHint : await target.source.dataExtents();
   const ranges = extentsToChunkRanges(extents, size);
@@ -128,27 +186,68 @@ async function scanTarget(
     if (byte > reported) onProgress?.(byte - reported);
     reported = Math.max(reported, byte);
   };
+  const pending: Pending[] = [];
+  const decide = async (item: Pending): Promise<void> => {
+    if (item.kind === 'gap') {
+      await gapUntil(item.end);
+      reportTo(item.end * CHUNK_SIZE);
+      return;
+    }
+    const p = await item.proposals;
+    const { batch, first, basePos } = item;
+    // The batch's bytes as they came back with the proposals (a worker may have had them).
+    const cust = Buffer.from(p.cust.buffer, p.cust.byteOffset, p.cust.byteLength);
+    for (let k = 0; k < batch.count; k++) {
+      const c = first + k;
+      const len = chunkLength(size, c);
+      // Map entries of decided chunks are consumed here, so gapUntil() never sees them.
+      while (baseMap && mapPos < baseMap.count && baseMap.indexes[mapPos]! <= c) mapPos++;
+      const data = cust.subarray(k * CHUNK_SIZE, k * CHUNK_SIZE + len);
+      if (await ladder.chunk(scan, c, data, basePos[k]!, p, k)) continue;
+      const one = await proposeBatch(
+        {
+          size,
+          first: c,
+          count: 1,
+          cust: Buffer.from(data),
+          base: p.base?.slice(k * CHUNK_SIZE, (k + 1) * CHUNK_SIZE),
+          baseSize: same?.size ?? 0,
+          inBase: item.inBase.slice(k, k + 1),
+        },
+        full,
+      );
+      await ladder.chunk(scan, c, data, basePos[k]!, one, 0);
+    }
+    reportTo(Math.min(size, (first + batch.count) * CHUNK_SIZE));
+  };
   for (const [first, end] of ranges) {
-    await gapUntil(first);
-    reportTo(first * CHUNK_SIZE);
+    pending.push({ kind: 'gap', end: first });
     reader.start(first, end);
     for (let c = first; c < end;) {
       const batch = await reader.next();
-      for (let k = 0; k < batch.count; k++, c++) {
-        const len = chunkLength(size, c);
-        const data = batch.cust.subarray(k * CHUNK_SIZE, k * CHUNK_SIZE + len);
-        // Keep the map cursor in step: entries before c were handled as gaps or below.
-        while (baseMap && mapPos < baseMap.count && baseMap.indexes[mapPos]! < c) mapPos++;
-        const basePos = baseMap && mapPos < baseMap.count && baseMap.indexes[mapPos] === c ? mapPos : -1;
-        if (basePos >= 0) mapPos++; // consumed here, so gapUntil() never sees it again
-        const baseLen = same ? chunkLength(same.size, c) : 0;
-        const baseData =
-          baseLen > 0 && batch.base ? batch.base.subarray(k * CHUNK_SIZE, k * CHUNK_SIZE + baseLen) : undefined;
-        await ladder.chunk(scan, c, data, baseData, basePos);
+      const basePos = basePositions(c, batch.count);
+      const inBase = new Uint8Array(batch.count);
+      for (let k = 0; k < batch.count; k++) {
+        if (basePos[k]! >= 0 && same && chunkLength(same.size, c + k) > 0 && batch.base) {
+          inBase[k] = eligible(same, size, c + k) ? 3 : 1;
+        }
       }
-      reportTo(Math.min(size, c * CHUNK_SIZE));
+      const proposals = propose({
+        size,
+        first: c,
+        count: batch.count,
+        cust: batch.cust,
+        base: batch.base,
+        baseSize: same?.size ?? 0,
+        inBase: inBase.slice(),
+      });
+      proposals.catch(() => undefined); // awaited in order by decide()
+      pending.push({ kind: 'batch', first: c, batch, basePos, inBase, proposals });
+      c += batch.count;
+      while (pending.length > depth) await decide(pending.shift()!);
     }
   }
-  await gapUntil(n);
+  pending.push({ kind: 'gap', end: n });
+  while (pending.length > 0) await decide(pending.shift()!);
   reportTo(size);
 }

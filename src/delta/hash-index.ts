@@ -41,6 +41,21 @@ export class HashIndex {
     return t === 0 ? undefined : { target: t - 1, chunk: this.vals[slot * 2 + 1]! };
   }
 
+  /** The table in shared memory: worker threads read it without a copy (fromShared). */
+  toShared(): SharedIndex {
+    return { cap: this.cap, n: this.n, keys: share(this.keys), vals: share(this.vals) };
+  }
+
+  /** A read-only view of a table made by toShared() (adding to it is not safe across threads). */
+  static fromShared(s: SharedIndex): HashIndex {
+    const idx = new HashIndex(0);
+    idx.cap = s.cap;
+    idx.n = s.n;
+    idx.keys = new Uint32Array(s.keys);
+    idx.vals = new Uint32Array(s.vals);
+    return idx;
+  }
+
   /** Indexes every chunk of a chunk map as belonging to `target`. */
   addMap(map: ChunkMap, target: number): void {
     for (let i = 0; i < map.count; i++) this.add(map.hashAt(i), target, map.indexes[i]!);
@@ -86,6 +101,20 @@ export class HashIndex {
       this.insert(key, t - 1, oldVals[s * 2 + 1]!);
     }
   }
+}
+
+/** A HashIndex's arrays in shared memory. */
+export interface SharedIndex {
+  cap: number;
+  n: number;
+  keys: SharedArrayBuffer;
+  vals: SharedArrayBuffer;
+}
+
+function share(a: Uint32Array): SharedArrayBuffer {
+  const sab = new SharedArrayBuffer(a.byteLength);
+  new Uint32Array(sab).set(a);
+  return sab;
 }
 
 function readU32(b: Uint8Array, off: number): number {

@@ -6,13 +6,15 @@
  * ladder of one step: whole, or a zstd delta against the base's blob.
  */
 import type { AnchorIndex } from './anchors.js';
-import { CHUNK_SIZE, isZero } from './chunk.js';
-import { chunkHash, type TargetDigest } from './hash.js';
+import { CHUNK_SIZE } from './chunk.js';
+import { HASH_SIZE, type TargetDigest } from './hash.js';
 import type { HashIndex } from './hash-index.js';
-import { encodeLiteral, type LiteralOptions } from './literal.js';
+import type { LiteralEncoding, LiteralOptions } from './literal.js';
+import { ANCHOR_ROW, CHUNK_ROW, Kind, LIT_SKIPPED, SHIFT_WORTH, type Proposals } from './propose.js';
+import type { SharedHashes } from './shared-hashes.js';
 import { Encoding, type ChunkRecord } from './record.js';
 import type { RunMerger } from './runs.js';
-import { SHIFT_WORTH, type Shifter } from './shifter.js';
+import type { Shifter } from './shifter.js';
 import type { TargetStats } from './stats.js';
 import { eligible, type BaseChunkedTarget } from './target.js';
 import { compressedSize, compressWithDict } from './zstd.js';
@@ -37,53 +39,71 @@ export interface TargetScan {
 
 export class ChunkLadder {
   constructor(
-    private readonly baseIndex: HashIndex,
     private readonly selfIndex: HashIndex,
     private readonly selfAnchors: AnchorIndex,
     private readonly shifter: Shifter,
     private readonly runs: RunMerger,
     private readonly opt: LadderOptions,
+    /** Told every literal's hash, so that proposals for later batches can skip their repeats. */
+    private readonly known: SharedHashes | undefined,
   ) {}
 
   /**
-   * Decides chunk `c`: `data` is its customized bytes, `baseData` the base's bytes at the same
-   * place (when read), `basePos` its position in the base's chunk map (-1: zero in the base).
+   * Decides chunk `c` from what propose.ts found (row `k` of `p`): `data` is its customized
+   * bytes, `basePos` its position in the base's chunk map (-1: zero in the base). False (and
+   * nothing done) when the proposal skipped the literal on a wrong hint: propose it again fully.
    */
-  async chunk(scan: TargetScan, c: number, data: Buffer, baseData: Buffer | undefined, basePos: number): Promise<void> {
+  async chunk(scan: TargetScan, c: number, data: Buffer, basePos: number, p: Proposals, k: number): Promise<boolean> {
     const { target: t, stats, digest } = scan;
+    const row = k * CHUNK_ROW;
+    const kind = p.chunks[row]!;
     const inBase = basePos >= 0 && eligible(scan.same, scan.size, c);
-    if (isZero(data)) {
+    if (kind === Kind.zero) {
       if (inBase) {
         stats.changedChunks++;
         await this.runs.zero(t, c);
       }
-      return;
+      return true;
     }
+    const hi = p.chunks[row + 1]!;
+    const h = p.hashes.subarray(hi * HASH_SIZE, (hi + 1) * HASH_SIZE);
+    const own = kind === Kind.data && this.opt.selfRefs ? this.selfIndex.get(h) : undefined;
+    if (kind === Kind.data && p.chunks[row + 2]! < 0 && !own && p.chunks[row + 4] === LIT_SKIPPED) return false;
     stats.dataChunks++;
-    if (inBase && scan.same && baseData && baseData.equals(data)) {
+    if (kind === Kind.unchanged && scan.same) {
       digest.add(c, scan.same.map.hashAt(basePos));
-      return;
+      return true;
     }
     stats.changedChunks++;
-    const h = chunkHash(data);
     digest.add(c, h);
-    const hit = this.opt.baseRefs ? this.baseIndex.get(h) : undefined;
-    if (hit) {
-      await this.runs.ref(Encoding.baseRef, t, c, hit.target, hit.chunk);
-      return;
+    if (p.chunks[row + 2]! >= 0) {
+      await this.runs.ref(Encoding.baseRef, t, c, p.chunks[row + 2]!, p.chunks[row + 3]!);
+      return true;
     }
-    const own = this.opt.selfRefs ? this.selfIndex.get(h) : undefined;
     if (own) {
       await this.runs.ref(Encoding.selfRef, t, c, own.target, own.chunk);
-      return;
+      return true;
     }
-    const chunk = Buffer.from(data);
-    const lit = encodeLiteral(chunk, baseData && basePos >= 0 ? Buffer.from(baseData) : undefined, this.opt);
+    const enc = p.chunks[row + 4]! as LiteralEncoding;
+    const cost = p.chunks[row + 7]!;
+    const off = p.chunks[row + 5]!;
+    const first = p.chunks[row + 8]!;
+    const anchors = p.chunks[row + 9]!;
     const moved =
-      this.opt.shifted && lit.cost > SHIFT_WORTH ? await this.shifter.find(chunk, t, c, lit.cost) : undefined;
-    await this.runs.push(moved ?? { enc: lit.enc, target: t, chunk: c, payload: lit.payload }, 1);
-    if (this.opt.selfRefs) this.selfIndex.add(h, t, c);
-    if (this.opt.shifted) this.selfAnchors.addAll(chunk, 0, chunk.length, t, c * CHUNK_SIZE);
+      this.opt.shifted && cost > SHIFT_WORTH ? await this.shifter.find(data, t, c, cost, p, first, anchors) : undefined;
+    const payload = Buffer.from(p.payloads.buffer, p.payloads.byteOffset + off, p.chunks[row + 6]);
+    await this.runs.push(moved ?? { enc, target: t, chunk: c, payload: Buffer.from(payload) }, 1);
+    if (this.opt.selfRefs) {
+      this.selfIndex.add(h, t, c);
+      this.known?.add(h);
+    }
+    if (this.opt.shifted) {
+      for (let i = first; i < first + anchors; i++) {
+        const a = i * ANCHOR_ROW;
+        this.selfAnchors.add(p.anchors[a + 1]!, p.anchors[a + 2]!, t, c * CHUNK_SIZE + p.anchors[a]!);
+      }
+    }
+    return true;
   }
 }
 

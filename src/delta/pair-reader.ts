@@ -54,12 +54,15 @@ export class PairReader {
   private async read(first: number, count: number): Promise<Batch> {
     const off = first * CHUNK_SIZE;
     const len = Math.min(count * CHUNK_SIZE, this.cust.size - off);
-    const cust = Buffer.alloc(count * CHUNK_SIZE);
+    // Buffers of their own (a batch may travel to a worker thread); zeroed only past the end.
+    const cust = ownBuffer(count * CHUNK_SIZE);
+    cust.fill(0, len);
     const jobs: Array<Promise<void>> = [this.cust.read(off, len, cust)];
     let base: Buffer | undefined;
     if (this.base && off < this.base.size) {
-      base = Buffer.alloc(count * CHUNK_SIZE);
+      base = ownBuffer(count * CHUNK_SIZE);
       const blen = Math.min(count * CHUNK_SIZE, this.base.size - off);
+      base.fill(0, blen);
       jobs.push(this.base.read(off, blen, base));
       this.stats.bytesRead += blen;
     }
@@ -67,4 +70,9 @@ export class PairReader {
     this.stats.bytesRead += len;
     return { cust, base, count, bytes: len };
   }
+}
+
+/** Uninitialized bytes in an ArrayBuffer of their own (never a slice of Node's buffer pool). */
+function ownBuffer(n: number): Buffer {
+  return Buffer.from(new ArrayBuffer(n));
 }

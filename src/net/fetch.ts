@@ -4,7 +4,8 @@
  * network failures become NetworkError (exit 12), 404 a NotFoundError. Bounded: a server that
  * sends nothing for `idleMs` (connecting, or mid-body) is dropped, and a body longer than
  * `maxBytes` (by its Content-Length up front, or as it streams) is refused; a full disk is a
- * NoSpaceError. On every failure the partial file is removed.
+ * NoSpaceError. On every failure the partial file is removed. Optional request headers (a
+ * Glance token) and an expected sha256 of the body (Glance's os_hash_value).
  */
 import { createWriteStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
@@ -12,8 +13,8 @@ import { pipeline } from 'node:stream/promises';
 import { Readable, Transform } from 'node:stream';
 import { join } from 'node:path';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
-import { randomBytes } from 'node:crypto';
-import { CloudletError, NetworkError, NotFoundError, classifyFsError } from '../util/errors.js';
+import { createHash, randomBytes } from 'node:crypto';
+import { CloudletError, CorruptInputError, NetworkError, NotFoundError, classifyFsError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { ownerTag } from '../util/owner.js';
 import { silent, type Progress } from '../util/progress.js';
@@ -27,6 +28,15 @@ export interface FetchLimits {
   idleMs?: number;
   /** Largest body accepted. Default 32 GiB. */
   maxBytes?: number;
+  /** The whole download must end within this (default: no bound but the idle timeout). */
+  timeoutMs?: number;
+}
+
+export interface FetchOptions {
+  /** Request headers, e.g. X-Auth-Token for Glance. */
+  headers?: Record<string, string>;
+  /** Expected sha256 of the body: a download that differs is removed and refused. */
+  sha256?: string;
 }
 
 export const DEFAULT_IDLE_MS = 30_000;
@@ -42,10 +52,15 @@ export async function fetchToFile(
   url: string,
   dir: string,
   progress: Progress = silent,
-  limits: FetchLimits = {},
+  bounds: FetchLimits | number = {},
+  options: FetchOptions = {},
 ): Promise<Fetched> {
+  // A bare number is the overall timeout (the form older callers use).
+  const limits: FetchLimits = typeof bounds === 'number' ? { timeoutMs: bounds } : bounds;
   const idleMs = limits.idleMs ?? DEFAULT_IDLE_MS;
   const maxBytes = limits.maxBytes ?? DEFAULT_MAX_BYTES;
+  const wantSha256 = options.sha256?.toLowerCase();
+  const hash = wantSha256 ? createHash('sha256') : undefined;
   const path = join(dir, `download-${ownerTag()}-${randomBytes(6).toString('hex')}.overlay`);
   const remove = (): Promise<void> => rm(path, { force: true });
   const unregister = onCleanup(remove);
@@ -59,11 +74,17 @@ export async function fetchToFile(
     );
   };
   let bytes = 0;
+  const total = limits.timeoutMs
+    ? setTimeout(
+        () => abort.abort(new NetworkError(`${url}: not complete after ${limits.timeoutMs} ms`, { url })),
+        limits.timeoutMs,
+      )
+    : undefined;
   try {
     arm();
     let res: Response;
     try {
-      res = await fetch(url, { signal: abort.signal });
+      res = await fetch(url, { headers: options.headers, signal: abort.signal });
     } catch (err) {
       throw abortReason(abort) ?? new NetworkError(`cannot fetch ${url}: ${describe(err)}`, { url });
     }
@@ -71,11 +92,11 @@ export async function fetchToFile(
     if (!res.ok || !res.body) {
       throw new NetworkError(`cannot fetch ${url}: HTTP ${res.status} ${res.statusText}`, { url, status: res.status });
     }
-    const total = Number(res.headers.get('content-length') ?? 0);
-    if (total > maxBytes) {
-      throw new NetworkError(`${url} is ${total} bytes, more than the limit of ${maxBytes} (--max-size)`, { url });
+    const declared = Number(res.headers.get('content-length') ?? 0);
+    if (declared > maxBytes) {
+      throw new NetworkError(`${url} is ${declared} bytes, more than the limit of ${maxBytes} (--max-size)`, { url });
     }
-    progress.step(`downloading ${url}`, total || undefined);
+    progress.step(`downloading ${url}`, declared || undefined);
     const count = new Transform({
       transform(chunk: Buffer, _enc, cb) {
         bytes += chunk.length;
@@ -84,6 +105,7 @@ export async function fetchToFile(
           cb(new NetworkError(`${url}: more than the limit of ${maxBytes} bytes (--max-size)`, { url }));
           return;
         }
+        hash?.update(chunk);
         progress.advance(chunk.length);
         cb(null, chunk);
       },
@@ -103,8 +125,11 @@ export async function fetchToFile(
       if (fsErr instanceof CloudletError) throw fsErr;
       throw new NetworkError(`download of ${url} failed after ${bytes} bytes: ${describe(err)}`, { url });
     }
-    if (total && bytes !== total) {
-      throw new NetworkError(`download of ${url} ended after ${bytes} of ${total} bytes`, { url });
+    if (declared && bytes !== declared) {
+      throw new NetworkError(`download of ${url} ended after ${bytes} of ${declared} bytes`, { url });
+    }
+    if (hash && hash.digest('hex') !== wantSha256) {
+      throw new CorruptInputError(`download of ${url} does not match its sha256 ${wantSha256}`, { url });
     }
     progress.done(`downloaded ${url}`);
   } catch (err) {
@@ -115,6 +140,7 @@ export async function fetchToFile(
     throw err;
   } finally {
     clearTimeout(idle);
+    clearTimeout(total);
   }
   return {
     path,

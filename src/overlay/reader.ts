@@ -1,17 +1,15 @@
 /**
- * Reads overlay files: validates header, footer and index on open (before anything else
- * happens), then yields records segment by segment, checking each segment's sha256 before
- * decompressing it. Every length is checked against the file and the format's limits before
- * it is trusted. Random access to any segment (with a small cache) serves SELF_REF lookups.
+ * Random access to an overlay file: validates header, footer and index on open (before anything
+ * else happens) and reads any one segment, checking its sha256 before decompressing it. Every
+ * length is checked against the file and the format's limits before it is trusted. `info` and
+ * `verify` use it, and apply checks a local file with it before streaming it
+ * (stream-reader.ts reads overlays front to back).
  */
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { CorruptInputError, NotFoundError, UnsupportedError, check } from '../util/errors.js';
 import { decompress } from '../delta/zstd.js';
-import { readRecord } from '../delta/record.js';
-import { ByteReader } from '../delta/varint.js';
-import type { PositionedRecord, SegmentStore } from '../delta/patch.js';
 import {
   FOOTER_MAGIC,
   FOOTER_SIZE,
@@ -42,7 +40,7 @@ export interface ReaderOptions {
   trust?: readonly TrustedKey[];
 }
 
-export class OverlayReader implements SegmentStore {
+export class OverlayReader {
   private cache = new Map<number, Buffer>();
   private static readonly CACHE_SEGMENTS = 32;
 
@@ -107,25 +105,6 @@ export class OverlayReader implements SegmentStore {
       if (oldest !== undefined) this.cache.delete(oldest);
     }
     return raw;
-  }
-
-  /** All records in file order, with where they sit. */
-  async *records(): AsyncGenerator<PositionedRecord> {
-    for (let n = 0; n < this.index.segments.length; n++) {
-      const raw = await this.get(n);
-      const seg = this.index.segments[n]!;
-      const rd = new ByteReader(raw, `segment ${n}`);
-      let count = 0;
-      while (rd.remaining > 0) {
-        const offset = rd.pos;
-        const record = readRecord(rd);
-        count++;
-        yield { record, segment: n, offset };
-      }
-      check(count === seg.records, `segment ${n}: holds ${count} records, its header says ${seg.records}`, {
-        segment: n,
-      });
-    }
   }
 
   private async readSegment(n: number, seg: SegmentEntry): Promise<Buffer> {

@@ -6,7 +6,7 @@
  */
 import { createHash } from 'node:crypto';
 import { AtomicFile } from '../util/atomic.js';
-import { compress } from '../delta/zstd.js';
+import { compress as compressSync } from '../delta/zstd.js';
 import { encodedLength, recordCount, writeRecord, type ChunkRecord, type RecordSink } from '../delta/record.js';
 import type { DiffStats } from '../delta/stats.js';
 import type { TargetInfo } from '../delta/target.js';
@@ -30,6 +30,28 @@ import {
 
 const PLACEHOLDER = '0'.repeat(64);
 
+/** Compresses one segment's records (zstd at `level`): inline, or on a worker thread. */
+export type SegmentCompressor = (raw: Buffer, level: number) => Promise<Buffer>;
+
+export interface WriterOptions {
+  /** Default: zstd on this thread. */
+  compress?: SegmentCompressor;
+  /** Segments compressing ahead of the one being written (default 0: one at a time). */
+  depth?: number;
+  /** Sign the header (format 1.1 signature, overlay/signature.ts). */
+  sign?: SigningKey;
+  /** Replace an existing file (default: refused, BusyError). */
+  force?: boolean;
+}
+
+/** A closed segment waiting for its frame. */
+interface Queued {
+  rawLength: number;
+  records: number;
+  covers: Array<[number, number, number]>;
+  frame: Promise<Buffer>;
+}
+
 export class OverlayWriter implements RecordSink {
   private buf = Buffer.alloc(SEGMENT_TARGET + 64 * 1024);
   private fill = 0;
@@ -38,27 +60,24 @@ export class OverlayWriter implements RecordSink {
   private pos: number;
   private readonly segments: SegmentEntry[] = [];
   private failed = false;
+  private readonly queue: Queued[] = [];
 
   private constructor(
     private readonly file: AtomicFile,
     private readonly header: OverlayHeader,
     private readonly headerLength: number,
     private readonly level: number,
-    private readonly signer: SigningKey | undefined,
+    private readonly opts: WriterOptions,
   ) {
     this.pos = headerLength;
   }
 
   /**
    * Creates the file (under a temp name) and writes the header with placeholder digests (and,
-   * with `sign`, a placeholder signature). `force` replaces an existing file on commit; without
-   * it an existing file is refused now and again at commit (BusyError).
+   * with `sign`, a placeholder signature). Without `force` an existing file is refused now and
+   * again at commit (BusyError).
    */
-  static async create(
-    path: string,
-    header: OverlayHeader,
-    opts: { sign?: SigningKey; force?: boolean } = {},
-  ): Promise<OverlayWriter> {
+  static async create(path: string, header: OverlayHeader, opts: WriterOptions = {}): Promise<OverlayWriter> {
     const file = await AtomicFile.create(path, { force: opts.force ?? false });
     try {
       const draft: OverlayHeader = {
@@ -71,7 +90,7 @@ export class OverlayWriter implements RecordSink {
       else delete draft.signature;
       const bytes = headerBytes(draft);
       await file.handle.write(bytes, 0, bytes.length, 0);
-      return new OverlayWriter(file, draft, bytes.length, header.compression.level, opts.sign);
+      return new OverlayWriter(file, draft, bytes.length, header.compression.level, opts);
     } catch (err) {
       await file.abort();
       throw err;
@@ -95,7 +114,7 @@ export class OverlayWriter implements RecordSink {
     if (this.fill >= SEGMENT_TARGET) await this.flushSegment();
   }
 
-  /** Bytes written so far (header + segments). */
+  /** Bytes written so far (header + segments), and records not yet compressed. */
   get bytesWritten(): number {
     return this.pos + this.fill;
   }
@@ -105,6 +124,7 @@ export class OverlayWriter implements RecordSink {
     this.guard();
     try {
       if (this.fill > 0) await this.flushSegment();
+      while (this.queue.length > 0) await this.writeOldest();
       const finalHeader: OverlayHeader = {
         ...this.header,
         targets: this.header.targets.map((t, i) => {
@@ -117,13 +137,13 @@ export class OverlayWriter implements RecordSink {
       };
       const index: OverlayIndex = { segments: this.segments, stats };
       const raw = Buffer.from(JSON.stringify(index), 'utf8');
-      const frame = compress(raw, 19);
+      const frame = compressSync(raw, 19);
       const sha = createHash('sha256').update(frame).digest();
       const indexHead = encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha);
       finalHeader.index_sha256 = createHash('sha256').update(indexHead).update(frame).digest('hex');
 
       let json: Buffer = Buffer.from(JSON.stringify(finalHeader), 'utf8');
-      if (this.signer) json = signHeader(json, this.signer);
+      if (this.opts.sign) json = signHeader(json, this.opts.sign);
       const hb = headerBytesFromJson(json);
       if (hb.length !== this.headerLength) throw new Error('overlay writer: header changed length');
       await this.file.handle.write(hb, 0, hb.length, 0);
@@ -142,7 +162,7 @@ export class OverlayWriter implements RecordSink {
       createHash('sha256').update(hb).digest().copy(footer, 32);
       await this.append(footer);
       await this.file.commit();
-      const signature = this.signer ? (JSON.parse(json.toString('utf8')) as OverlayHeader).signature : undefined;
+      const signature = this.opts.sign ? (JSON.parse(json.toString('utf8')) as OverlayHeader).signature : undefined;
       return { size: this.pos, header: signature ? { ...finalHeader, signature } : finalHeader };
     } catch (err) {
       this.failed = true;
@@ -161,28 +181,39 @@ export class OverlayWriter implements RecordSink {
     if (this.failed) throw new Error('overlay writer: used after a failure');
   }
 
+  /** Closes the current segment: its frame compresses (maybe on a worker) while records go on. */
   private async flushSegment(): Promise<void> {
-    const raw = this.buf.subarray(0, this.fill);
+    const raw = Buffer.from(this.buf.subarray(0, this.fill));
+    const compress = this.opts.compress ?? ((r: Buffer, level: number) => Promise.resolve(compressSync(r, level)));
     const frame = compress(raw, this.level);
-    const sha = createHash('sha256').update(frame).digest();
-    this.segments.push({
-      offset: this.pos,
-      length: frame.length,
-      rawLength: raw.length,
-      records: this.records,
-      sha256: sha.toString('hex'),
-      covers: this.covers,
-    });
+    frame.catch(() => undefined); // awaited in order by writeOldest()
+    this.queue.push({ rawLength: raw.length, records: this.records, covers: this.covers, frame });
+    this.fill = 0;
+    this.records = 0;
+    this.covers = [];
+    while (this.queue.length > (this.opts.depth ?? 0)) await this.writeOldest();
+  }
+
+  /** Writes the oldest closed segment once its frame is ready; segments keep their order. */
+  private async writeOldest(): Promise<void> {
+    const q = this.queue.shift()!;
     try {
-      await this.append(encodeFrameHeader(SEGMENT_MAGIC, frame, raw.length, this.records, sha));
+      const frame = await q.frame;
+      const sha = createHash('sha256').update(frame).digest();
+      this.segments.push({
+        offset: this.pos,
+        length: frame.length,
+        rawLength: q.rawLength,
+        records: q.records,
+        sha256: sha.toString('hex'),
+        covers: q.covers,
+      });
+      await this.append(encodeFrameHeader(SEGMENT_MAGIC, frame, q.rawLength, q.records, sha));
       await this.append(frame);
     } catch (err) {
       this.failed = true;
       throw err;
     }
-    this.fill = 0;
-    this.records = 0;
-    this.covers = [];
   }
 
   private async append(b: Buffer): Promise<void> {

@@ -207,7 +207,13 @@ export function parseSpec(v: unknown, form: SpecForm): VmSpec {
   if (o.noReboot !== undefined) spec.noReboot = bool(o.noReboot, 'noReboot');
   if (o.name !== undefined) spec.name = str(o.name, 'name', VM_NAME);
   if (form === 'runtime') {
-    if (o.incoming !== undefined) spec.incoming = str(o.incoming, 'incoming');
+    if (o.incoming !== undefined) {
+      const inc = obj(o.incoming, 'incoming', new Set(['from', 'path']));
+      spec.incoming = {
+        from: oneOf(inc.from, 'incoming.from', ['file', 'unix'] as const),
+        path: filePath(inc.path, 'incoming.path', form, ''),
+      };
+    }
     if (o.memoryBackendFile !== undefined) {
       const m = obj(o.memoryBackendFile, 'memoryBackendFile', new Set(['path', 'share']));
       spec.memoryBackendFile = {
@@ -239,6 +245,7 @@ export function checkRuntimeSpec(spec: VmSpec): void {
     oneOf(d.if, `drives[${i}].if`, DRIVE_IFS);
     if (d.id !== undefined) str(d.id, `drives[${i}].id`, DRIVE_ID);
     if (d.cache !== undefined) oneOf(d.cache, `drives[${i}].cache`, CACHE_MODES);
+    if (d.backing) oneOf(d.backing.format, `drives[${i}].backing.format`, DRIVE_FORMATS);
   });
   const n = spec.network;
   if (n) {

@@ -20,7 +20,20 @@ export interface DriveSpec {
   readOnly?: boolean;
   /** QEMU's cache mode; default QEMU's own (writeback). */
   cache?: 'writeback' | 'none' | 'writethrough' | 'directsync' | 'unsafe';
+  /**
+   * A qcow2 drive opened over this backing node instead of the backing file its header names
+   * (a synthesized VM starts over the base disk and is switched to its rebuilt layer before it
+   * runs). Host-side only; the guest sees the drive's bytes.
+   */
+  backing?: { file: string; format: 'raw' | 'qcow2' };
 }
+
+/** Where a resuming QEMU reads its memory snapshot from. */
+export type IncomingSpec =
+  /** A migration stream in a file, loaded before the VM runs. */
+  | { from: 'file'; path: string }
+  /** A unix socket QEMU listens on; the caller streams into it, then continues the VM. */
+  | { from: 'unix'; path: string };
 
 /** A host-side TCP forward of user-mode networking; not guest state, may differ on resume. */
 export interface PortForward {
@@ -61,8 +74,8 @@ export interface VmSpec {
   drives?: DriveSpec[];
   network?: NetworkSpec;
   memoryBackendFile?: MemoryBackendFile;
-  /** Resume from this migration stream (a memory snapshot file) instead of booting. */
-  incoming?: string;
+  /** Resume from this migration stream instead of booting. */
+  incoming?: IncomingSpec;
   /** Exit instead of rebooting (a guest panic then ends QEMU, visibly). Default true. */
   noReboot?: boolean;
   name?: string;
@@ -104,7 +117,7 @@ export function validateSpec(spec: VmSpec): void {
  */
 export function resumeSpec(
   spec: VmSpec,
-  changes: { incoming: string; driveFiles?: string[]; forwards?: PortForward[] },
+  changes: { incoming: IncomingSpec; driveFiles?: string[]; forwards?: PortForward[] },
 ): VmSpec {
   const drives = spec.drives?.map((d, i) => ({ ...d, file: changes.driveFiles?.[i] ?? d.file }));
   if (changes.driveFiles && changes.driveFiles.length !== (spec.drives?.length ?? 0)) {

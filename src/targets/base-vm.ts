@@ -12,6 +12,7 @@ import { baseIdOf, type BaseTarget, type NewTarget, type TargetInfo } from '../d
 import { CorruptInputError } from '../util/errors.js';
 import type { Progress } from '../util/progress.js';
 import { mainBlockOf, vmTargets, type VmImages } from './vm-images.js';
+import type { BaseSourceSpec } from './base-sources.js';
 
 export interface BaseVm {
   id: string;
@@ -26,6 +27,8 @@ export interface BaseVm {
   ramFile?: string;
   /** Content anchors of the base (finds data that moved by a non-multiple of 4 KiB). */
   anchors?: AnchorIndex;
+  /** Where each target's bytes are, for worker threads that open the base themselves. */
+  sources: BaseSourceSpec[];
   close(): Promise<void>;
 }
 
@@ -85,6 +88,12 @@ export async function baseFromImages(vm: VmImages, progress: Progress, specDiges
     ramSectionId: vm.memory?.ramSectionId,
     diskPath: vm.disk?.path,
     diskFormat: vm.disk?.format,
+    sources: targets.map((t): BaseSourceSpec => {
+      if (t.kind === 'blob') return { kind: 'blob', name: t.name, size: t.size, bytes: t.blob };
+      if (t.kind === 'disk')
+        return { kind: 'disk', name: t.name, size: t.size, path: vm.disk!.path, format: vm.disk!.format };
+      return { kind: 'ram-stream', name: t.name, size: t.size, path: vm.memory!.path! };
+    }),
     close: () => vm.close(),
   };
 }

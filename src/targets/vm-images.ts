@@ -63,11 +63,22 @@ export function mainBlockOf(memory: MemorySnapshot): string {
 }
 
 /** The VM's targets in overlay order. */
-export function vmTargets(vm: VmImages): NewTarget[] {
+/**
+ * Which part of a VM comes first: a base lists the disk first (its id covers that order); an
+ * overlay lists memory first, so that a synthesizing cloudlet can stream the memory into QEMU
+ * while the disk is still arriving.
+ */
+export type TargetOrder = 'disk-first' | 'memory-first';
+
+export function vmTargets(vm: VmImages, order: TargetOrder = 'disk-first'): NewTarget[] {
   const out: NewTarget[] = [];
   for (const [name, blob] of vm.blobs) out.push({ name, kind: 'blob', blob });
-  if (vm.disk) out.push({ name: 'disk', kind: 'disk', source: vm.disk });
   const memory = vm.memory;
-  if (memory) for (const b of memory.blocks) out.push({ name: b.name, kind: 'ram', source: memory.block(b.name) });
+  const ram: NewTarget[] = memory
+    ? memory.blocks.map((b) => ({ name: b.name, kind: 'ram', source: memory.block(b.name) }))
+    : [];
+  if (order === 'memory-first') out.push(...ram);
+  if (vm.disk) out.push({ name: 'disk', kind: 'disk', source: vm.disk });
+  if (order === 'disk-first') out.push(...ram);
   return out;
 }

@@ -1,12 +1,15 @@
 /**
  * Files that appear atomically: written under a temporary name in the same directory, fsynced,
  * then moved to the final name. Until commit() nothing at the final path changes; abort()
- * (or process exit through cleanup.ts) removes the temporary file. Without `force` an existing
- * final file is refused (BusyError) on create and again at commit (link, not rename: a file
- * that appeared meanwhile is never replaced). Temporary names carry their owner (owner.ts):
+ * (or process exit through cleanup.ts) removes the temporary file. With `force: false` an
+ * existing final file is refused (BusyError) on create and again at commit (link, not rename: a
+ * file that appeared meanwhile is never replaced). Temporary names carry their owner (owner.ts):
  * leftovers of a killed run are removed by the next write to the same name (sweepTemps).
+ *
+ * `durable: false` skips the fsyncs (still temp name + rename): for files whose loss in a crash
+ * loses nothing, like a synthesized VM's instance files — a crash ends that VM anyway, and
+ * fsyncing hundreds of MiB would delay its first answer for nothing.
  */
-import { AsyncLocalStorage } from 'node:async_hooks';
 import { link, lstat, mkdtemp, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
@@ -14,20 +17,14 @@ import { onCleanup } from './cleanup.js';
 import { BusyError, NotFoundError, classifyFsError } from './errors.js';
 import { ownerIsDead, ownerTag } from './owner.js';
 
-const scratch = new AsyncLocalStorage<true>();
-
-/**
- * Runs `fn` with commits that skip fsync (still temp name + rename): for files whose loss in a
- * crash loses nothing, like a synthesized VM's instance files — a crash ends that VM anyway,
- * and fsyncing hundreds of MiB of memory stream would delay its first answer for nothing.
- */
-export function scratchWrites<T>(fn: () => Promise<T>): Promise<T> {
-  return scratch.run(true, fn);
-}
-
-/** False inside scratchWrites(). */
-export function durable(): boolean {
-  return scratch.getStore() !== true;
+export interface AtomicOptions {
+  /** fsync the file and its directory on commit (default true). */
+  durable?: boolean;
+  /**
+   * Replace an existing file (default true). User-facing outputs pass the user's --force: false
+   * refuses an existing file (BusyError) on create and at commit.
+   */
+  force?: boolean;
 }
 
 export class AtomicFile {
@@ -40,6 +37,7 @@ export class AtomicFile {
     readonly handle: FileHandle,
     tempPath: string,
     private readonly force: boolean,
+    private readonly durable: boolean,
   ) {
     this.tempPath = tempPath;
     this.unregister = onCleanup(() => this.abort());
@@ -47,10 +45,9 @@ export class AtomicFile {
 
   /**
    * Opens a temporary file beside `path`. Refuses a missing directory (NotFoundError), a
-   * directory at `path`, and with `force: false` an existing file at `path` (BusyError). The
-   * default replaces: user-facing outputs pass the user's --force.
+   * directory at `path`, and with `force: false` an existing file at `path` (BusyError).
    */
-  static async create(path: string, opts: { force?: boolean } = {}): Promise<AtomicFile> {
+  static async create(path: string, opts: AtomicOptions = {}): Promise<AtomicFile> {
     const force = opts.force ?? true;
     await checkOutputPath(path, force);
     await sweepTemps(path);
@@ -61,14 +58,14 @@ export class AtomicFile {
     } catch (err) {
       throw classifyFsError(err, path);
     }
-    return new AtomicFile(path, handle, tempPath, force);
+    return new AtomicFile(path, handle, tempPath, force, opts.durable ?? true);
   }
 
   /** fsync, move into place, fsync the directory so the move itself is durable. */
   async commit(): Promise<void> {
     if (this.done) return;
     try {
-      if (durable()) await this.handle.sync();
+      if (this.durable) await this.handle.sync();
       await this.handle.close();
       if (this.force) {
         await rename(this.tempPath, this.path);
@@ -87,7 +84,7 @@ export class AtomicFile {
     }
     this.done = true;
     this.unregister();
-    await syncDir(dirname(this.path));
+    if (this.durable) await syncDir(dirname(this.path));
   }
 
   async abort(): Promise<void> {
@@ -133,7 +130,6 @@ export async function sweepTemps(path: string): Promise<string[]> {
 }
 
 export async function syncDir(dir: string): Promise<void> {
-  if (!durable()) return;
   const h = await open(dir, 'r');
   try {
     await h.sync();
@@ -146,9 +142,9 @@ export async function syncDir(dir: string): Promise<void> {
 export async function writeFileAtomic(
   path: string,
   data: string | Uint8Array,
-  opts: { force?: boolean } = { force: true },
+  options: AtomicOptions = {},
 ): Promise<void> {
-  const f = await AtomicFile.create(path, opts);
+  const f = await AtomicFile.create(path, options);
   try {
     await f.handle.writeFile(data);
     await f.commit();

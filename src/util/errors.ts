@@ -132,6 +132,8 @@ export function classifyFsError(err: unknown, path?: string): unknown {
   const e = err as NodeJS.ErrnoException & { dest?: string };
   // A full disk is about where bytes were going (copyFile's dest), not where they came from.
   const nospace = e.code === 'ENOSPC' || e.code === 'EDQUOT' || e.code === 'EFBIG';
+  // Only file-system calls: a socket's ENOENT (connect to a missing unix socket) is no missing file.
+  if (!nospace && e.path === undefined && e.syscall !== undefined && !FS_SYSCALLS.has(e.syscall)) return err;
   const where = (nospace ? (e.dest ?? path ?? e.path) : (e.path ?? path)) ?? undefined;
   const at = where ? ` (${where})` : '';
   const details: ErrorDetails = where ? { path: where } : {};
@@ -160,6 +162,30 @@ export function classifyFsError(err: unknown, path?: string): unknown {
   }
 }
 
+const FS_SYSCALLS = new Set([
+  'open',
+  'read',
+  'write',
+  'close',
+  'rename',
+  'link',
+  'unlink',
+  'mkdir',
+  'mkdtemp',
+  'rmdir',
+  'rm',
+  'stat',
+  'lstat',
+  'fstat',
+  'scandir',
+  'copyfile',
+  'ftruncate',
+  'fsync',
+  'fdatasync',
+  'chmod',
+  'fallocate',
+]);
+
 /** Runs `fn`; a file-system error it throws becomes its class (classifyFsError) naming `path`. */
 export async function withPath<T>(path: string, fn: () => Promise<T>): Promise<T> {
   try {
@@ -172,4 +198,38 @@ export async function withPath<T>(path: string, fn: () => Promise<T>): Promise<T
 /** Throws CorruptInputError unless `cond` holds; used by parsers before trusting a field. */
 export function check(cond: boolean, message: string, details: ErrorDetails = {}): asserts cond {
   if (!cond) throw new CorruptInputError(message, details);
+}
+
+const CLASSES: ReadonlyArray<new (message: string, details?: ErrorDetails) => CloudletError> = [
+  UsageError,
+  NotFoundError,
+  CorruptInputError,
+  BaseMismatchError,
+  HashMismatchError,
+  UnsupportedError,
+  QemuError,
+  TimeoutError,
+  BusyError,
+  MissingToolError,
+  NetworkError,
+  InterruptedError,
+];
+
+/** What crosses a thread boundary for an error (structured clone keeps no class). */
+export interface SerializedError {
+  code: string;
+  message: string;
+  details: ErrorDetails;
+}
+
+export function serializeError(err: unknown): SerializedError {
+  if (err instanceof CloudletError) return { code: err.code, message: err.message, details: err.details };
+  const e = err instanceof Error ? err : new Error(String(err));
+  return { code: 'Error', message: e.message, details: {} };
+}
+
+/** The error of its class again (a plain Error for anything not ours). */
+export function deserializeError(s: SerializedError): Error {
+  const C = CLASSES.find((c) => c.name === s.code);
+  return C ? new C(s.message, s.details) : new Error(s.message);
 }

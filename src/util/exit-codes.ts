@@ -52,7 +52,7 @@ const REGISTRY = {
   network: {
     code: 12,
     label: 'network',
-    meaning: 'fetching an overlay URL failed: refused, an HTTP error, stalled (idle timeout) or too large',
+    meaning: 'fetching an overlay failed: refused, HTTP error, stalled, too large; Glance or keystone unreachable',
   },
   untrusted: {
     code: 13,

@@ -4,7 +4,7 @@
  * and QEMU's stderr. A spec with `incoming` waits for a migration stream (`-incoming defer`).
  */
 import { join } from 'node:path';
-import { DEFAULT_CPU, validateSpec, type VmSpec } from '../spec/vm-spec.js';
+import { DEFAULT_CPU, validateSpec, type IncomingSpec, type VmSpec } from '../spec/vm-spec.js';
 import type { Accel } from './accel.js';
 
 /** Files of one running VM inside its run directory. */
@@ -90,6 +90,16 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
     opts.push(`id=${d.id ?? `drive${i}`}`);
     if (d.readOnly) opts.push('readonly=on');
     if (d.cache) opts.push(`cache=${d.cache}`);
+    if (d.backing) {
+      // Named nodes, so that a QMP blockdev-reopen can later put another backing under the drive.
+      const n = driveNodes(i);
+      args.push(
+        '-blockdev',
+        `driver=file,filename=${qemuOptValue(d.backing.file)},node-name=${n.backing}-file,read-only=on`,
+      );
+      args.push('-blockdev', `driver=${d.backing.format},file=${n.backing}-file,node-name=${n.backing},read-only=on`);
+      opts.push(`node-name=${n.top}`, `file.node-name=${n.file}`, `backing=${n.backing}`);
+    }
     args.push('-drive', opts.join(','));
   });
 
@@ -105,12 +115,19 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
     args.push('-device', dev.join(','));
   }
 
-  if (spec.incoming !== undefined) args.push('-incoming', 'defer');
+  // -S: after loading, the VM stays paused until it is told to run (cont) — for a synthesized
+  // VM only once everything is proven.
+  if (spec.incoming !== undefined) args.push('-S', '-incoming', 'defer');
   args.push(...(ctx.hostArgs ?? []));
   return args;
 }
 
-/** The migration URI that streams `path` into an incoming QEMU. */
-export function incomingUri(path: string): string {
-  return `exec:cat ${shellQuote(path)}`;
+/** The migration URI of an incoming spec: a file read by cat, or a unix socket QEMU listens on. */
+export function incomingUri(incoming: IncomingSpec): string {
+  return incoming.from === 'file' ? `exec:cat ${shellQuote(incoming.path)}` : `unix:${incoming.path}`;
+}
+
+/** Node names of drive i when it has a backing override. */
+export function driveNodes(i: number): { top: string; file: string; backing: string } {
+  return { top: `disk${i}`, file: `disk${i}-file`, backing: `disk${i}-back` };
 }

@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { onCleanup } from '../util/cleanup.js';
 import { BusyError, CloudletError, MissingToolError, NotFoundError, QemuError, TimeoutError } from '../util/errors.js';
 import { findProgram } from '../util/programs.js';
-import type { VmSpec } from '../spec/vm-spec.js';
+import type { IncomingSpec, VmSpec } from '../spec/vm-spec.js';
 import { resolveAccel, type Accel, type AccelChoice } from './accel.js';
 import { buildQemuArgs, incomingUri, runPaths, type RunPaths } from './argv.js';
 import { QmpClient } from './qmp.js';
@@ -168,6 +168,7 @@ export class QemuVm {
   /** QMP `quit`, then SIGKILL if it is still there after graceMs. Safe to call twice. */
   async stop(options: { graceMs?: number } = {}): Promise<QemuExit> {
     if (!this.running) return this.exited;
+    this.child.ref(); // a detached QEMU too: its exit is what we wait for
     const graceMs = options.graceMs ?? 5000;
     if (this.qmpClient && !this.qmpClient.closed) {
       await this.qmpClient.execute('quit', undefined, { timeoutMs: graceMs }).catch(() => undefined);
@@ -184,7 +185,7 @@ export class QemuVm {
 
   /** SIGKILL now. */
   kill(): void {
-    // A detached child is unref'd: whoever awaits `exited` after a kill must keep Node alive.
+    // A detached (unref'd) QEMU must still be seen to exit by whoever awaits `exited`.
     this.child.ref();
     if (this.running) this.child.kill('SIGKILL');
   }
@@ -192,6 +193,33 @@ export class QemuVm {
   /** The last `lines` lines of QEMU's stderr. */
   async stderrTail(lines = 20): Promise<string> {
     return tailOfFile(this.paths.stderrLog, lines);
+  }
+
+  /**
+   * Waits until the incoming snapshot is loaded (QEMU leaves `inmigrate`), checks that the load
+   * succeeded, and continues the VM when asked. QemuError when QEMU refused the stream.
+   */
+  async finishIncoming(options: { timeoutMs?: number; cont: boolean }): Promise<void> {
+    const what = this.spec.incoming?.path ?? 'memory snapshot';
+    const timeoutMs = options.timeoutMs ?? 120_000;
+    const deadline = Date.now() + timeoutMs;
+    let status = 'inmigrate';
+    while (status === 'inmigrate') {
+      this.exitSignal.throwIfAborted();
+      if (Date.now() > deadline) {
+        throw new TimeoutError(`loading the memory snapshot ${what} took over ${timeoutMs} ms`, { path: what });
+      }
+      await sleep(5);
+      status = await this.status();
+    }
+    const mig = await this.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+    if (mig.status === 'failed' || mig.status === 'cancelled') {
+      throw new QemuError(`QEMU could not load the memory snapshot ${what}: ${mig['error-desc'] ?? mig.status}`, {
+        path: what,
+        migrationStatus: mig.status,
+      });
+    }
+    if (options.cont && status !== 'running') await this.qmp.execute('cont');
   }
 
   /** query-status → e.g. 'running', 'paused', 'inmigrate', 'postmigrate'. */
@@ -281,7 +309,7 @@ export async function startQemu(spec: VmSpec, options: StartOptions): Promise<Qe
   }
 }
 
-async function loadIncoming(vm: QemuVm, path: string, options: StartOptions): Promise<void> {
+async function loadIncoming(vm: QemuVm, incoming: IncomingSpec, options: StartOptions): Promise<void> {
   const qmp = vm.qmp;
   if (options.incomingCapabilities && Object.keys(options.incomingCapabilities).length > 0) {
     await qmp.execute('migrate-set-capabilities', {
@@ -291,26 +319,10 @@ async function loadIncoming(vm: QemuVm, path: string, options: StartOptions): Pr
       })),
     });
   }
-  await qmp.execute('migrate-incoming', { uri: incomingUri(path) });
-  const timeoutMs = options.incomingTimeoutMs ?? 120_000;
-  const deadline = Date.now() + timeoutMs;
-  let status = 'inmigrate';
-  while (status === 'inmigrate') {
-    vm.exitSignal.throwIfAborted();
-    if (Date.now() > deadline) {
-      throw new TimeoutError(`loading the memory snapshot ${path} took over ${timeoutMs} ms`, { path });
-    }
-    await sleep(10);
-    status = await vm.status();
-  }
-  const mig = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
-  if (mig.status === 'failed' || mig.status === 'cancelled') {
-    throw new QemuError(`QEMU could not load the memory snapshot ${path}: ${mig['error-desc'] ?? mig.status}`, {
-      path,
-      migrationStatus: mig.status,
-    });
-  }
-  if (!options.stayPaused && status !== 'running') await qmp.execute('cont');
+  await qmp.execute('migrate-incoming', { uri: incomingUri(incoming) });
+  // From a socket the caller streams the snapshot, then calls vm.finishIncoming() itself.
+  if (incoming.from === 'unix') return;
+  await vm.finishIncoming({ timeoutMs: options.incomingTimeoutMs, cont: !options.stayPaused });
 }
 
 /** Turns a start failure into the most useful error, and makes sure QEMU is gone. */
@@ -367,7 +379,8 @@ async function checkInputs(spec: VmSpec): Promise<void> {
   if (spec.kernel) files.push(['kernel', spec.kernel]);
   if (spec.initrd) files.push(['initrd', spec.initrd]);
   for (const d of spec.drives ?? []) files.push(['drive', d.file]);
-  if (spec.incoming !== undefined) files.push(['memory snapshot', spec.incoming]);
+  if (spec.incoming?.from === 'file') files.push(['memory snapshot', spec.incoming.path]);
+  for (const d of spec.drives ?? []) if (d.backing) files.push(['backing image', d.backing.file]);
   // A shared backend file may be created by QEMU; a private (share=off) one must exist.
   if (spec.memoryBackendFile && !spec.memoryBackendFile.share) {
     files.push(['memory backend file', spec.memoryBackendFile.path]);

@@ -164,7 +164,8 @@ test(
       assert.match(s.app, /^demo-app ticks=\d+/, 'the process started in the guest is still running');
       assert.ok(s.counter > baseStatus.counter, 'the in-RAM request counter continues');
       const timings = j.timings_ms as Record<string, number>;
-      for (const k of ['apply', 'qemu_start', 'incoming_load', 'first_response', 'total'])
+      // One pipeline: QEMU starts at once, the overlay is rebuilt into it, then it runs.
+      for (const k of ['rebuild', 'qemu_start', 'load_wait', 'first_response', 'total'])
         assert.ok(k in timings, `timing ${k}`);
       t.diagnostic(`synthesize timings ${JSON.stringify(timings)}`);
     }
@@ -201,13 +202,39 @@ test(
     );
     ids.push(String(again.instance));
     assert.equal(parseStatus((again.answer as { body: string }).body).marker, marker);
-    // From a URL: the overlay is fetched, checked and applied the same way.
+    // From a URL: streamed into the pipeline. The server drops the first connection halfway
+    // (the rest is asked for again with a Range request); /short.overlay always ends early.
+    let dropped = false;
     const web = createHttpServer((req, res) => {
-      if (req.url !== '/app.overlay') {
-        res.writeHead(404).end();
+      const etag = '"app-v1"';
+      const len = good.length;
+      if (req.url === '/app.overlay') {
+        const m = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
+        if (m && req.headers['if-range'] === etag) {
+          const start = Number(m[1]);
+          res.writeHead(206, {
+            'content-range': `bytes ${start}-${len - 1}/${len}`,
+            'content-length': String(len - start),
+            etag,
+          });
+          res.end(good.subarray(start));
+          return;
+        }
+        res.writeHead(200, { 'content-length': String(len), etag });
+        if (dropped) {
+          res.end(good);
+          return;
+        }
+        dropped = true;
+        res.write(good.subarray(0, Math.floor(len / 2)), () => res.destroy());
         return;
       }
-      res.writeHead(200, { 'content-length': String(good.length) }).end(good);
+      if (req.url === '/short.overlay') {
+        res.writeHead(200, { 'content-length': String(len) });
+        res.write(good.subarray(0, len - 4096), () => res.destroy());
+        return;
+      }
+      res.writeHead(404).end();
     });
     const good = await readFile(overlay);
     await new Promise<void>((r) => web.listen(0, '127.0.0.1', r));
@@ -233,7 +260,17 @@ test(
       );
       ids.push(String(fromUrl.instance));
       assert.equal(parseStatus((fromUrl.answer as { body: string }).body).marker, marker);
-      assert.ok('fetch' in (fromUrl.timings_ms as object), 'the fetch is timed');
+      // Streamed from the URL into the pipeline: no separate download phase; the drop was resumed.
+      assert.ok('rebuild' in (fromUrl.timings_ms as object) && !('fetch' in (fromUrl.timings_ms as object)));
+      assert.deepEqual(fromUrl.download, { bytes: good.length, resumed: 1 }, 'resumed after the dropped connection');
+      const instancesBefore = await readdir(join(work, 'lib', 'instances'));
+      const short = await cli(
+        ['synthesize', `http://127.0.0.1:${wport}/short.overlay`, '--base', 'demo', '--detach'],
+        env,
+      );
+      assert.equal(short.code, 12, `a body that always ends early is refused: ${short.stderr}`);
+      assert.match(short.stderr, /broke off/);
+      assert.deepEqual(await readdir(join(work, 'lib', 'instances')), instancesBefore, 'no instance left');
       const missing = await cli(
         ['synthesize', `http://127.0.0.1:${wport}/nothere.overlay`, '--base', 'demo', '--detach'],
         env,

@@ -207,7 +207,7 @@ describe('QEMU layer end to end', { skip, timeout: 240_000 }, () => {
     const spec = {
       ...demoVmSpec(demo, join(work, 'boot.disk.raw'), 1),
       memoryMiB: 256,
-      incoming: join(work, 'boot.mem'),
+      incoming: { from: 'file' as const, path: join(work, 'boot.mem') },
     };
     delete spec.network;
     await assert.rejects(startQemu(spec, { runDir, accel: 'tcg' }), (err: unknown) => {

@@ -229,7 +229,7 @@ export async function resumeVm(options: {
   return startAndWait(
     (p) =>
       resumeSpec(source, {
-        incoming: options.incoming,
+        incoming: { from: 'file', path: options.incoming },
         driveFiles: [options.disk],
         forwards: [{ hostPort: p, guestPort: demo.guestPort }],
       }),

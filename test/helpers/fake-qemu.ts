@@ -4,8 +4,9 @@
  * (put it first on PATH). Modes:
  * - `die`: prints a QEMU-like error and exits 1 (a QEMU failure, exit code 8);
  * - `serve`: serves QMP on the socket of its -chardev id=qmp (greeting, qmp_capabilities,
- *   migrate-incoming, query-status "running", query-migrate "completed", cont, quit), so a
- *   resume "succeeds" and whatever waits for the guest times out.
+ *   migrate-incoming from a file or a unix socket it then drains, query-status, query-migrate
+ *   "completed", cont, quit, anything else answered {}), so a resume "succeeds" and whatever
+ *   waits for the guest times out.
  */
 import { chmod, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -19,6 +20,7 @@ if (mode === 'die') {
   process.exit(1);
 }
 const servers = [];
+let status = 'paused';
 for (let i = 0; i < args.length; i++) {
   if (args[i] !== '-chardev') continue;
   const opts = args[i + 1];
@@ -38,8 +40,21 @@ for (let i = 0; i < args.length; i++) {
         if (!line) continue;
         const cmd = JSON.parse(line);
         let ret = {};
-        if (cmd.execute === 'query-status') ret = { status: 'running', running: true };
+        if (cmd.execute === 'query-status') ret = { status, running: status === 'running' };
         if (cmd.execute === 'query-migrate') ret = { status: 'completed' };
+        if (cmd.execute === 'cont') status = 'running';
+        const uri = cmd.arguments?.uri ?? '';
+        if (cmd.execute === 'migrate-incoming' && uri.startsWith('unix:')) {
+          // The streamed resume: take the memory stream on the socket, "loading" until it ends.
+          status = 'inmigrate';
+          const mig = net.createServer((c) => {
+            c.on('data', () => undefined);
+            c.on('end', () => (status = 'paused'));
+            c.on('error', () => undefined);
+          });
+          mig.listen(uri.slice(5));
+          servers.push(mig);
+        }
         sock.write(JSON.stringify({ return: ret, id: cmd.id }) + '\n');
         if (cmd.execute === 'quit') setTimeout(() => process.exit(0), 10);
       }

@@ -303,7 +303,8 @@ test('info reports base, targets and encodings', async () => {
   const targets = r.json.targets as Array<{ name: string }>;
   assert.deepEqual(
     targets.map((t) => t.name),
-    ['stream.prefix', 'stream.start', 'stream.tail', 'disk', 'pc.ram', 'pc.bios', '/rom@etc/acpi/tables'],
+    // Memory first: a synthesizing QEMU loads it while the disk still arrives.
+    ['stream.prefix', 'stream.start', 'stream.tail', 'pc.ram', 'pc.bios', '/rom@etc/acpi/tables', 'disk'],
   );
   assert.equal((r.json.memory as { machine: string }).machine, 'pc-q35-7.2');
 });

@@ -8,7 +8,8 @@ import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
 import { anchorBase, indexBase } from '../../src/delta/base-index.js';
 import { diff } from '../../src/delta/diff.js';
-import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
+import type { AssemblyOutput } from '../../src/delta/assemble.js';
+import { applyInMemory } from '../helpers/assemble.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
 import type { BaseTarget, NewTarget } from '../../src/delta/target.js';
 import { OverlayWriter } from '../../src/overlay/writer.js';
@@ -18,17 +19,18 @@ import { HashMismatchError } from '../../src/util/errors.js';
 import { rng, textish } from '../helpers/rng.js';
 import { xorByte } from '../helpers/bytes.js';
 
-class Collect implements TargetOutput {
+class Collect implements AssemblyOutput {
   readonly chunks = new Map<number, Buffer | null>();
-  constructor(readonly wantsAll: boolean) {}
+  readonly ordered = false;
+  constructor(readonly everyChunk: boolean) {}
   async put(i: number, d: Buffer | null): Promise<void> {
-    this.chunks.set(i, d);
+    this.chunks.set(i, d ? Buffer.from(d) : null);
   }
   async finish(): Promise<void> {}
   /** Rebuild the full target from base + changes (or from all chunks). */
   build(base: Buffer | undefined, size: number): Buffer {
     const out = Buffer.alloc(size);
-    if (base && !this.wantsAll) {
+    if (base && !this.everyChunk) {
       // unchanged chunks = base bytes where lengths match
       base.copy(out, 0, 0, Math.min(size, base.length));
       const lastFull = Math.floor(Math.min(size, base.length) / 4096) * 4096;
@@ -91,12 +93,9 @@ async function roundTrip(
     const res = await diff(base, indexBase(base), targets, w, { baseAnchors: await anchorBase(base) });
     const { size } = await w.finish(res.targets, res.stats);
     tamper?.(base);
-    const r = await OverlayReader.open(path);
+    await (await OverlayReader.open(path)).close(); // header, footer and index check out
     const outs = [new Collect(wantsAll), new Collect(wantsAll), new Collect(wantsAll)];
-    const p = new Patcher(base, r.header.targets, [undefined, outs[1], outs[2]], r);
-    for await (const rec of r.records()) await p.add(rec);
-    const result = await p.finish();
-    await r.close();
+    const result = await applyInMemory(base, path, [undefined, outs[1], outs[2]]);
     assert.equal(result.blobs.get('tail')?.toString(), 'hello world');
     return {
       disk: outs[1]!.build(baseDisk, newDisk.length),

@@ -12,7 +12,8 @@ import { BufferSource } from '../../src/delta/buffer-source.js';
 import { ChunkMap } from '../../src/delta/chunk-map.js';
 import { indexBase } from '../../src/delta/base-index.js';
 import { diff } from '../../src/delta/diff.js';
-import { Patcher, type TargetOutput } from '../../src/delta/patch.js';
+import type { AssemblyOutput } from '../../src/delta/assemble.js';
+import { applyInMemory } from '../helpers/assemble.js';
 import { initXdelta3 } from '../../src/delta/xdelta3.js';
 import { baseIdOf, type BaseTarget } from '../../src/delta/target.js';
 import { OverlayWriter } from '../../src/overlay/writer.js';
@@ -21,8 +22,9 @@ import { CloudletError } from '../../src/util/errors.js';
 import { rng, textish } from '../helpers/synthetic-vm.js';
 import { xorByte } from '../helpers/bytes.js';
 
-class Sink implements TargetOutput {
-  readonly wantsAll = true;
+class Sink implements AssemblyOutput {
+  readonly everyChunk = true;
+  readonly ordered = false;
   readonly out: Buffer;
   constructor(size: number) {
     this.out = Buffer.alloc(size);
@@ -83,16 +85,11 @@ test('overlay fuzz: mutated overlays end in clean errors', async () => {
     const good = await readFile(path);
 
     const applyFile = async (file: string): Promise<Buffer> => {
-      const r = await OverlayReader.open(file);
-      try {
-        const sink = new Sink(newDisk.length);
-        const p = new Patcher(base, r.header.targets, [undefined, sink], r);
-        for await (const at of r.records()) await p.add(at);
-        await p.finish();
-        return sink.out;
-      } finally {
-        await r.close();
-      }
+      // As apply does for a file: random-access checks first, then the stream.
+      await (await OverlayReader.open(file)).close();
+      const sink = new Sink(newDisk.length);
+      await applyInMemory(base, file, [undefined, sink]);
+      return sink.out;
     };
     assert.ok((await applyFile(path)).equals(newDisk), 'the unmutated overlay applies');
 

@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile, copyFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { BIN, cli } from '../helpers/cli.js';
 import { createTiny, importTiny, makeTinyVm, type TinyVm } from '../helpers/tiny-vm.js';
@@ -94,6 +95,21 @@ test('unsigned, foreign-signed: refused with exit 13 before anything is written'
   const r2 = await cli(['apply', signed, ...base, '--trust', join(dir, 'mallory.pub')], env);
   assert.equal(r2.code, 13, r2.stderr);
   assert.match(r2.stderr, /not trusted/);
+  assert.equal(await stat(out).catch(() => undefined), undefined, 'no output directory');
+  // From a URL (the streaming reader checks the signature as soon as the header arrived).
+  const server = createServer((req, res) => {
+    void readFile(req.url === '/signed' ? signed : unsigned).then((b) => res.end(b));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  try {
+    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    const r5 = await cli(['apply', `${url}/unsigned`, ...base, '--trust', join(dir, 'alice.pub')], env);
+    assert.equal(r5.code, 13, r5.stderr);
+    const r6 = await cli(['apply', `${url}/signed`, '--base', 'tiny', '-o', join(dir, 'out-url')], env);
+    assert.equal(r6.code, 0, r6.stderr);
+  } finally {
+    server.close();
+  }
   assert.equal(await stat(out).catch(() => undefined), undefined, 'no output directory');
   // The trust store directory counts like --trust.
   const store = join(dir, 'config', 'cloudlet-overlay', 'trusted');

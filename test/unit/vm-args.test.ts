@@ -110,11 +110,13 @@ describe('buildQemuArgs', () => {
   });
 
   it('incoming snapshots start deferred; host args go last', () => {
-    const spec = { ...demoSpec(), incoming: '/s/base.mem' };
-    const args = buildQemuArgs(spec, { accel: 'tcg', paths, hostArgs: ['-S'] });
+    const spec = { ...demoSpec(), incoming: { from: 'file' as const, path: '/s/base.mem' } };
+    const args = buildQemuArgs(spec, { accel: 'tcg', paths, hostArgs: ['-x'] });
     assert.deepEqual(values(args, '-incoming'), ['defer']);
-    assert.equal(args.at(-1), '-S');
-    assert.equal(incomingUri("/s/it's.mem"), `exec:cat '/s/it'\\''s.mem'`);
+    assert.ok(args.includes('-S'), 'a resumed VM stays paused until told to run');
+    assert.equal(args.at(-1), '-x');
+    assert.equal(incomingUri({ from: 'file', path: "/s/it's.mem" }), `exec:cat '/s/it'\\''s.mem'`);
+    assert.equal(incomingUri({ from: 'unix', path: '/run/i/mig.sock' }), 'unix:/run/i/mig.sock');
   });
 
   it('is pure: the same spec gives the same argv', () => {
@@ -158,11 +160,11 @@ describe('resumeSpec', () => {
   it('keeps guest-visible parts and swaps files, ports and the incoming stream', () => {
     const src = demoSpec();
     const r = resumeSpec(src, {
-      incoming: '/s/base.mem',
+      incoming: { from: 'file', path: '/s/base.mem' },
       driveFiles: ['/w/copy.raw'],
       forwards: [{ hostPort: 19090, guestPort: 8080 }],
     });
-    assert.equal(r.incoming, '/s/base.mem');
+    assert.deepEqual(r.incoming, { from: 'file', path: '/s/base.mem' });
     assert.deepEqual(r.drives, [{ file: '/w/copy.raw', format: 'raw', if: 'virtio' }]);
     assert.deepEqual(r.network, { romfile: '', forwards: [{ hostPort: 19090, guestPort: 8080 }] });
     assert.equal(r.machine, src.machine);
@@ -172,7 +174,10 @@ describe('resumeSpec', () => {
   });
 
   it('refuses a different number of drives', () => {
-    assert.throws(() => resumeSpec(demoSpec(), { incoming: '/m', driveFiles: ['/a', '/b'] }), UsageError);
+    assert.throws(
+      () => resumeSpec(demoSpec(), { incoming: { from: 'file', path: '/m' }, driveFiles: ['/a', '/b'] }),
+      UsageError,
+    );
   });
 });
 

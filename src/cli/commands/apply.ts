@@ -4,8 +4,8 @@ import { applyOverlay } from '../../api/apply.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { printResult, seconds, type GlobalOptions } from '../output.js';
-import { intArg } from '../parse.js';
-import { trust, trustOption, type TrustFlags } from '../trust-flags.js';
+import { intArg, threadsArg } from '../parse.js';
+import { trust, trustOpt, type TrustFlags } from '../trust-flags.js';
 
 interface ApplyFlags extends BaseFlags, TrustFlags {
   output: string;
@@ -14,6 +14,7 @@ interface ApplyFlags extends BaseFlags, TrustFlags {
   baseRam?: string;
   clusterSize?: number;
   force?: boolean;
+  threads?: number;
 }
 
 export function registerApply(program: Command): void {
@@ -44,30 +45,33 @@ export function registerApply(program: Command): void {
       "the base's main RAM block as a raw file (for --memory-format sparse without a library)",
     )
     .addOption(new Option('--cluster-size <bytes>', 'qcow2 cluster size').argParser(intArg))
-    .option('--force', 'replace outputs that already exist');
-  trustOption(cmd).action(async (overlay: string, flags: ApplyFlags, command: Command) => {
-    const g = command.optsWithGlobals<GlobalOptions>();
-    const r = await applyOverlay({
-      overlay,
-      base: { ...baseRef(flags), library: g.library },
-      outDir: flags.output,
-      diskFormat: flags.diskFormat,
-      memoryFormat: flags.memoryFormat,
-      baseRamFile: flags.baseRam,
-      clusterSize: flags.clusterSize,
-      force: flags.force,
-      progress: makeProgress(g),
-      trust: await trust(flags),
+    .option('--force', 'replace outputs that already exist')
+    .addOption(new Option('--threads <n>', 'decode threads (default: every core; 1: all on one)').argParser(threadsArg))
+    .addOption(trustOpt())
+    .action(async (overlay: string, flags: ApplyFlags, command: Command) => {
+      const g = command.optsWithGlobals<GlobalOptions>();
+      const r = await applyOverlay({
+        overlay,
+        base: { ...baseRef(flags), library: g.library },
+        outDir: flags.output,
+        diskFormat: flags.diskFormat,
+        memoryFormat: flags.memoryFormat,
+        baseRamFile: flags.baseRam,
+        clusterSize: flags.clusterSize,
+        force: flags.force,
+        threads: flags.threads === 1 ? 0 : flags.threads,
+        progress: makeProgress(g),
+        trust: await trust(flags),
+      });
+      printResult(g, r, () => {
+        const m = r.manifest;
+        const lines = [`rebuilt and verified in ${seconds(r.timings_ms.total ?? 0)} → ${r.out_dir}`];
+        if (m.disk) {
+          const backing = m.disk.backing ? `, backing ${m.disk.backing.path}` : '';
+          lines.push(`  disk    ${m.disk.path} (${m.disk.format}${backing})`);
+        }
+        if (m.memory) lines.push(`  memory  ${m.memory.path} (${m.memory.format}, machine ${m.memory.machine})`);
+        return lines.join('\n');
+      });
     });
-    printResult(g, r, () => {
-      const m = r.manifest;
-      const lines = [`rebuilt and verified in ${seconds(r.timings_ms.total ?? 0)} → ${r.out_dir}`];
-      if (m.disk) {
-        const backing = m.disk.backing ? `, backing ${m.disk.backing.path}` : '';
-        lines.push(`  disk    ${m.disk.path} (${m.disk.format}${backing})`);
-      }
-      if (m.memory) lines.push(`  memory  ${m.memory.path} (${m.memory.format}, machine ${m.memory.machine})`);
-      return lines.join('\n');
-    });
-  });
 }

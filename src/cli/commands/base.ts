@@ -16,6 +16,7 @@ import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
 import { trust, trustOption, type TrustFlags } from '../trust-flags.js';
 import { signingKey } from '../../api/keys.js';
+import { printGlanceBases, registerBaseGlance } from './base-glance.js';
 
 interface ImportFlags extends TrustFlags {
   disk?: string;
@@ -36,7 +37,7 @@ interface CaptureFlags {
 export function registerBase(program: Command): void {
   const base = program
     .command('base')
-    .summary('manage the library of base VMs (import, list, show, rm, export, verify)')
+    .summary('manage the library of base VMs (import, list, show, rm, export, verify, push/pull to Glance)')
     .description(
       'The base library holds base VMs by id (sha256 over their contents): disk, memory snapshot, ' +
         'the base RAM file a synthesized VM maps copy-on-write, chunk hash indexes, and the VM spec ' +
@@ -103,9 +104,11 @@ Examples:
 
   base
     .command('list')
-    .summary('list the base VMs in the library')
-    .action(async (_f: object, command: Command) => {
+    .summary('list the base VMs in the library (or in Glance: --glance)')
+    .option('--glance [url]', 'list the base packages in Glance instead (default endpoint: as for base push)')
+    .action(async (f: { glance?: string | true }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
+      if (f.glance !== undefined) return printGlanceBases(g, f.glance);
       const r = await listBases(libraryRoot(g.library));
       const list = r.bases;
       printResult(g, r, () => {
@@ -209,4 +212,6 @@ Examples:
       }
       printResult(g, r, () => `base ${r.id}: ok`);
     });
+
+  registerBaseGlance(base);
 }

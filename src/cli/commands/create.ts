@@ -1,11 +1,11 @@
 import type { Command } from 'commander';
 import { Option } from 'commander';
 import { createOverlay, DEFAULT_LEVEL } from '../../api/create.js';
-import { signingKey } from '../../api/keys.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, seconds, table, type GlobalOptions } from '../output.js';
-import { intArg } from '../parse.js';
+import { intArg, threadsArg } from '../parse.js';
+import { signingKey } from '../../api/keys.js';
 
 interface CreateFlags extends BaseFlags {
   disk?: string;
@@ -14,6 +14,7 @@ interface CreateFlags extends BaseFlags {
   output: string;
   level: number;
   tmpDir?: string;
+  threads?: number;
   sign?: string;
   force?: boolean;
 }
@@ -36,6 +37,12 @@ export function registerCreate(program: Command): void {
       new Option('--level <n>', 'zstd level of the overlay body, 1..22').default(DEFAULT_LEVEL).argParser(intArg),
     )
     .option('--tmp-dir <dir>', 'scratch space for converted disk views (default: system temp)')
+    .addOption(
+      new Option(
+        '--threads <n>',
+        'threads (default: every core; 1: all on one); the overlay is the same for any number',
+      ).argParser(threadsArg),
+    )
     .option('--sign <key>', 'sign the overlay with this private key (NAME.key from `key generate`)')
     .option('--force', 'replace the output file if it exists')
     .addHelpText(
@@ -56,6 +63,7 @@ Examples:
         output: flags.output,
         level: flags.level,
         tmpDir: flags.tmpDir,
+        threads: flags.threads,
         progress: makeProgress(g),
         sign: await signingKey(flags.sign),
         force: flags.force,

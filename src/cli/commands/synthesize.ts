@@ -5,8 +5,8 @@ import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';
 import { makeProgress } from '../progress.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
-import { QEMU_ARG_HELP, collect, durationArg, forwardArg, intArg, sizeArg } from '../parse.js';
-import { trust, trustOption, type TrustFlags } from '../trust-flags.js';
+import { QEMU_ARG_HELP, collect, durationArg, forwardArg, intArg, sizeArg, threadsArg } from '../parse.js';
+import { trust, trustOpt, type TrustFlags } from '../trust-flags.js';
 import { onForegroundSignal } from '../signals.js';
 
 interface SynthesizeFlags extends TrustFlags {
@@ -14,6 +14,7 @@ interface SynthesizeFlags extends TrustFlags {
   maxSize?: number;
   idleTimeout?: number;
   base: string;
+  glance?: string;
   forward: PortForward[];
   waitHttp?: string;
   waitTcp?: number;
@@ -22,32 +23,41 @@ interface SynthesizeFlags extends TrustFlags {
   keep?: boolean;
   timeout: number;
   memory: 'sparse' | 'stream';
+  threads?: number;
+  pipeline: 'stream' | 'sequential';
 }
 
 const PHASES: Array<[string, string]> = [
   ['open_base', 'open base'],
-  ['fetch', 'fetch overlay'],
-  ['open_overlay', 'open + check overlay'],
-  ['apply', 'rebuild + verify'],
-  ['qemu_start', 'QEMU start'],
-  ['incoming_load', 'memory load'],
+  ['resolve', 'resolve glance image'],
+  ['open_overlay', 'open + check overlay header'],
+  ['qemu_start', 'QEMU start (concurrent)'],
+  ['rebuild', 'stream + rebuild + verify (memory into QEMU)'],
+  ['load_wait', 'QEMU finishes loading'],
+  ['disk_switch', 'disk onto the rebuilt layer'],
+  ['fetch', 'fetch overlay (sequential)'],
+  ['apply', 'rebuild + verify (sequential)'],
+  ['incoming_load', 'memory load (sequential)'],
   ['first_response', 'first response'],
   ['total', 'total'],
 ];
 
 export function registerSynthesize(program: Command): void {
-  const cmd = program
+  program
     .command('synthesize')
     .summary('rebuild a customized VM from a base + overlay and resume it until it answers')
     .description(
-      'VM synthesis: verify the overlay against a library base, rebuild the disk (qcow2 over the base ' +
-        'disk) and memory (changed pages over the base RAM file, mapped copy-on-write), and resume the ' +
-        "VM under QEMU (KVM when usable, else TCG) with the base's exact machine and devices. Nothing is " +
-        'launched before the overlay is proven. Without --detach it runs until Ctrl-C, then stops the VM ' +
-        'and removes the instance (unless --keep).',
+      "VM synthesis in one pipeline: QEMU starts at once, paused, with the base's exact machine and " +
+        'devices (KVM when usable, else TCG); the overlay is read front to back (file or URL, at link ' +
+        'speed; a dropped download resumes), decoded on every core, and its memory pages flow into QEMU as ' +
+        'they are rebuilt (changed pages over the base RAM file, mapped copy-on-write) while the disk is ' +
+        'rebuilt as a qcow2 over the base disk. The VM only runs once every checksum of the overlay is ' +
+        'proven; a damaged overlay leaves no VM and no files. Without --detach it runs until Ctrl-C, then ' +
+        'stops the VM and removes the instance (unless --keep).',
     )
-    .argument('<overlay>', 'overlay file or http(s) URL')
+    .argument('<overlay>', 'overlay file, http(s) URL, or glance://IMAGE_ID (see docs/openstack.md)')
     .requiredOption('--base <id>', 'base VM from the library (id, unique id prefix, or name)')
+    .option('--glance <url>', 'Glance endpoint for glance:// overlays (default: $CLOUDLET_GLANCE_URL, OS_*)')
     .addOption(
       new Option(
         '--forward <spec>',
@@ -77,6 +87,16 @@ export function registerSynthesize(program: Command): void {
         .choices(['sparse', 'stream'])
         .default('sparse'),
     )
+    .addOption(new Option('--threads <n>', 'decode threads (default: every core; 1: all on one)').argParser(threadsArg))
+    .addOption(
+      new Option(
+        '--pipeline <how>',
+        'stream: QEMU loads memory while the overlay arrives; sequential: rebuild into files first (for comparison)',
+      )
+        .choices(['stream', 'sequential'])
+        .default('stream'),
+    )
+    .addOption(trustOpt())
     .addOption(new Option('--qemu-arg <arg>', QEMU_ARG_HELP).argParser(collect))
     .addOption(
       new Option('--max-size <bytes>', 'for a URL: refuse a download larger than this (e.g. 2G)')
@@ -94,37 +114,41 @@ export function registerSynthesize(program: Command): void {
 Example:
   cloudlet-overlay synthesize app.overlay --base web --forward 8080:8080 \\
       --wait-http http://127.0.0.1:8080/ --detach`,
-    );
-  trustOption(cmd).action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
-    const g = command.optsWithGlobals<GlobalOptions>();
-    const human = !g.json && !g.quiet;
-    const stop = new AbortController();
-    await runSynthesis({
-      root: libraryRoot(g.library),
-      base: flags.base,
-      overlay,
-      forwards: flags.forward,
-      waitHttp: flags.waitHttp,
-      waitTcp: flags.waitTcp,
-      accel: flags.accel,
-      detach: flags.detach,
-      keep: flags.keep,
-      readyTimeoutMs: flags.timeout,
-      memoryFormat: flags.memory,
-      progress: makeProgress(g),
-      trust: await trust(flags),
-      fetch: { maxBytes: flags.maxSize, idleMs: flags.idleTimeout },
-      signal: stop.signal,
-      onReady(result) {
-        if (human) process.stderr.write(phaseTable(result) + '\n');
-        printResult(g, result, () => summary(result));
-        if (flags.detach) return;
-        // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
-        onForegroundSignal(() => stop.abort());
-        if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
-      },
+    )
+    .action(async (overlay: string, flags: SynthesizeFlags, command: Command) => {
+      const g = command.optsWithGlobals<GlobalOptions>();
+      const human = !g.json && !g.quiet;
+      const stop = new AbortController();
+      await runSynthesis({
+        root: libraryRoot(g.library),
+        base: flags.base,
+        overlay,
+        glance: flags.glance,
+        forwards: flags.forward,
+        waitHttp: flags.waitHttp,
+        waitTcp: flags.waitTcp,
+        accel: flags.accel,
+        detach: flags.detach,
+        keep: flags.keep,
+        readyTimeoutMs: flags.timeout,
+        memoryFormat: flags.memory,
+        threads: flags.threads === 1 ? 0 : flags.threads,
+        pipeline: flags.pipeline,
+        progress: makeProgress(g),
+        trust: await trust(flags),
+        fetch: { maxBytes: flags.maxSize, idleMs: flags.idleTimeout },
+        qemuArgs: flags.qemuArg,
+        signal: stop.signal,
+        onReady(result) {
+          if (human) process.stderr.write(phaseTable(result) + '\n');
+          printResult(g, result, () => summary(result));
+          if (flags.detach) return;
+          // From here Ctrl-C is the normal end of a foreground VM (it stops it), not an interruption.
+          onForegroundSignal(() => stop.abort());
+          if (human) process.stderr.write('running in the foreground: Ctrl-C stops the VM\n');
+        },
+      });
     });
-  });
 }
 
 function phaseTable(result: SynthesizeResult): string {

@@ -4,7 +4,7 @@
  * through a second, read-only handle on the same temp file.
  */
 import { open, type FileHandle } from 'node:fs/promises';
-import { AtomicFile } from '../../util/atomic.js';
+import { AtomicFile, type AtomicOptions } from '../../util/atomic.js';
 import { onCleanup } from '../../util/cleanup.js';
 import { readFully, writeFully } from './io.js';
 
@@ -17,8 +17,8 @@ export class OutputFile {
     private readonly unregister: () => void,
   ) {}
 
-  static async create(path: string): Promise<OutputFile> {
-    const file = await AtomicFile.create(path);
+  static async create(path: string, options: AtomicOptions = {}): Promise<OutputFile> {
+    const file = await AtomicFile.create(path, options);
     let reader: FileHandle;
     try {
       reader = await open(file.tempPath, 'r');

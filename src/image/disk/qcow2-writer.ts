@@ -32,6 +32,8 @@ export interface Qcow2WriterOptions {
   base: ChunkSource;
   /** Power of two, 4 KiB … 2 MiB; default 64 KiB (QEMU's default). */
   clusterSize?: number;
+  /** fsync on finish (default true; see util/atomic.ts). */
+  durable?: boolean;
 }
 
 const MIN_CLUSTER = PAGE_SIZE;
@@ -102,7 +104,7 @@ export class Qcow2Writer extends OrderedWriter {
       backingFile: opts.backingFile,
       backingFormat: opts.backingFormat,
     });
-    const file = await OutputFile.create(path);
+    const file = await OutputFile.create(path, { durable: opts.durable });
     return new Qcow2Writer(file, path, opts.virtualSize, clusterSize, opts.backingFile, opts.backingFormat, opts.base);
   }
 

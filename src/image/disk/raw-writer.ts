@@ -20,6 +20,8 @@ export interface RawWriterOptions {
   /** Size of the output; the base is cut or zero-extended to it. */
   virtualSize: number;
   base: ChunkSource;
+  /** fsync on finish (default true; see util/atomic.ts). */
+  durable?: boolean;
 }
 
 /** Unit of reading the base and writing the output: few, large system calls. */
@@ -54,7 +56,7 @@ export class RawWriter extends OrderedWriter {
       throw new UnsupportedError(`invalid virtual size ${opts.virtualSize}`);
     }
     const extents = clipExtents(await opts.base.dataExtents(), Math.min(opts.base.size, opts.virtualSize));
-    const file = await OutputFile.create(path);
+    const file = await OutputFile.create(path, { durable: opts.durable });
     try {
       await file.truncate(opts.virtualSize);
     } catch (err) {

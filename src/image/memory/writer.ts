@@ -3,9 +3,11 @@
  * configuration) and ram START section taken from a real stream, then one ram END section with
  * the page records given to writePage(), EOS, footer, and the original device-state tail.
  * QEMU accepts pages in any order and lets a later copy of a page win; records reuse the
- * previous record's block through CONTINUE exactly as ram.c does. The file appears atomically.
+ * previous record's block through CONTINUE exactly as ram.c does. It writes to a sink: a file
+ * that appears atomically, or a socket into a QEMU waiting for it (stream-sink.ts).
  */
-import { AtomicFile } from '../../util/atomic.js';
+import { fileSink, type StreamSink } from './stream-sink.js';
+import type { AtomicOptions } from '../../util/atomic.js';
 import { CloudletError, check } from '../../util/errors.js';
 import { BufferSnapshotBytes } from './snapshot-bytes.js';
 import { RamFlag, Section } from './format.js';
@@ -35,11 +37,14 @@ type State = 'new' | 'open' | 'done' | 'failed';
 
 export class MigrationStreamWriter {
   private state: State = 'new';
-  private file: AtomicFile | null = null;
-  private out = Buffer.allocUnsafe(OUT_BUFFER);
-  /** Double buffering: one buffer fills while the other is being written. */
-  private spare = Buffer.allocUnsafe(OUT_BUFFER);
-  private inflight: Promise<void> | null = null;
+  private file: StreamSink | null = null;
+  private out: Buffer = Buffer.allocUnsafe(OUT_BUFFER);
+  /**
+   * Buffers being written, oldest first, up to `depth`: pages keep coming while a slow reader
+   * (a QEMU loading them) catches up; a buffer returns to `free` once its write is done.
+   */
+  private readonly inflight: Array<Promise<void>> = [];
+  private readonly free: Buffer[] = [];
   private used = 0;
   private position = 0;
   private readonly blocks = new Map<string, WriterBlock>();
@@ -47,7 +52,18 @@ export class MigrationStreamWriter {
   private ramSectionId = 0;
   private readonly stats: WriterStats = { dataPages: 0, zeroPages: 0, bytes: 0 };
 
-  constructor(readonly path: string) {}
+  /**
+   * `to`: a file path (written atomically) or a sink. `depth`: buffers of 8 MiB in flight at
+   * most (default 2; a socket into QEMU takes more, so that rebuilding need not wait for QEMU).
+   */
+  constructor(
+    private readonly to: string | StreamSink,
+    private readonly options: AtomicOptions & { depth?: number } = {},
+  ) {}
+
+  get path(): string {
+    return typeof this.to === 'string' ? this.to : this.to.name;
+  }
 
   /**
    * Starts the stream. `prefix` and `startSection` are MemorySnapshot.prefixBytes() and
@@ -76,7 +92,7 @@ export class MigrationStreamWriter {
     }
     this.ramSectionId = ramSectionId;
 
-    this.file = await AtomicFile.create(this.path);
+    this.file = typeof this.to === 'string' ? await fileSink(this.to, this.options) : this.to;
     this.state = 'open';
     await this.guard(async () => {
       await this.put(head);
@@ -120,6 +136,15 @@ export class MigrationStreamWriter {
     }
   }
 
+  /** Sends every page given so far on to the sink (a QEMU loading it can go on meanwhile). */
+  async push(): Promise<void> {
+    if (this.state !== 'open') throw new CloudletError(`MigrationStreamWriter.push in state ${this.state}`);
+    await this.guard(async () => {
+      await this.flush();
+      await Promise.all(this.inflight);
+    });
+  }
+
   /** Ends the ram section, appends the device-state tail unchanged, and commits the file. */
   async finish(tail: Buffer): Promise<WriterStats> {
     if (this.state !== 'open') throw new CloudletError(`MigrationStreamWriter.finish in state ${this.state}`);
@@ -135,7 +160,7 @@ export class MigrationStreamWriter {
       await this.put(end);
       await this.put(tail);
       await this.flush();
-      await this.inflight;
+      await Promise.all(this.inflight);
       await this.openFile().commit();
     });
     this.state = 'done';
@@ -163,7 +188,7 @@ export class MigrationStreamWriter {
   private async put(data: Buffer): Promise<void> {
     if (this.used + data.length > this.out.length) await this.flush();
     if (data.length > this.out.length) {
-      await this.inflight;
+      await Promise.all(this.inflight);
       await this.writeAt(data, this.position);
       this.position += data.length;
       return;
@@ -171,29 +196,29 @@ export class MigrationStreamWriter {
     this.used += data.copy(this.out, this.used);
   }
 
-  /** Starts writing the filled buffer and swaps in the other one; pages keep coming meanwhile. */
+  /** Starts writing the filled buffer and takes a free one; waits only when `depth` are in flight. */
   private async flush(): Promise<void> {
     if (this.used === 0) return;
-    await this.inflight; // the spare buffer is free again
-    const write = this.writeAt(this.out.subarray(0, this.used), this.position);
+    if (this.inflight.length >= (this.options.depth ?? 2)) await this.inflight[0];
+    const buf = this.out;
+    const write = this.writeAt(buf.subarray(0, this.used), this.position).then(() => {
+      void this.inflight.splice(this.inflight.indexOf(write), 1);
+      this.free.push(buf);
+    });
     write.catch(() => undefined); // awaited later (next flush or finish); not unhandled meanwhile
-    this.inflight = write;
+    this.inflight.push(write);
     this.position += this.used;
-    [this.out, this.spare] = [this.spare, this.out];
+    this.out = this.free.pop() ?? Buffer.allocUnsafe(OUT_BUFFER);
     this.used = 0;
   }
 
   /** The output file; only called between begin() and finish(). */
-  private openFile(): AtomicFile {
+  private openFile(): StreamSink {
     if (!this.file) throw new CloudletError('MigrationStreamWriter used before begin()');
     return this.file;
   }
 
   private async writeAt(data: Buffer, position: number): Promise<void> {
-    const handle = this.openFile().handle;
-    for (let done = 0; done < data.length;) {
-      const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
-      done += bytesWritten;
-    }
+    await this.openFile().write(data, position);
   }
 }
