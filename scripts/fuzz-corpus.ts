@@ -240,3 +240,41 @@ await put('migration-stream', 'header-only.mem', streamHeader());
   u64.writeUInt32BE(0xffffffff, 24);
   await put('qcow2-header', 'virtual-size-2pow64.qcow2', u64);
 }
+
+// Overlays behind the checksums (the overlay-resealed target: header JSON + raw records, sealed
+// by the harness): lies the checksums cannot catch.
+{
+  const composite = (json: object, segments: Array<{ raw: Buffer; records: number }>): Buffer => {
+    const u32 = (n: number): Buffer => {
+      const b = Buffer.alloc(4);
+      b.writeUInt32LE(n);
+      return b;
+    };
+    const j = Buffer.from(JSON.stringify(json));
+    return Buffer.concat([
+      u32(j.length),
+      j,
+      u32(segments.length),
+      ...segments.flatMap((s) => [u32(s.raw.length), u32(s.records), s.raw]),
+    ]);
+  };
+  await put(
+    'overlay-resealed',
+    'ram-2pow50-with-records.bin',
+    composite(headerOf(H, [{ ...ram, size: 2 ** 50 }], [{ ...ram, size: 2 ** 50 }], { index_sha256: H }), [
+      { raw: Buffer.from([0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x01]), records: 1 },
+    ]),
+  );
+  await put(
+    'overlay-resealed',
+    'record-count-lie.bin',
+    composite(headerOf(H, [disk], [disk], { index_sha256: H }), [{ raw: Buffer.from([0, 0, 0, 1]), records: 1000 }]),
+  );
+  await put(
+    'overlay-resealed',
+    'self-ref-forward.bin',
+    composite(headerOf(H, [disk], [disk, { ...disk, name: 'disk2' }], { index_sha256: H }), [
+      { raw: Buffer.from([2, 0, 0, 1, 5, 1]), records: 1 },
+    ]),
+  );
+}

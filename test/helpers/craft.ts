@@ -12,6 +12,11 @@ import { headerBytesFromJson } from '../../src/overlay/writer.js';
 export interface CraftOptions {
   /** The header as JSON (index_sha256 is filled in unless `noIndexHash`). */
   header: Record<string, unknown>;
+  /**
+   * Or the header's JSON bytes as they are (any text, valid or not); an `"index_sha256":"<64
+   * hex>"` in it gets the real value.
+   */
+  headerJson?: Buffer;
   /** Raw (uncompressed) record bytes of each segment, and the record count its header claims. */
   segments: Array<{ raw: Buffer; records: number }>;
   noIndexHash?: boolean;
@@ -22,7 +27,9 @@ const sha = (b: Buffer): Buffer => createHash('sha256').update(b).digest();
 export function craftOverlay(o: CraftOptions): Buffer {
   const frames = o.segments.map((s) => ({ frame: compress(s.raw, 3), ...s }));
   const placeholder = { ...o.header, ...(o.noIndexHash ? {} : { index_sha256: '0'.repeat(64) }) };
-  const headerLen = headerBytesFromJson(Buffer.from(JSON.stringify(placeholder))).length;
+  const headerLen = o.headerJson
+    ? headerBytesFromJson(o.headerJson).length
+    : headerBytesFromJson(Buffer.from(JSON.stringify(placeholder))).length;
   let pos = headerLen;
   const entries = frames.map((f) => {
     const e = {
@@ -39,10 +46,16 @@ export function craftOverlay(o: CraftOptions): Buffer {
   const rawIndex = Buffer.from(JSON.stringify({ segments: entries, stats: {} }));
   const indexFrame = compress(rawIndex, 3);
   const indexHead = encodeFrameHeader(INDEX_MAGIC, indexFrame, rawIndex.length, 0, sha(indexFrame));
-  const header = o.noIndexHash
-    ? o.header
-    : { ...o.header, index_sha256: sha(Buffer.concat([indexHead, indexFrame])).toString('hex') };
-  const hb = headerBytesFromJson(Buffer.from(JSON.stringify(header)));
+  const indexSha = sha(Buffer.concat([indexHead, indexFrame])).toString('hex');
+  const header = o.noIndexHash ? o.header : { ...o.header, index_sha256: indexSha };
+  let json = Buffer.from(JSON.stringify(header));
+  if (o.headerJson) {
+    json = Buffer.from(o.headerJson);
+    const text = json.toString('latin1');
+    const at = text.indexOf('"index_sha256":"');
+    if (at >= 0 && /^[0-9a-f]{64}"/.test(text.slice(at + 16, at + 81))) json.write(indexSha, at + 16, 'latin1');
+  }
+  const hb = headerBytesFromJson(json);
   if (hb.length !== headerLen) throw new Error('craft: header length changed');
   const parts: Buffer[] = [hb];
   for (const f of frames)
@@ -55,7 +68,7 @@ export function craftOverlay(o: CraftOptions): Buffer {
   footer.writeBigUInt64LE(BigInt(48 + indexFrame.length), 16);
   footer.writeUInt32LE(frames.length, 24);
   footer.writeUInt16LE(1, 28);
-  footer.writeUInt16LE(((header.version as number[] | undefined) ?? [1, 1])[1] ?? 1, 30);
+  footer.writeUInt16LE(1, 30);
   sha(hb).copy(footer, 32);
   parts.push(footer);
   return Buffer.concat(parts);

@@ -30,6 +30,9 @@ import { decompress } from '../../src/delta/zstd.js';
 import { signingKeyFrom, trustedKeyFrom } from '../../src/util/sign.js';
 import { generateKeyPairSync } from 'node:crypto';
 import { sampleStream } from './synthetic-stream.js';
+import { craftOverlay } from './craft.js';
+import { RecordChecker } from '../../src/delta/check.js';
+import { CorruptInputError } from '../../src/util/errors.js';
 import { rng, textish } from './rng.js';
 import { xorByte } from './bytes.js';
 
@@ -146,6 +149,93 @@ export function overlayTarget(): FuzzTarget {
   };
 }
 
+/**
+ * The overlay readers behind the checksums: an input is a header JSON and raw segment records
+ * (mutated as such), sealed into an overlay with every checksum (and index_sha256) right, so
+ * the mutations reach the JSON parsers, the index checks and the record parser and checker.
+ */
+export function resealedOverlayTarget(): FuzzTarget {
+  const plain = overlayTarget();
+  const encode = (json: Buffer, segments: Array<{ raw: Buffer; records: number }>): Buffer => {
+    const parts: Buffer[] = [];
+    const u32 = (n: number): Buffer => {
+      const b = Buffer.alloc(4);
+      b.writeUInt32LE(n);
+      return b;
+    };
+    parts.push(u32(json.length), json, u32(segments.length));
+    for (const sg of segments) parts.push(u32(sg.raw.length), u32(sg.records), sg.raw);
+    return Buffer.concat(parts);
+  };
+  const decode = (b: Buffer): { json: Buffer; segments: Array<{ raw: Buffer; records: number }> } => {
+    const rd = { pos: 0 };
+    const u32 = (): number => {
+      if (rd.pos + 4 > b.length) throw new CorruptInputError('fuzz input: truncated');
+      const v = b.readUInt32LE(rd.pos);
+      rd.pos += 4;
+      return v;
+    };
+    const take = (n: number): Buffer => {
+      if (n > 64 << 20 || rd.pos + n > b.length) throw new CorruptInputError('fuzz input: truncated');
+      const out = b.subarray(rd.pos, rd.pos + n);
+      rd.pos += n;
+      return out;
+    };
+    const json = take(u32());
+    const n = u32();
+    if (n > 64) throw new CorruptInputError('fuzz input: too many segments');
+    const segments = [];
+    for (let i = 0; i < n; i++) {
+      const len = u32();
+      const records = u32();
+      segments.push({ raw: take(len), records });
+    }
+    return { json, segments };
+  };
+  let dir: string | undefined;
+  return {
+    name: 'overlay-resealed',
+    hotBytes: 900,
+    async seeds() {
+      const out: Buffer[] = [];
+      dir ??= await mkdtemp(join(tmpdir(), 'clo-fuzz-rs-'));
+      for (const seed of (await plain.seeds()).slice(0, 1)) {
+        const path = join(dir, 'seed.overlay');
+        await writeFile(path, seed);
+        const r = await OverlayReader.open(path);
+        const segments = [];
+        for (let i = 0; i < r.index.segments.length; i++) {
+          segments.push({ raw: Buffer.from(await r.get(i)), records: r.index.segments[i]!.records });
+        }
+        out.push(encode(r.headerJson, segments));
+        await r.close();
+      }
+      return out;
+    },
+    async run(input) {
+      const { json, segments } = decode(input);
+      dir ??= await mkdtemp(join(tmpdir(), 'clo-fuzz-rs-'));
+      const path = join(dir, 'in.overlay');
+      await writeFile(path, craftOverlay({ header: {}, headerJson: json, segments }));
+      const r = await OverlayReader.open(path);
+      try {
+        const checker = new RecordChecker(r.header.targets, r.header.base.targets);
+        for (let s = 0; s < r.index.segments.length; s++) {
+          const rd = new ByteReader(await r.get(s), `segment ${s}`);
+          while (rd.remaining > 0) checker.check(readRecord(rd));
+        }
+        checker.missing();
+      } finally {
+        await r.close();
+      }
+    },
+    async close() {
+      await plain.close?.();
+      if (dir) await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
 /** The migration stream parser, and every read a consumer of a parsed snapshot does. */
 export function migrationTarget(): FuzzTarget {
   return {
@@ -241,6 +331,7 @@ export function qcow2Target(): FuzzTarget {
 
 export const FUZZ_TARGETS: ReadonlyArray<() => FuzzTarget> = [
   overlayTarget,
+  resealedOverlayTarget,
   migrationTarget,
   libvirtTarget,
   tarTarget,
