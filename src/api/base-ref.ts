@@ -11,7 +11,7 @@ import { baseFromImages } from '../targets/base-vm.js';
 import { openVmImages } from '../targets/vm-images.js';
 import { CorruptInputError, NotFoundError, UsageError } from '../util/errors.js';
 import type { Progress } from '../util/progress.js';
-import { readFile } from 'node:fs/promises';
+import { readInputFile } from '../util/input-file.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import {
   parseSpec,
@@ -44,9 +44,7 @@ export interface BaseRef {
 
 /** A VM spec file: a snapshot directory's vm.json (`{ vm: … }`) or a bare VmSpec. */
 export async function readVmSpecFile(file: string): Promise<VmSpec> {
-  const text = await readFile(file, 'utf8').catch((err: unknown) => {
-    throw new NotFoundError(`VM spec ${file} cannot be read: ${(err as Error).message}`, { path: file });
-  });
+  const text = (await readInputFile(file, 1 << 20, 'VM spec')).toString('utf8');
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);

@@ -4,7 +4,8 @@
  * resume must match, read from the running QEMU) — that `base import` and `create` take.
  * The directory appears atomically.
  */
-import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { readInputFile } from '../util/input-file.js';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AttachedVm } from '../vm/attach.js';
 import { captureSnapshot } from '../vm/snapshot.js';
@@ -142,7 +143,9 @@ export interface SnapshotDir {
 export async function readSnapshotDir(dir: string): Promise<SnapshotDir> {
   let parsed: SnapshotVmFile;
   try {
-    parsed = JSON.parse(await readFile(join(dir, SNAPSHOT_VM), 'utf8')) as SnapshotVmFile;
+    parsed = JSON.parse(
+      (await readInputFile(join(dir, SNAPSHOT_VM), 1 << 20, SNAPSHOT_VM)).toString('utf8'),
+    ) as SnapshotVmFile;
   } catch {
     throw new NotFoundError(`${dir} is not a snapshot directory (no readable ${SNAPSHOT_VM})`, { path: dir });
   }

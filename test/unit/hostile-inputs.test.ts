@@ -206,6 +206,31 @@ test('package members that are not regular files or directories are refused at o
   bounded(f, 3, 'a FIFO as the package', 5000);
 });
 
+test('FIFOs given as inputs are refused at once, never waited on', async () => {
+  const fifo = join(dir, 'input.fifo');
+  execFileSync('mkfifo', [fifo]);
+  bounded(await runRss(['info', fifo]), 3, 'overlay FIFO', 5000);
+  bounded(
+    await runRss(['create', '--base', 'tiny', '--memory', fifo, '-o', join(dir, 'f.overlay')]),
+    3,
+    'memory FIFO',
+    5000,
+  );
+  bounded(
+    await runRss(['create', '--base', 'tiny', '--disk', fifo, '-o', join(dir, 'f.overlay')]),
+    3,
+    'disk FIFO',
+    5000,
+  );
+  bounded(
+    await runRss(['base', 'import', '--disk', tiny.baseDisk, '--memory', tiny.baseMem, '--vm', fifo]),
+    3,
+    'VM spec FIFO',
+    5000,
+  );
+  bounded(await runRss(['verify', join(dir, 'x.overlay'), '--trust', fifo]), 3, 'trusted key FIFO', 5000);
+});
+
 test('downloads: an endless body, a stalled server, a declared length over --max-size', async () => {
   // A real overlay header (so the stream gets past it), then what a hostile server sends.
   const good = join(dir, 'for-download.overlay');

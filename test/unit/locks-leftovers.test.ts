@@ -124,6 +124,39 @@ test('leftovers of dead runs are shown and removed by base gc; live ones are kep
   await rm(join(tmp, `pkg-${ownerTag()}-LiVe01`), { recursive: true });
 });
 
+test('SIGINT during a base import: exit 130, one JSON object, nothing left in the library', async () => {
+  const big = await makeTinyVm(join(dir, 'vm-big'), 5, 256);
+  const lib2 = join(dir, 'lib-int');
+  let interrupted = 0;
+  for (const at of [150, 400, 800]) {
+    const child = spawn(
+      process.execPath,
+      [BIN, '--json', 'base', 'import', '--disk', big.baseDisk, '--memory', big.baseMem, '--vm', big.vmJson],
+      { env: { ...env, CLOUDLET_LIBRARY: lib2 }, stdio: ['ignore', 'pipe', 'ignore'] },
+    );
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+    await sleep(at);
+    child.kill('SIGINT');
+    const code = await exited;
+    const lines = out.trim().split('\n').filter(Boolean);
+    if (code === null) continue; // the signal came before the CLI had its handlers (default: killed)
+    if (code === 0) {
+      // finished before the signal: start over
+      await rm(lib2, { recursive: true, force: true });
+      continue;
+    }
+    interrupted++;
+    assert.equal(code, 130, `interrupted at ${at} ms: ${out}`);
+    assert.equal(lines.length, 1, `one JSON object: ${out}`);
+    assert.equal((JSON.parse(lines[0]!) as { exit_code: number }).exit_code, 130);
+    assert.deepEqual(await readdir(join(lib2, 'tmp')).catch(() => []), [], 'the import removed its work');
+    assert.deepEqual(await readdir(join(lib2, 'bases')).catch(() => []), [], 'no half base');
+  }
+  assert.ok(interrupted > 0, 'at least one import was interrupted mid-way');
+});
+
 test('outputs that exist are refused unless --force', async () => {
   const o = join(dir, 'exists.overlay');
   await writeFile(o, 'precious');

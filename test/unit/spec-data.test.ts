@@ -12,6 +12,7 @@ import { chmod, mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cli } from '../helpers/cli.js';
+import { installFakeQemu } from '../helpers/fake-qemu.js';
 import { importTiny, makeTinyVm, type TinyVm } from '../helpers/tiny-vm.js';
 import { parseSpec, checkRuntimeSpec } from '../../src/spec/validate.js';
 import { buildQemuArgs, runPaths } from '../../src/vm/argv.js';
@@ -175,6 +176,33 @@ test('the closed list: patterns, enums and bounds on every field; unknown fields
   const extra = good();
   extra.extraArgs = ['-S'];
   assert.throws(() => parseSpec(extra, 'stored'), UnsupportedError);
+});
+
+test('--qemu-arg: raw options from the host reach argv last, recorded in the instance, not in the base', async () => {
+  const e = { ...env, CLOUDLET_LIBRARY: join(dir, 'lib-qa') };
+  const t16 = await makeTinyVm(join(dir, 'vm16'), 12, 16);
+  await importTiny(t16, e);
+  const fake = join(dir, 'fakebin');
+  await mkdir(fake, { recursive: true });
+  await installFakeQemu(fake);
+  const fe = { ...e, PATH: `${fake}:${process.env.PATH ?? ''}`, FAKE_QEMU_MODE: 'serve' };
+  const r = await cli(
+    ['launch', 'tiny', '--accel', 'tcg', '--qemu-arg', '-device', '--qemu-arg', 'virtio-rng-pci'],
+    fe,
+  );
+  assert.equal(r.code, 0, r.stderr);
+  try {
+    const argv = (await readFile(`/proc/${String(r.json.pid)}/cmdline`, 'utf8')).split('\0').filter(Boolean);
+    assert.deepEqual(argv.slice(-2), ['-device', 'virtio-rng-pci']);
+    const state = JSON.parse(await readFile(join(String(r.json.dir), 'state.json'), 'utf8')) as {
+      host_args: string[];
+      spec: VmSpec;
+    };
+    assert.deepEqual(state.host_args, ['-device', 'virtio-rng-pci']);
+    assert.equal(state.spec.extraArgs, undefined, 'not part of the spec');
+  } finally {
+    await cli(['stop', String(r.json.instance)], fe);
+  }
 });
 
 test('nothing outside the closed list reaches argv; host options only through hostArgs', () => {
