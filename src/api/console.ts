@@ -6,7 +6,7 @@
 import { connect } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { SerialConsole } from '../vm/console.js';
-import { CloudletError, NotFoundError } from '../util/errors.js';
+import { NotFoundError } from '../util/errors.js';
 import { findInstance } from './instance.js';
 
 export interface ConsoleRunResult {
@@ -53,7 +53,11 @@ export async function attachConsole(root: string, ref: string, term: ConsoleTerm
   const s = await findInstance(root, ref);
   await new Promise<void>((resolve, reject) => {
     const sock = connect(s.serial_socket);
-    sock.once('error', (err) => reject(new CloudletError(`console of ${s.id}: ${err.message}`)));
+    sock.once('error', (err) =>
+      reject(
+        new NotFoundError(`the console of ${s.id} is gone (is its VM running?): ${err.message}`, { instance: s.id }),
+      ),
+    );
     sock.once('connect', () => {
       term.onConnect(s.id);
       term.input.on('data', (d: Buffer) => {
