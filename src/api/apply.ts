@@ -5,7 +5,7 @@
  * after every target has been proven against the overlay's digests. An error or interrupt
  * leaves the output directory as it was.
  */
-import { mkdir, rename, rm, stat, mkdtemp } from 'node:fs/promises';
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { AssemblyOutput } from '../delta/assemble.js';
 import type { OverlayHeader } from '../overlay/format.js';
@@ -16,9 +16,11 @@ import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { RawWriter } from '../image/disk/raw-writer.js';
 import type { DiskWriter } from '../image/disk/writer.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
-import { BaseMismatchError, BusyError, UnsupportedError, UsageError } from '../util/errors.js';
+import { BusyError, UnsupportedError, UsageError, withPath } from '../util/errors.js';
+import type { TrustedKey } from '../util/sign.js';
+import { checkOverlayFitsBase } from './overlay-fit.js';
 import { onCleanup } from '../util/cleanup.js';
-import { writeFileAtomic, syncDir } from '../util/atomic.js';
+import { stagingDir, writeFileAtomic, syncDir } from '../util/atomic.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import { safeName } from '../util/safe-name.js';
 import type { BaseVm } from '../targets/base-vm.js';
@@ -49,6 +51,8 @@ export interface ApplyOptions {
   threads?: number;
   /** fsync outputs (default true; a synthesized VM's instance files are scratch). */
   durable?: boolean;
+  /** Trusted keys: refuse an unsigned or wrongly signed overlay (overlay/signature.ts). */
+  trust?: readonly TrustedKey[];
 }
 
 /** The manifest.json apply writes beside the rebuilt VM: its files and how to resume them. */
@@ -77,22 +81,23 @@ export interface ApplyResult {
   timings_ms: { [phase: string]: number };
 }
 
+/** The overlay fits the base: the id, the base targets it lists, its RAM blocks (overlay-fit.ts). */
 export function checkBase(header: OverlayHeader, base: BaseVm): void {
-  if (header.base.id !== base.id) {
-    throw new BaseMismatchError(
-      `this overlay was made for base ${header.base.id.slice(0, 12)}, not for base ${base.id.slice(0, 12)}`,
-      { expected_base: header.base.id, actual_base: base.id },
-    );
-  }
+  checkOverlayFitsBase(header, base);
 }
 
 export async function applyOverlay(opts: ApplyOptions): Promise<ApplyResult> {
   const progress = opts.progress ?? silent;
+  // A full disk (or a missing directory) is reported naming the output, not as a bare errno.
+  return withPath(resolve(opts.outDir), () => applyWithBase(opts, progress));
+}
+
+function applyWithBase(opts: ApplyOptions, progress: Progress): Promise<ApplyResult> {
   return withBase(opts.base, progress, async (base) => {
     const timings = new Timings();
     const input = typeof opts.overlay === 'string' ? overlayInput(opts.overlay) : opts.overlay;
     // The pipeline reports the overlay bytes it consumes: a download itself stays silent.
-    const opened = await timings.time('open', () => openOverlayInput(input));
+    const opened = await timings.time('open', () => openOverlayInput(input, silent, { trust: opts.trust }));
     try {
       return await applyWith(opened, base, opts, progress, timings);
     } finally {
@@ -179,7 +184,7 @@ async function applyWith(
     }
   }
 
-  const staging = await mkdtemp(join(outDir, '.staging-'));
+  const staging = await stagingDir(outDir, '.staging-');
   const unregister = onCleanup(() => rm(staging, { recursive: true, force: true }));
   const aborts: Array<() => Promise<void>> = [];
   try {

@@ -4,12 +4,10 @@
  * (refused while a running instance uses the base), export, verify. Bases are named by id,
  * unique id prefix or name; every result is one message object.
  */
-import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { importBase, type ImportResult } from '../base/import.js';
 import {
-  exportBase as exportLibraryBase,
-  importPackage,
   listBases as listLibraryBases,
   removeBase as removeLibraryBase,
   resolveBaseId,
@@ -19,12 +17,17 @@ import {
   type BaseVerifyResult,
 } from '../base/library.js';
 import type { BaseManifest } from '../base/manifest.js';
+import { exportPackage, importPackage } from '../base/package.js';
+import type { SignatureStatus, SigningKey, TrustedKey } from '../util/sign.js';
+import { sweepLibrary } from './gc.js';
 import { tmpDir } from '../base/paths.js';
 import { listInstances } from '../instance/state.js';
-import type { VmSpec } from '../spec/vm-spec.js';
-import { BusyError, NotFoundError, UsageError } from '../util/errors.js';
+import { BusyError, NotFoundError, UsageError, withPath } from '../util/errors.js';
+import { lockBase } from '../base/locks.js';
 import { silent, type Progress } from '../util/progress.js';
-import { readSnapshotDir, snapshotVm, type SnapshotVmFile } from './snapshot.js';
+import { readSnapshotDir, snapshotVm } from './snapshot.js';
+import { readVmSpecFile } from './base-ref.js';
+import { ownerTag } from '../util/owner.js';
 
 export { libraryRoot } from '../base/paths.js';
 
@@ -39,6 +42,8 @@ export interface BaseImportOptions {
   vmFile?: string;
   name?: string;
   progress?: Progress;
+  /** For packages: refuse unsigned or wrongly signed ones when any key is trusted. */
+  trust?: readonly TrustedKey[];
 }
 
 export interface BaseImportMessage {
@@ -48,11 +53,18 @@ export interface BaseImportMessage {
   added: boolean;
   dir?: string;
   manifest?: BaseManifest;
+  /** For packages: who signed it. */
+  signature?: SignatureStatus;
 }
 
 export async function importBaseFrom(opts: BaseImportOptions): Promise<BaseImportMessage> {
+  return withPath(opts.root, () => importInto(opts));
+}
+
+async function importInto(opts: BaseImportOptions): Promise<BaseImportMessage> {
   const progress = opts.progress ?? silent;
   const root = opts.root;
+  await sweepLibrary(root);
   if (opts.input) {
     const input = opts.input;
     if (opts.disk || opts.memory || opts.vmFile)
@@ -60,14 +72,13 @@ export async function importBaseFrom(opts: BaseImportOptions): Promise<BaseImpor
     const st = await stat(input).catch(() => {
       throw new NotFoundError(`${input} does not exist`, { path: input });
     });
-    if (st.isFile()) return { message_type: 'base_import', ...(await importPackage(root, input, progress)) };
-    return importSnapshotDir(root, input, opts.name, progress);
+    if (st.isDirectory()) return importSnapshotDir(root, input, opts.name, progress);
+    if (opts.name !== undefined)
+      throw new UsageError('a package carries its own name: --name is for directories and files');
+    const r = await importPackage(root, input, { trust: opts.trust, progress });
+    return { message_type: 'base_import', ...r };
   }
-  let vm: VmSpec | undefined;
-  if (opts.vmFile) {
-    const parsed = JSON.parse(await readFile(opts.vmFile, 'utf8')) as SnapshotVmFile | VmSpec;
-    vm = 'vm' in parsed ? parsed.vm : parsed;
-  }
+  const vm = opts.vmFile ? await readVmSpecFile(opts.vmFile) : undefined;
   const { disk, diskFormat, memory, name } = opts;
   return importBase({ root, disk, diskFormat, memory, vm, name, progress });
 }
@@ -98,10 +109,10 @@ export interface CaptureBaseOptions {
 export async function captureBase(opts: CaptureBaseOptions): Promise<ImportResult> {
   const progress = opts.progress ?? silent;
   await mkdir(tmpDir(opts.root), { recursive: true });
-  const dir = join(tmpDir(opts.root), `capture-${process.pid}-${Date.now()}`);
+  const dir = join(tmpDir(opts.root), `capture-${ownerTag()}-${Date.now().toString(36)}`);
   try {
     const { root, instance, qmp, disk, afterCapture } = opts;
-    await snapshotVm({ root, instance, qmp, disk, outDir: dir, afterCapture, progress });
+    await snapshotVm({ root, instance, qmp, disk, outDir: dir, afterCapture, progress, requireStorable: true });
     return await importSnapshotDir(root, dir, opts.name, progress);
   } finally {
     await rm(dir, { recursive: true, force: true });
@@ -118,15 +129,19 @@ export async function showBase(root: string, ref: string): Promise<BaseShowMessa
   return { message_type: 'base_show', ...(await showLibraryBase(root, await resolveBaseId(root, ref))) };
 }
 
-/** Removes a base, refused while a running instance uses it. */
+/** Removes a base, refused while a running instance or an operation (a lock holder) uses it. */
 export async function removeBase(root: string, ref: string): Promise<{ message_type: 'base_rm'; id: string }> {
+  await sweepLibrary(root);
   const id = await resolveBaseId(root, ref);
-  const users = (await listInstances(root)).filter((i) => i.base_id === id && i.status === 'running');
-  if (users.length > 0) {
-    const names = users.map((u) => u.id).join(', ');
-    throw new BusyError(`base ${id.slice(0, 12)} is in use by instance(s) ${names}: stop them first`, { base: id });
+  const instances = async (): Promise<string | undefined> => {
+    const users = (await listInstances(root)).filter((i) => i.base_id === id && i.status === 'running');
+    return users.length > 0 ? `instance(s) ${users.map((u) => u.id).join(', ')}` : undefined;
+  };
+  const running = await instances();
+  if (running) {
+    throw new BusyError(`base ${id.slice(0, 12)} is in use by ${running}: stop them first`, { base: id });
   }
-  await removeLibraryBase(root, id);
+  await removeLibraryBase(root, id, instances);
   return { message_type: 'base_rm', id };
 }
 
@@ -134,10 +149,19 @@ export async function exportBase(
   root: string,
   ref: string,
   output: string,
-): Promise<{ message_type: 'base_export'; path: string; size: number }> {
-  return { message_type: 'base_export', ...(await exportLibraryBase(root, await resolveBaseId(root, ref), output)) };
+  opts: { sign?: SigningKey; force?: boolean } = {},
+): Promise<{ message_type: 'base_export'; path: string; size: number; signed_by?: string }> {
+  const id = await resolveBaseId(root, ref);
+  const unlock = await lockBase(root, id);
+  try {
+    return { message_type: 'base_export', ...(await exportPackage(root, id, output, opts)) };
+  } finally {
+    await unlock();
+  }
 }
 
 export async function verifyBase(root: string, ref: string, progress: Progress = silent): Promise<BaseVerifyResult> {
   return verifyLibraryBase(root, await resolveBaseId(root, ref), progress);
 }
+
+export { gcLibrary } from './gc.js';

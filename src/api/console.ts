@@ -6,7 +6,7 @@
 import { connect } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { openPty, SerialConsole } from '../vm/console.js';
-import { CloudletError, NotFoundError } from '../util/errors.js';
+import { NotFoundError } from '../util/errors.js';
 import { findInstance } from './instance.js';
 
 export interface ConsoleRunResult {
@@ -54,7 +54,11 @@ export async function attachConsole(root: string, ref: string, term: ConsoleTerm
   await new Promise<void>((resolve, reject) => {
     const pty = s.serial_socket.startsWith('/dev/');
     const sock = pty ? openPty(s.serial_socket) : connect(s.serial_socket);
-    sock.once('error', (err) => reject(new CloudletError(`console of ${s.id}: ${err.message}`)));
+    sock.once('error', (err) =>
+      reject(
+        new NotFoundError(`the console of ${s.id} is gone (is its VM running?): ${err.message}`, { instance: s.id }),
+      ),
+    );
     const connected = (): void => {
       term.onConnect(s.id);
       term.input.on('data', (d: Buffer) => {

@@ -16,12 +16,14 @@ import { OverlayReader } from '../overlay/reader.js';
 import { VERSION_MAJOR, VERSION_MINOR, type OverlayHeader } from '../overlay/format.js';
 import type { DiffStats } from '../delta/stats.js';
 import { targetSize, type NewChunkedTarget, type TargetInfo } from '../delta/target.js';
-import { UsageError } from '../util/errors.js';
+import { UsageError, withPath } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
 import { openVmImages, vmTargets, mainBlockOf, type TargetOrder } from '../targets/vm-images.js';
 import { TOOL } from '../util/version.js';
+import { checkOutputPath } from '../util/atomic.js';
+import { publicOf, type SigningKey } from '../util/sign.js';
 import { withBase, type BaseRef } from './base-ref.js';
 
 export interface CreateOptions {
@@ -37,6 +39,10 @@ export interface CreateOptions {
   progress?: Progress;
   /** Switch encoders off (benchmarks). */
   encoders?: Partial<DiffOptions>;
+  /** Sign the overlay's header (format 1.1 signature) with this key. */
+  sign?: SigningKey;
+  /** Replace an existing output file (else BusyError before any work). */
+  force?: boolean;
   /** Default memory-first: what a synthesizing QEMU loads first comes first. */
   order?: TargetOrder;
   /** Threads (default: every core); the overlay's bytes are the same whatever the number. */
@@ -57,7 +63,8 @@ export const DEFAULT_LEVEL = 9;
 
 export async function createOverlay(opts: CreateOptions): Promise<CreateResult> {
   const progress = opts.progress ?? silent;
-  return withBase(opts.base, progress, (base) => createWith(base, opts, progress));
+  // A full disk (or a missing directory) is reported naming the output, not as a bare errno.
+  return withPath(opts.output, () => withBase(opts.base, progress, (base) => createWith(base, opts, progress)));
 }
 
 async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress): Promise<CreateResult> {
@@ -65,6 +72,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
   const level = opts.level ?? DEFAULT_LEVEL;
   if (!Number.isInteger(level) || level < 1 || level > 22)
     throw new UsageError(`compression level must be 1..22, not ${level}`);
+  await checkOutputPath(opts.output, opts.force ?? false);
   if (opts.memory && !base.targets.some((t) => t.kind === 'ram')) {
     throw new UsageError('the customized VM has a memory snapshot but the base has none: give the base memory too');
   }
@@ -83,6 +91,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       );
     }
     const targets = vmTargets(vm, opts.order ?? 'memory-first');
+    checkRamBlocks(targets, base);
     const header: OverlayHeader = {
       format: 'cloudlet-overlay',
       version: [VERSION_MAJOR, VERSION_MINOR],
@@ -126,11 +135,11 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
     const known = new SharedHashes(targets.reduce((n, t) => n + (t.kind === 'blob' ? 0 : t.source.size / 4096), 0));
     const pool =
       threads > 1 ? await createPool(threads, base.sources, baseIndex, base.anchors, known, ladder) : undefined;
-    const writer = await OverlayWriter.create(
-      opts.output,
-      header,
-      pool ? { compress: pool.compress, depth: threads + 1 } : {},
-    );
+    const writer = await OverlayWriter.create(opts.output, header, {
+      ...(pool ? { compress: pool.compress, depth: threads + 1 } : {}),
+      sign: opts.sign,
+      force: opts.force,
+    });
     let result;
     try {
       progress.step('creating overlay', total);
@@ -147,7 +156,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       result = await timings.time('finish', () => writer.finish(diffResult.targets, diffResult.stats));
       progress.done('overlay created');
       // Re-read what was written: header, footer and index must parse (restic does the same).
-      const check = await OverlayReader.open(opts.output);
+      const check = await OverlayReader.open(opts.output, { trust: opts.sign ? [publicOf(opts.sign)] : [] });
       await check.close();
       return {
         message_type: 'create',
@@ -167,5 +176,23 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
     }
   } finally {
     await vm.close();
+  }
+}
+
+/**
+ * A memory snapshot resumes only on the base's machine: its RAM blocks must be the base's, by
+ * name and at most as large (readers refuse anything else, so refuse it here with the reason).
+ */
+function checkRamBlocks(targets: ReturnType<typeof vmTargets>, base: BaseVm): void {
+  for (const t of targets) {
+    if (t.kind !== 'ram') continue;
+    const b = base.targets.find((x) => x.kind === 'ram' && x.name === t.name);
+    if (!b || t.source.size > b.size) {
+      throw new UsageError(
+        `the customized memory snapshot has RAM block ${t.name} of ${t.source.size} bytes, ` +
+          (b ? `the base's is ${b.size} bytes` : 'the base has no such block') +
+          ': take the customized snapshot from a resume of the base snapshot',
+      );
+    }
   }
 }

@@ -16,7 +16,9 @@
 import { createReadStream } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { basename } from 'node:path';
-import { exportStream, importPackage, removeBase, resolveBaseId, showBase } from '../base/library.js';
+import { exportStream, removeBase, resolveBaseId, showBase } from '../base/library.js';
+import { importPackage } from '../base/package.js';
+import { loadTrustedKeys } from '../util/sign.js';
 import { tmpDir } from '../base/paths.js';
 import { findBaseImage, findBasePackage, listBasePackages, packageBaseId, uploadBasePackage } from '../glance/bases.js';
 import type { GlanceBase } from '../glance/bases.js';
@@ -168,7 +170,8 @@ export async function pullBase(opts: BasePullOptions): Promise<BasePullMessage> 
         `download of Glance image ${image.id} ended after ${fetched.bytes} of ${image.size} bytes`,
       );
     }
-    const r = await importPackage(root, fetched.path, progress);
+    // Checked like any package: the trust store applies (unsigned or badly signed: refused).
+    const r = await importPackage(root, fetched.path, { progress, trust: await loadTrustedKeys() });
     if (r.id !== id) {
       if (r.added) await removeBase(root, r.id);
       throw new CorruptInputError(

@@ -1,6 +1,9 @@
-/** info and verify: what an overlay holds, and whether it is intact (no base needed). */
+/** info and verify: what an overlay holds, who signed it, and whether it is intact (no base needed). */
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { OverlayReader } from '../overlay/reader.js';
 import type { OverlayHeader, OverlayIndex } from '../overlay/format.js';
+import { checkHeaderSignature, type SignatureStatus } from '../overlay/signature.js';
+import type { TrustedKey } from '../util/sign.js';
 import { RecordChecker } from '../delta/check.js';
 import { CloudletError } from '../util/errors.js';
 import { ByteReader } from '../delta/varint.js';
@@ -23,9 +26,11 @@ export interface InfoResult {
   encodings: OverlayIndex['stats']['encodings'];
   /** Overlay bytes / bytes of the customized targets. */
   ratio: number;
+  /** Who signed it, and whether a trusted key verifies it (info never refuses). */
+  signature: SignatureStatus;
 }
 
-export async function overlayInfo(path: string): Promise<InfoResult> {
+export async function overlayInfo(path: string, trust: readonly TrustedKey[] = []): Promise<InfoResult> {
   const r = await OverlayReader.open(path);
   try {
     const h = r.header;
@@ -50,6 +55,7 @@ export async function overlayInfo(path: string): Promise<InfoResult> {
       segments: r.index.segments.length,
       encodings: stats.encodings ?? {},
       ratio: total > 0 ? r.fileSize / total : 0,
+      signature: checkHeaderSignature(r.headerJson, h, trust),
     };
   } finally {
     await r.close();
@@ -67,13 +73,43 @@ export interface VerifyResult {
   ok: boolean;
   segments: number;
   records: number;
+  /** The first MAX_PROBLEMS problems found. */
   problems: VerifyProblem[];
+  /** Problems found beyond those listed. */
+  problems_omitted: number;
+  signature: SignatureStatus;
 }
 
-/** Checks every segment's checksum and every record's structure; keeps going past errors. */
-export async function verifyOverlay(path: string, progress: Progress = silent): Promise<VerifyResult> {
-  const r = await OverlayReader.open(path); // header, footer and index problems throw here
-  const problems: VerifyProblem[] = [];
+/** Problems `verify` lists; a crafted overlay can hold millions, the count says how many more. */
+export const MAX_PROBLEMS = 100;
+/** Records checked between two yields to the event loop (so SIGINT and SIGTERM are handled). */
+const YIELD_EVERY = 1 << 16;
+
+/** A list that keeps its first `max` entries and counts the rest. */
+class Capped<T> {
+  readonly items: T[] = [];
+  omitted = 0;
+  constructor(private readonly max: number) {}
+  push(item: T): void {
+    if (this.items.length < this.max) this.items.push(item);
+    else this.omitted++;
+  }
+  get total(): number {
+    return this.items.length + this.omitted;
+  }
+}
+
+/**
+ * Checks every segment's checksum and every record's structure; keeps going past errors. With
+ * trusted keys the signature must verify (refused on open otherwise).
+ */
+export async function verifyOverlay(
+  path: string,
+  progress: Progress = silent,
+  opts: { trust?: readonly TrustedKey[] } = {},
+): Promise<VerifyResult> {
+  const r = await OverlayReader.open(path, { trust: opts.trust }); // header, footer, index, signature
+  const problems = new Capped<VerifyProblem>(MAX_PROBLEMS);
   let records = 0;
   try {
     const checker = new RecordChecker(r.header.targets, r.header.base.targets);
@@ -89,6 +125,7 @@ export async function verifyOverlay(path: string, progress: Progress = silent): 
           count++;
           const bad = checker.check(rec);
           if (bad) problems.push({ segment: n, message: bad });
+          if (count % YIELD_EVERY === 0) await yieldToLoop();
         }
         records += count;
         if (count !== r.index.segments[n]!.records) {
@@ -103,7 +140,7 @@ export async function verifyOverlay(path: string, progress: Progress = silent): 
       }
     }
     for (const name of checker.missing()) problems.push({ message: `no record for ${name}` });
-    if (problems.length) progress.fail(`${problems.length} problem(s)`);
+    if (problems.total) progress.fail(`${problems.total} problem(s)`);
     else progress.done('overlay verified');
   } finally {
     await r.close();
@@ -111,9 +148,11 @@ export async function verifyOverlay(path: string, progress: Progress = silent): 
   return {
     message_type: 'verify',
     path,
-    ok: problems.length === 0,
+    ok: problems.total === 0,
     segments: r.index.segments.length,
     records,
-    problems,
+    problems: problems.items,
+    problems_omitted: problems.omitted,
+    signature: r.signature,
   };
 }

@@ -39,6 +39,8 @@ export interface InstanceStart {
   overlay: string;
   /** Who runs QEMU; default qemu (direct). */
   launcher?: LauncherChoice;
+  /** Raw QEMU options from the operator (--qemu-arg): appended to argv, never part of a base. */
+  qemuArgs?: readonly string[];
 }
 
 export function newInstanceId(): string {
@@ -64,8 +66,10 @@ export function resumeSpecFor(
   if (spec.initrd) spec.initrd = join(base.dir, spec.initrd);
   const drive = spec.drives?.[0];
   if (drive) spec.drives = [{ ...drive, file: join(dir, 'disk.qcow2'), format: 'qcow2', backing: diskBacking }];
-  if (spec.network) spec.network = { ...spec.network, forwards };
-  else if (forwards.length > 0) throw new UsageError('this base VM has no network card: --forward is not possible');
+  if (spec.network) {
+    spec.network = { ...spec.network, forwards };
+    if (spec.network.romfile) spec.network.romfile = join(base.dir, spec.network.romfile);
+  } else if (forwards.length > 0) throw new UsageError('this base VM has no network card: --forward is not possible');
   if (memory.sparse) {
     if (!base.ramFile) throw new UsageError(`base ${base.id.slice(0, 12)} has no memory snapshot: nothing to resume`);
     spec.memoryBackendFile = { path: base.ramFile, share: false };
@@ -79,7 +83,7 @@ export async function startInstance(s: InstanceStart): Promise<{ vm: RunningVm; 
   const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards, s.diskBacking);
   const launcher = (await resolveLauncherKind(s.launcher ?? 'qemu')) === 'libvirt' ? libvirtLauncher : qemuLauncher;
   const vm = await launcher
-    .start(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach })
+    .start(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach, hostArgs: s.qemuArgs })
     .catch((err: unknown) => {
       throw withHint(err);
     });
@@ -100,6 +104,7 @@ export async function startInstance(s: InstanceStart): Promise<{ vm: RunningVm; 
     launcher: vm.launcher,
     domain: vm.domain,
     spec,
+    ...(s.qemuArgs?.length ? { host_args: [...s.qemuArgs] } : {}),
   };
   await writeInstance(s.root, state);
   return { vm, state };

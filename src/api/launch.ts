@@ -4,11 +4,11 @@
  * install the application through port forwards or the serial console, then `snapshot` and
  * `create`. The memory stream is the base itself as a sparse stream (no pc.ram page differs).
  */
-import { mkdir, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openLibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir } from '../instance/state.js';
+import { claimInstanceDir, instanceDir } from '../instance/state.js';
 import * as qemuImg from '../image/disk/qemu-img.js';
 import { MigrationStreamWriter } from '../image/memory/writer.js';
 import { CHUNK_SIZE } from '../delta/chunk.js';
@@ -17,6 +17,7 @@ import type { AccelChoice } from '../vm/accel.js';
 import { UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { newInstanceId, startInstance } from './instance.js';
+import { sweepLibrary } from './gc.js';
 import { baseBlob } from '../targets/base-vm.js';
 import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 
@@ -25,6 +26,8 @@ export interface LaunchOptions {
   base: string;
   forwards: PortForward[];
   accel?: AccelChoice;
+  /** Raw QEMU options from the operator (--qemu-arg). */
+  qemuArgs?: string[];
 }
 
 export interface LaunchResult {
@@ -40,6 +43,7 @@ export interface LaunchResult {
 }
 
 export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
+  await sweepLibrary(opts.root);
   const id = await resolveBaseId(opts.root, opts.base);
   const base = await openLibraryBase(opts.root, id);
   const iid = newInstanceId();
@@ -49,7 +53,7 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
     if (!base.ramFile || !base.mainBlock || base.ramSectionId === undefined) {
       throw new UsageError(`base ${id.slice(0, 12)} has no memory snapshot: nothing to resume`);
     }
-    await mkdir(dir, { recursive: true });
+    await claimInstanceDir(dir);
     if (base.diskPath && base.diskFormat) {
       await qemuImg.create(join(dir, 'disk.qcow2'), {
         format: 'qcow2',
@@ -79,6 +83,7 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
       accel: opts.accel,
       detach: true,
       overlay: '',
+      qemuArgs: opts.qemuArgs,
     });
     await vm.qmp.close();
     unregister();

@@ -13,6 +13,7 @@ import { OverlayReader } from '../overlay/reader.js';
 import { OverlayStreamReader } from '../overlay/stream-reader.js';
 import type { OverlayHeader } from '../overlay/format.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import type { TrustedKey } from '../util/sign.js';
 import { silent, type Progress } from '../util/progress.js';
 
 export type OverlayInput =
@@ -22,6 +23,8 @@ export type OverlayInput =
       url: string;
       headers?: Record<string, string>;
       maxBytes?: number;
+      /** No byte for this long counts as a dropped connection (resumed a few times, then refused). */
+      idleMs?: number;
       /** The whole file's sha256 when the store knows it (Glance's os_hash_value). */
       sha256?: string;
       /** What to call it (default: the URL). */
@@ -60,7 +63,11 @@ async function* hashing(body: AsyncIterable<Uint8Array>, hash: Hash): AsyncGener
  * Opens `input` and reads its header. `progress` sees a download (when the caller does not count
  * the bytes it consumes itself: the rebuild pipeline does).
  */
-export async function openOverlayInput(input: OverlayInput, progress: Progress = silent): Promise<OpenedOverlay> {
+export async function openOverlayInput(
+  input: OverlayInput,
+  progress: Progress = silent,
+  opts: { trust?: readonly TrustedKey[] } = {},
+): Promise<OpenedOverlay> {
   let body: AsyncIterable<Uint8Array>;
   let size: number | undefined;
   let name: string;
@@ -72,15 +79,21 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
     const st = await stat(input.path).catch(() => undefined);
     if (!st) throw new NotFoundError(`overlay not found: ${input.path}`, { path: input.path });
     if (!st.isFile()) throw new NotFoundError(`overlay ${input.path} is not a file`, { path: input.path });
-    // Random access first: a truncated or damaged file fails here, before the stream starts.
-    await (await OverlayReader.open(input.path)).close();
+    // Random access first: a truncated, damaged or (with trusted keys) unsigned file fails here,
+    // before the stream starts: header, signature, index (index_sha256) and footer.
+    await (await OverlayReader.open(input.path, { trust: opts.trust })).close();
     size = st.size;
     const file = createReadStream(input.path, { highWaterMark: 1 << 20 });
     stop = () => file.destroy();
     body = file;
   } else if (input.kind === 'url') {
     name = input.name ?? input.url;
-    const http = new HttpStream(input.url, { headers: input.headers, maxBytes: input.maxBytes, progress });
+    const http = new HttpStream(input.url, {
+      headers: input.headers,
+      maxBytes: input.maxBytes,
+      idleMs: input.idleMs,
+      progress,
+    });
     stop = () => http.close();
     body = http.body();
     transfer = http.info;
@@ -102,7 +115,8 @@ export async function openOverlayInput(input: OverlayInput, progress: Progress =
     size = input.size;
     body = input.body;
   }
-  const reader = new OverlayStreamReader(body);
+  // A stream checks the signature on its header and the index hash once the index arrives.
+  const reader = new OverlayStreamReader(body, { trust: opts.trust });
   try {
     const { header } = await reader.open();
     return {

@@ -4,18 +4,19 @@
  * resume must match, read from the running QEMU) — that `base import` and `create` take.
  * The directory appears atomically.
  */
-import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { readInputFile } from '../util/input-file.js';
+import { basename, dirname, join, resolve } from 'node:path';
 import { AttachedVm } from '../vm/attach.js';
 import { captureSnapshot } from '../vm/snapshot.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { listInstances } from '../instance/state.js';
-import { writeFileAtomic, syncDir } from '../util/atomic.js';
+import { stagingDir, writeFileAtomic, syncDir } from '../util/atomic.js';
 import { BusyError, CorruptInputError, NotFoundError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
 import { findInstance } from './instance.js';
+import { parseSpec, withoutHostSide } from '../spec/validate.js';
 
 export const SNAPSHOT_MEMORY = 'memory.stream';
 export const SNAPSHOT_VM = 'vm.json';
@@ -40,6 +41,11 @@ export interface SnapshotOptions {
   /** What the VM does after the capture (--then). */
   afterCapture: 'resume' | 'quit' | 'stop';
   progress?: Progress;
+  /**
+   * Refuse (before anything is captured) a VM whose spec could not become a base: options the
+   * closed list does not model (spec/validate.ts). `base capture` sets it.
+   */
+  requireStorable?: boolean;
 }
 
 export interface SnapshotResult {
@@ -70,7 +76,16 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
   if (!socket) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
   const vm = await AttachedVm.attach(socket, spec);
-  const work = `${outDir}.tmp-${randomBytes(4).toString('hex')}`;
+  if (opts.requireStorable) {
+    try {
+      parseSpec(withoutHostSide(vm.spec), 'input');
+    } catch (err) {
+      await vm.detach();
+      throw err;
+    }
+  }
+  await mkdir(dirname(outDir), { recursive: true });
+  const work = await stagingDir(dirname(outDir), `${basename(outDir)}.tmp-`);
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
   try {
     const vmSpec: VmSpec = { ...vm.spec };
@@ -133,7 +148,9 @@ export interface SnapshotDir {
 export async function readSnapshotDir(dir: string): Promise<SnapshotDir> {
   let parsed: SnapshotVmFile;
   try {
-    parsed = JSON.parse(await readFile(join(dir, SNAPSHOT_VM), 'utf8')) as SnapshotVmFile;
+    parsed = JSON.parse(
+      (await readInputFile(join(dir, SNAPSHOT_VM), 1 << 20, SNAPSHOT_VM)).toString('utf8'),
+    ) as SnapshotVmFile;
   } catch {
     throw new NotFoundError(`${dir} is not a snapshot directory (no readable ${SNAPSHOT_VM})`, { path: dir });
   }

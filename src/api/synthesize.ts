@@ -21,10 +21,12 @@ import { join } from 'node:path';
 import { tmpDir } from '../base/paths.js';
 import { isGlanceRef } from '../glance/image.js';
 import { resolveOverlaySource } from '../glance/overlays.js';
-import { fetchToFile } from '../net/fetch.js';
+import { DEFAULT_MAX_BYTES, fetchToFile, type FetchLimits } from '../net/fetch.js';
+import type { TrustedKey } from '../util/sign.js';
+import { sweepLibrary } from './gc.js';
 import { openLibraryBase, type LibraryBase } from '../base/open.js';
 import { resolveBaseId } from '../base/library.js';
-import { instanceDir, type InstanceState } from '../instance/state.js';
+import { claimInstanceDir, instanceDir, type InstanceState } from '../instance/state.js';
 import type { AssemblyOutput } from '../delta/assemble.js';
 import { Qcow2Writer } from '../image/disk/qcow2-writer.js';
 import { ScratchStore } from '../image/scratch-store.js';
@@ -43,7 +45,7 @@ import type { LauncherChoice, RunningVm } from '../vm/launcher.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { swapBacking } from '../vm/block.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
-import { CloudletError, UsageError } from '../util/errors.js';
+import { CloudletError, CorruptInputError, UsageError, withPath } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { findProgram } from '../util/programs.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
@@ -82,6 +84,12 @@ export interface SynthesizeOptions {
    * the rest of the overlay arrives; synthesize returns once the VM no longer needs this process.
    */
   earlyStart?: boolean;
+  /** Trusted keys: refuse an unsigned or wrongly signed overlay before anything is written or run. */
+  trust?: readonly TrustedKey[];
+  /** Download bounds for a URL overlay (idle timeout, size). */
+  fetch?: FetchLimits;
+  /** Raw QEMU options from the operator (--qemu-arg): this host only, never part of a base. */
+  qemuArgs?: string[];
 }
 
 export interface SynthesizeResult {
@@ -108,6 +116,10 @@ export interface Synthesized {
 export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> {
   const progress = opts.progress ?? silent;
   const timings = new Timings();
+  if (opts.earlyStart && opts.pipeline === 'sequential') {
+    throw new UsageError('--early-start runs the VM from the stream: it cannot be combined with --pipeline sequential');
+  }
+  await sweepLibrary(opts.root); // leftovers of killed runs (api/gc.ts)
   const id = await resolveBaseId(opts.root, opts.base);
   const base = await timings.time('open_base', () => openLibraryBase(opts.root, id));
   const iid = newInstanceId();
@@ -124,7 +136,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     }
     const input = await timings.time('resolve', () => resolveInput(opts, id));
     // The pipeline reports the overlay bytes it consumes: the download itself stays silent.
-    const ov = await timings.time('open_overlay', () => openOverlayInput(input));
+    const ov = await timings.time('open_overlay', () => openOverlayInput(input, silent, { trust: opts.trust }));
     opened = ov;
     const header = ov.header;
     checkBase(header, base);
@@ -134,7 +146,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         'this overlay has no memory snapshot: a disk-only overlay cannot be resumed (use apply and boot it)',
       );
     }
-    await mkdir(dir, { recursive: true });
+    await claimInstanceDir(dir); // owned: swept if this process dies before the instance is recorded
     const run = opts.pipeline === 'sequential' ? sequential : streamed;
     // Instance files are scratch: written atomically, but not fsynced (see util/atomic.ts).
     const started = await run({ opts, base, opened: ov, dir, iid, timings, progress, cleanups });
@@ -194,7 +206,11 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
 /** The overlay to read: glance://ID resolved (type and base checked on the image, before any byte). */
 async function resolveInput(opts: SynthesizeOptions, baseId: string): Promise<OverlayInput> {
   if (typeof opts.overlay !== 'string') return opts.overlay;
-  if (!isGlanceRef(opts.overlay)) return overlayInput(opts.overlay);
+  if (!isGlanceRef(opts.overlay)) {
+    const input = overlayInput(opts.overlay);
+    if (input.kind !== 'url') return input;
+    return { ...input, maxBytes: opts.fetch?.maxBytes ?? DEFAULT_MAX_BYTES, idleMs: opts.fetch?.idleMs };
+  }
   const src = await resolveOverlaySource(opts.overlay, { endpoint: opts.glance, expectBase: baseId });
   return {
     kind: 'url',
@@ -297,7 +313,13 @@ async function streamed(c: RunContext): Promise<Started> {
         read: async (offset, length, buf) => {
           if (!earlyDisk) {
             if (!asm) throw new Error('the disk is read before the VM runs');
-            earlyDisk = new EarlyDisk(asm, diskIndex, random, { targets: header.targets, base: base.targets }, base.targets);
+            earlyDisk = new EarlyDisk(
+              asm,
+              diskIndex,
+              random,
+              { targets: header.targets, base: base.targets },
+              base.targets,
+            );
           }
           await earlyDisk.read(offset, length, buf);
         },
@@ -325,6 +347,7 @@ async function streamed(c: RunContext): Promise<Started> {
     detach: opts.detach,
     overlay: opened.name,
     launcher: opts.launcher ?? 'auto',
+    qemuArgs: opts.qemuArgs,
   }).then((s) => {
     timings.phases['qemu_start'] = Math.round(performance.now() - t0);
     return s;
@@ -380,6 +403,7 @@ async function streamed(c: RunContext): Promise<Started> {
           threads: opts.threads,
           onBytes: (n) => progress.advance(n),
           onAssembler: (a) => (asm = a),
+          lastSegment: random && lastSegments(random, header.targets.length),
           onTargetDone: (t) => {
             memoryTargets.delete(t);
             // Early start: memory (and the stream's pieces) proven — the VM may run.
@@ -447,12 +471,38 @@ async function streamed(c: RunContext): Promise<Started> {
   return ready.promise;
 }
 
+/** Per target, the last segment with records for it (-1: none), from the checked index. */
+function lastSegments(random: OverlayReader, targets: number): number[] {
+  const last = Array.from({ length: targets }, () => -1);
+  random.index.segments.forEach((seg, i) => {
+    for (const [t] of seg.covers) if (t >= 0 && t < targets) last[t] = i;
+  });
+  return last;
+}
+
 /** Random access to the overlay for early start: the local file, or ranged GETs of its URL. */
 async function openRandom(opts: SynthesizeOptions, opened: OpenedOverlay): Promise<OverlayReader> {
+  if (opened.header.index_sha256 === undefined) {
+    // Without it nothing ties the index read out of turn to the header the stream proved.
+    throw new UsageError(
+      'early start needs an overlay of format 1.1 or later (its header holds the index checksum): ' +
+        're-create the overlay, or synthesize it without --early-start',
+    );
+  }
   const input = await resolveInput(opts, opened.header.base.id);
-  if (input.kind === 'file') return OverlayReader.open(input.path);
-  if (input.kind === 'url') return OverlayReader.fromRange(await httpRange(input.url, { headers: input.headers }), input.url);
-  throw new UsageError('early start needs random access to the overlay: a file or a URL, not an upload');
+  const trust = { trust: opts.trust };
+  let random: OverlayReader;
+  if (input.kind === 'file') random = await OverlayReader.open(input.path, trust);
+  else if (input.kind === 'url')
+    random = await OverlayReader.fromRange(await httpRange(input.url, { headers: input.headers }), input.url, trust);
+  else throw new UsageError('early start needs random access to the overlay: a file or a URL, not an upload');
+  // The same overlay as the stream (a server could answer ranges with another file): the same
+  // header, hence the same index_sha256, which the random reader checked its index against.
+  if (JSON.stringify(random.header) !== JSON.stringify(opened.header)) {
+    await random.close();
+    throw new CorruptInputError(`${opened.name}: ranged reads return another overlay than the stream`);
+  }
+  return random;
 }
 
 /**
@@ -498,7 +548,10 @@ async function sequential(c: RunContext): Promise<Started> {
   else if (input.kind === 'url') {
     await mkdir(tmpDir(opts.root), { recursive: true });
     const fetched = await timings.time('fetch', () =>
-      fetchToFile(input.url, tmpDir(opts.root), progress, undefined, { headers: input.headers, sha256: input.sha256 }),
+      fetchToFile(input.url, tmpDir(opts.root), progress, opts.fetch ?? {}, {
+        headers: input.headers,
+        sha256: input.sha256,
+      }),
     );
     c.cleanups.push(() => fetched.remove());
     path = fetched.path;
@@ -513,6 +566,7 @@ async function sequential(c: RunContext): Promise<Started> {
       progress,
       threads: opts.threads ?? 0,
       durable: false,
+      trust: opts.trust,
     }),
   );
   progress.step('resuming VM');
@@ -527,6 +581,7 @@ async function sequential(c: RunContext): Promise<Started> {
       detach: opts.detach,
       overlay: c.opened.name,
       launcher: opts.launcher ?? 'auto',
+      qemuArgs: opts.qemuArgs,
     }),
   );
   timings.phases['qemu_start'] = Math.round(started.vm.timings.qmpReadyMs);
@@ -548,7 +603,8 @@ export interface RunSynthesisOptions extends SynthesizeOptions {
  * QEMU exits or `signal` aborts; then stop it and remove its instance directory (unless keep).
  */
 export async function runSynthesis(opts: RunSynthesisOptions): Promise<SynthesizeResult> {
-  const { result, vm, state } = await synthesize(opts);
+  // A full disk (or a missing directory) is reported naming the library, not as a bare errno.
+  const { result, vm, state } = await withPath(opts.root, () => synthesize(opts));
   opts.onReady?.(result);
   if (opts.detach) {
     await vm.qmp.close();

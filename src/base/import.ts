@@ -17,11 +17,20 @@ import { mainBlockOf } from '../targets/vm-images.js';
 import type { NewTarget } from '../delta/target.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { TOOL } from '../util/version.js';
-import { safeName } from '../util/safe-name.js';
-import { UnsupportedError, UsageError } from '../util/errors.js';
+import { NotFoundError, UnsupportedError, UsageError, classifyFsError } from '../util/errors.js';
+import { ownerTag } from '../util/owner.js';
 import { onCleanup } from '../util/cleanup.js';
 import { silent, type Progress } from '../util/progress.js';
-import { readManifest, type BaseManifest } from './manifest.js';
+import { BASE_NAME, BLOB_FILES, ramFileName, readManifest, type BaseManifest } from './manifest.js';
+import {
+  parseSpec,
+  specDigest,
+  storedSpecOf,
+  withoutHostSide,
+  type SpecFile,
+  type SpecFileDigests,
+} from '../spec/validate.js';
+import { hashFile } from './vm-files.js';
 import { ANCHORS_FILE, baseDir, basesDir, mapFile, tmpDir } from './paths.js';
 
 export interface ImportOptions {
@@ -48,12 +57,17 @@ export interface ImportResult {
 export async function importBase(opts: ImportOptions): Promise<ImportResult> {
   const progress = opts.progress ?? silent;
   if (!opts.disk && !opts.memory) throw new UsageError('base import needs --disk and/or --memory');
-  if (opts.vm && (opts.vm.drives?.length ?? 0) > 1) {
+  if (opts.name !== undefined && !BASE_NAME.test(opts.name)) {
+    throw new UsageError(`base name ${JSON.stringify(opts.name)}: use letters, digits, '.', '_' or '-' (at most 64)`);
+  }
+  // The closed list first (spec/validate.ts): an extraArgs or an unknown field is refused before any work.
+  const inputVm = opts.vm ? parseSpec(withoutHostSide(opts.vm), 'input') : undefined;
+  if (inputVm && (inputVm.drives?.length ?? 0) > 1) {
     throw new UnsupportedError('bases with more than one drive are not supported yet');
   }
   await mkdir(tmpDir(opts.root), { recursive: true });
   await mkdir(basesDir(opts.root), { recursive: true });
-  const work = await mkdtemp(join(tmpDir(opts.root), 'import-'));
+  const work = await mkdtemp(join(tmpDir(opts.root), `import-${ownerTag()}-`));
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
   try {
     const targets: TargetInfo[] = [];
@@ -73,7 +87,7 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
         snap.assertComplete();
         await mkdir(join(work, 'stream'));
         await mkdir(join(work, 'ram'));
-        const blobs = { prefix: 'stream/prefix', start: 'stream/start', tail: 'stream/tail' };
+        const blobs = { ...BLOB_FILES };
         const data: Array<[string, string, Buffer]> = [
           [BLOB_PREFIX, blobs.prefix, await snap.prefixBytes()],
           [BLOB_START, blobs.start, await snap.startSectionBytes()],
@@ -89,7 +103,7 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
           snap.blocks.reduce((n, b) => n + b.length, 0),
         );
         for (const b of snap.blocks) {
-          const file = join('ram', `${safeName(b.name)}.raw`);
+          const file = ramFileName(b.name);
           files[b.name] = file;
           await writeRamFile(snap, b.name, join(work, file));
           progress.advance(b.length);
@@ -103,13 +117,16 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
           files,
           blobs,
         };
-        checkSpecMatches(opts.vm, snap.machineType, snap.blocks.find((b) => b.name === main)?.length ?? 0);
+        checkSpecMatches(inputVm, snap.machineType, snap.blocks.find((b) => b.name === main)?.length ?? 0);
       } finally {
         await snap.close();
       }
     }
 
     if (opts.disk) {
+      // Opened (and qemu-img checked, layer by layer) like every disk input before it is trusted.
+      const checked = await openDisk(opts.disk, opts.diskFormat ? { format: opts.diskFormat } : {});
+      await checked.close();
       const info = await qemuImg.info(opts.disk, opts.diskFormat ? { format: opts.diskFormat } : {});
       const format: 'raw' | 'qcow2' = info.format === 'raw' ? 'raw' : 'qcow2';
       const file = `disk.${format}`;
@@ -134,25 +151,27 @@ export async function importBase(opts: ImportOptions): Promise<ImportResult> {
       await stored.close();
     }
 
-    if (opts.vm) {
-      const vm: VmSpec = { ...opts.vm };
-      if (vm.kernel) {
-        await copyFile(vm.kernel, join(work, 'kernel'));
-        vm.kernel = 'kernel';
+    let digest: string | undefined;
+    if (inputVm) {
+      // The files the spec names become files of the base, at fixed names, hashed: the id covers them.
+      const { spec, sources } = storedSpecOf(inputVm, manifest.disk);
+      const files: SpecFileDigests = {};
+      for (const [name, from] of Object.entries(sources) as Array<[SpecFile, string]>) {
+        await copyFile(from, join(work, name)).catch((err: unknown) => {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === 'ENOSPC' || code === 'EDQUOT') throw classifyFsError(err, join(work, name));
+          throw new NotFoundError(`the VM spec's ${name} ${from} cannot be read: ${(err as Error).message}`, {
+            path: from,
+          });
+        });
+        files[name] = await hashFile(join(work, name));
       }
-      if (vm.initrd) {
-        await copyFile(vm.initrd, join(work, 'initrd'));
-        vm.initrd = 'initrd';
-      }
-      if (vm.drives?.[0] && manifest.disk)
-        vm.drives = [{ ...vm.drives[0], file: manifest.disk.file, format: manifest.disk.format }];
-      delete vm.incoming;
-      delete vm.memoryBackendFile;
-      if (vm.network) vm.network = { ...vm.network, forwards: [] };
-      manifest.vm = vm;
+      manifest.vm = spec;
+      if (Object.keys(files).length > 0) manifest.vm_files = files;
+      digest = specDigest(spec, files);
     }
 
-    const id = baseIdOf(targets);
+    const id = baseIdOf(targets, digest);
     const full: BaseManifest = { ...manifest, id };
     await writeFile(join(work, 'manifest.json'), JSON.stringify(full, null, 2) + '\n');
     await freeze(work, full);
@@ -220,7 +239,7 @@ async function openStored(
       list.push({ name: b.name, kind: 'blob', blob: await readFile(join(work, file)) });
     }
     if (m.disk) {
-      const d = await openDisk(join(work, m.disk.file), { format: m.disk.format });
+      const d = await openDisk(join(work, m.disk.file), { format: m.disk.format, check: false });
       closers.push(() => d.close());
       list.push({ name: 'disk', kind: 'disk', source: d });
     }
@@ -242,7 +261,12 @@ async function openStored(
  */
 async function freeze(dir: string, m: Omit<BaseManifest, 'id'>): Promise<void> {
   const ram = new Set(Object.values(m.memory?.files ?? {}));
-  const files = ['manifest.json', ...Object.values(m.memory?.blobs ?? {}), ...(m.disk ? [m.disk.file] : [])];
+  const files = [
+    'manifest.json',
+    ...Object.values(m.memory?.blobs ?? {}),
+    ...(m.disk ? [m.disk.file] : []),
+    ...Object.keys(m.vm_files ?? {}),
+  ];
   for (const f of files) await chmod(join(dir, f), 0o444);
   for (const f of ram) await chmod(join(dir, f), 0o644);
 }

@@ -1,18 +1,21 @@
-/** The base library's operations: list, show, remove, verify, export and import packages. */
+/** The base library's operations: list, show, remove, verify (packages: package.ts; a package as a stream here). */
 import { spawn } from 'node:child_process';
-import { mkdir, mkdtemp, open, readdir, rename, rm, stat } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
 import { ChunkMap } from '../delta/chunk-map.js';
 import { sha256Hex } from '../delta/hash.js';
 import { baseIdOf, type TargetInfo } from '../delta/target.js';
-import { syncDir, tempNameFor } from '../util/atomic.js';
-import { CorruptInputError, NotFoundError } from '../util/errors.js';
+import { randomBytes } from 'node:crypto';
+import { BusyError, CorruptInputError, NotFoundError } from '../util/errors.js';
 import { findTool, missingTool } from '../util/programs.js';
-import { onCleanup } from '../util/cleanup.js';
+import { ownerTag } from '../util/owner.js';
+import { lockHolders } from './locks.js';
 import { silent, type Progress } from '../util/progress.js';
 import { readManifest, type BaseManifest } from './manifest.js';
 import { openLibraryBase } from './open.js';
+import { changedSpecFiles } from './vm-files.js';
+import { specDigest } from '../spec/validate.js';
 import { baseDir, basesDir, tmpDir } from './paths.js';
 
 export interface BaseSummary {
@@ -24,6 +27,8 @@ export interface BaseSummary {
   disk_bytes?: number;
   /** Bytes the base's files occupy on disk. */
   stored_bytes: number;
+  /** Set when the manifest cannot be read or is not valid: why (the base cannot be used). */
+  damaged?: string;
 }
 
 export async function listBases(root: string): Promise<BaseSummary[]> {
@@ -35,8 +40,14 @@ export async function listBases(root: string): Promise<BaseSummary[]> {
   }
   const out: BaseSummary[] = [];
   for (const id of ids.filter((n) => /^[0-9a-f]{64}$/.test(n)).sort()) {
-    const m = await readManifest(join(baseDir(root, id), 'manifest.json')).catch(() => undefined);
-    if (m) out.push(summarize(m, await duBytes(baseDir(root, id))));
+    const dir = baseDir(root, id);
+    try {
+      out.push(summarize(await readManifest(join(dir, 'manifest.json')), await duBytes(dir)));
+    } catch (err) {
+      // Shown, not hidden: a damaged base is named by its id, and refused with its reason on use.
+      const why = err instanceof Error ? err.message : String(err);
+      out.push({ id, created_at: '', stored_bytes: await duBytes(dir).catch(() => 0), damaged: why });
+    }
   }
   return out;
 }
@@ -73,16 +84,34 @@ export async function showBase(
   return { ...m, stored_bytes: await duBytes(dir), dir };
 }
 
-/** Removes a base; the caller makes sure no running instance uses it (api/base.ts). */
-export async function removeBase(root: string, id: string): Promise<void> {
+/**
+ * Removes a base, refused (BusyError) while an operation holds a lock on it (locks.ts) or
+ * `inUse` names another user (api/base.ts: running instances). The base is moved away first
+ * and the holders looked for after: a holder that took its lock in between is seen, and the
+ * base is put back. A half-removed base is never visible under its id.
+ */
+export async function removeBase(
+  root: string,
+  id: string,
+  inUse: () => Promise<string | undefined> = () => Promise.resolve(undefined),
+): Promise<void> {
   const dir = baseDir(root, id);
   await stat(dir).catch(() => {
     throw new NotFoundError(`no base ${id} in the library`, { base: id });
   });
-  // Rename first so a half-removed base is never visible under its id.
   await mkdir(tmpDir(root), { recursive: true });
-  const doomed = join(tmpDir(root), `rm-${id}-${process.pid}`);
+  const doomed = join(tmpDir(root), `rm-${id.slice(0, 16)}-${ownerTag()}-${randomBytes(3).toString('hex')}`);
   await rename(dir, doomed);
+  const holders = await lockHolders(root, id);
+  const other = await inUse();
+  if (holders.length > 0 || other) {
+    await rename(doomed, dir);
+    const who = holders.map((h) => `pid ${h.pid} (${h.command}, since ${h.since})`);
+    if (other) who.push(other);
+    throw new BusyError(`base ${id.slice(0, 12)} is in use by ${who.join(', ')}: wait for it, or stop it first`, {
+      base: id,
+    });
+  }
   await rm(doomed, { recursive: true, force: true });
 }
 
@@ -114,34 +143,21 @@ export async function verifyBase(root: string, id: string, progress: Progress = 
       if (digest !== want.digest) problems.push(`${t.name}: contents changed since import`);
       infos.push({ ...want, digest });
     }
-    if (baseIdOf(infos) !== id) problems.push('base id does not match the contents');
+    const m = base.manifest;
+    if (m.vm) {
+      for (const f of await changedSpecFiles(base.dir, m.vm, m.vm_files ?? {}))
+        problems.push(`${f}: contents changed since import`);
+    }
+    if (baseIdOf(infos, m.vm ? specDigest(m.vm, m.vm_files ?? {}) : undefined) !== id)
+      problems.push('base id does not match the contents');
   } finally {
     await base.close();
   }
   return { message_type: 'base_verify', id, ok: problems.length === 0, problems };
 }
 
-/** Writes the base directory as one tar package (holes kept), atomically. */
-export async function exportBase(root: string, id: string, output: string): Promise<{ path: string; size: number }> {
-  await showBase(root, id);
-  const temp = tempNameFor(output);
-  const unregister = onCleanup(() => rm(temp, { force: true }));
-  try {
-    await tar(['--sparse', '-cf', temp, '-C', basesDir(root), id]);
-    const h = await open(temp, 'r+');
-    await h.sync();
-    await h.close();
-    await rename(temp, output);
-    await syncDir(dirname(output));
-    return { path: output, size: (await stat(output)).size };
-  } finally {
-    await rm(temp, { force: true });
-    unregister();
-  }
-}
-
 /**
- * The package exportBase writes, as a stream (for an upload; nothing lands on disk): a sparse
+ * The package `base export` writes (unsigned), as a stream (for an upload; nothing lands on disk): a sparse
  * tar of the base directory that fails, rather than ends short, when tar fails.
  */
 export async function exportStream(root: string, id: string): Promise<Readable> {
@@ -183,53 +199,6 @@ export function tarStream(program: string, args: string[]): Readable {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
   });
   return out;
-}
-
-/** Imports a package made by exportBase, checking every byte against the id before it lands. */
-export async function importPackage(
-  root: string,
-  pkg: string,
-  progress: Progress = silent,
-): Promise<{ id: string; added: boolean }> {
-  await stat(pkg).catch(() => {
-    throw new NotFoundError(`package not found: ${pkg}`, { path: pkg });
-  });
-  await mkdir(tmpDir(root), { recursive: true });
-  await mkdir(basesDir(root), { recursive: true });
-  const work = await mkdtemp(join(tmpDir(root), 'pkg-'));
-  const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
-  try {
-    await tar(['-xf', pkg, '-C', work, '--no-same-owner']);
-    const entries = await readdir(work);
-    if (entries.length !== 1 || !/^[0-9a-f]{64}$/.test(entries[0]!)) {
-      throw new CorruptInputError(`${pkg}: not a cloudlet-overlay base package`);
-    }
-    const id = entries[0]!;
-    // Verify in place: a package is untrusted input.
-    const fakeRoot = join(work, 'root');
-    await mkdir(join(fakeRoot, 'bases'), { recursive: true });
-    await rename(join(work, id), join(fakeRoot, 'bases', id));
-    const v = await verifyBase(fakeRoot, id, progress);
-    if (!v.ok) throw new CorruptInputError(`${pkg}: damaged base package: ${v.problems.join('; ')}`);
-    const dest = baseDir(root, id);
-    if (await stat(dest).catch(() => undefined)) return { id, added: false };
-    await rename(join(fakeRoot, 'bases', id), dest);
-    return { id, added: true };
-  } finally {
-    await rm(work, { recursive: true, force: true });
-    unregister();
-  }
-}
-
-async function tar(args: string[]): Promise<void> {
-  const program = await findTool('tar');
-  try {
-    const { execa } = await import('execa');
-    await execa(program, args);
-  } catch (err) {
-    const e = err as { code?: string; stderr?: string; message: string };
-    throw new CorruptInputError(`tar failed: ${(e.stderr ?? e.message).trim().split('\n').pop()}`);
-  }
 }
 
 /** Allocated bytes of a directory tree (du: holes do not count). */

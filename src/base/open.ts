@@ -15,7 +15,10 @@ import { BLOB_PREFIX, BLOB_START, BLOB_TAIL } from '../targets/blobs.js';
 import { CorruptInputError, NotFoundError } from '../util/errors.js';
 import { readManifest, type BaseManifest } from './manifest.js';
 import { ANCHORS_FILE, baseDir, mapFile } from './paths.js';
+import { lockBase } from './locks.js';
 import { AnchorIndex } from '../delta/anchors.js';
+import { baseIdOf } from '../delta/target.js';
+import { confinedFile, specDigest, specFiles } from '../spec/validate.js';
 
 export interface LibraryBase extends BaseVm {
   dir: string;
@@ -24,12 +27,27 @@ export interface LibraryBase extends BaseVm {
 
 export async function openLibraryBase(root: string, id: string): Promise<LibraryBase> {
   const dir = baseDir(root, id);
+  // Held while the base is open: `base rm` refuses a base in use (locks.ts).
+  const unlock = await lockBase(root, id);
+  try {
+    return await openLocked(root, id, dir, unlock);
+  } catch (err) {
+    await unlock();
+    throw err;
+  }
+}
+
+async function openLocked(root: string, id: string, dir: string, unlock: () => Promise<void>): Promise<LibraryBase> {
   const manifest = await readManifest(join(dir, 'manifest.json')).catch((err: unknown) => {
     if (err instanceof NotFoundError)
       throw new NotFoundError(`no base ${id} in the library ${root}`, { base: id, library: root });
     throw err;
   });
   if (manifest.id !== id) throw new CorruptInputError(`library entry ${id} holds a manifest for ${manifest.id}`);
+  checkManifestId(manifest);
+  // The files handed to QEMU must be the base's own: no link out of its directory.
+  for (const f of manifest.vm ? specFiles(manifest.vm) : []) await confinedFile(dir, f);
+  if (manifest.disk) await confinedFile(dir, manifest.disk.file);
   const closers: Array<() => Promise<void>> = [];
   try {
     const targets: BaseTarget[] = [];
@@ -50,7 +68,11 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       let source: DiskSource | RamFile;
       if (t.kind === 'disk') {
         if (!manifest.disk) throw new CorruptInputError(`base ${id}: disk target without disk file`);
-        source = await openDisk(join(dir, manifest.disk.file), { format: manifest.disk.format, name: 'disk' });
+        source = await openDisk(join(dir, manifest.disk.file), {
+          format: manifest.disk.format,
+          name: 'disk',
+          check: false,
+        });
       } else {
         const file = manifest.memory?.files[t.name];
         if (!file) throw new CorruptInputError(`base ${id}: no file for RAM block ${t.name}`);
@@ -92,10 +114,26 @@ export async function openLibraryBase(root: string, id: string): Promise<Library
       }),
       async close() {
         await Promise.allSettled(closers.map((c) => c()));
+        await unlock();
       },
     };
   } catch (err) {
     await Promise.allSettled(closers.map((c) => c()));
     throw err;
+  }
+}
+
+/**
+ * The id must be what the manifest says it covers: the targets and, with a VM spec, the spec
+ * and the digests of its files (checked on every open: a spec edited in place is refused).
+ */
+export function checkManifestId(m: BaseManifest): void {
+  const spec = m.vm ? specDigest(m.vm, m.vm_files ?? {}) : undefined;
+  if (baseIdOf(m.targets, spec) !== m.id) {
+    throw new CorruptInputError(
+      `base ${m.id.slice(0, 12)}: its id does not cover its manifest (edited, or imported by an older version: ` +
+        're-import it)',
+      { base: m.id },
+    );
   }
 }

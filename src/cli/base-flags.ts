@@ -9,6 +9,7 @@ export interface BaseFlags {
   baseDisk?: string;
   baseDiskFormat?: string;
   baseMemory?: string;
+  baseVm?: string;
 }
 
 export function baseOptions(cmd: Command): Command {
@@ -19,6 +20,10 @@ export function baseOptions(cmd: Command): Command {
     .option(
       '--base-memory <file>',
       'base VM memory snapshot (QEMU migration stream or libvirt save image), instead of --base',
+    )
+    .option(
+      '--base-vm <file>',
+      "with --base-disk/--base-memory: the base's VM spec (vm.json), so the base has its library id",
     );
 }
 
@@ -29,5 +34,6 @@ export function baseRef(flags: BaseFlags): BaseFlags {
     baseDisk: flags.baseDisk,
     baseDiskFormat: flags.baseDiskFormat,
     baseMemory: flags.baseMemory,
+    baseVm: flags.baseVm,
   };
 }

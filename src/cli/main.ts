@@ -5,7 +5,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { runCleanup } from '../util/cleanup.js';
 import { ExitCode, exitCodesHelp } from '../util/exit-codes.js';
-import { InterruptedError } from '../util/errors.js';
+import { InterruptedError, UsageError } from '../util/errors.js';
 import { VERSION } from '../util/version.js';
 import { reportError } from './output.js';
 import { foregroundHandler } from './signals.js';
@@ -19,6 +19,7 @@ import { registerLaunch } from './commands/launch.js';
 import { registerSnapshot } from './commands/snapshot.js';
 import { registerInstances } from './commands/instances.js';
 import { registerConsole } from './commands/console.js';
+import { registerKey } from './commands/key.js';
 import { registerOverlay } from './commands/overlay.js';
 import { registerServe } from './commands/serve.js';
 import { registerRemote } from './commands/remote.js';
@@ -52,6 +53,7 @@ export function buildProgram(): Command {
   registerSynthesize(program);
   registerInstances(program);
   registerConsole(program);
+  registerKey(program);
   registerOverlay(program);
   registerServe(program);
   registerRemote(program);
@@ -63,16 +65,27 @@ export function buildProgram(): Command {
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
   const json = argv.includes('--json');
-  let interrupted = false;
+  // Under --json commander's own messages would be a second, non-JSON outcome: ours says it.
+  if (json) {
+    const quiet = (c: Command): void => {
+      c.configureOutput({ writeErr: () => undefined });
+      c.commands.forEach(quiet);
+    };
+    quiet(program);
+  }
+  let signalled = false;
+  let interrupted: Promise<void> | undefined;
   const onSignal = (signal: NodeJS.Signals): void => {
-    if (interrupted) return;
-    interrupted = true;
+    if (signalled) return;
+    signalled = true;
     const foreground = foregroundHandler();
     if (foreground) {
       foreground(signal);
       return;
     }
-    void runCleanup().finally(() => {
+    // The interrupt is the outcome: whatever the interrupted operation throws meanwhile (its
+    // files vanish under it) is not reported, the process ends here with 130.
+    interrupted = runCleanup().then(() => {
       reportError(new InterruptedError(`interrupted by ${signal}; partial outputs removed`), json);
       process.exit(ExitCode.interrupted);
     });
@@ -89,12 +102,16 @@ export async function main(argv: string[]): Promise<number> {
     // A command may set a status of its own (console --run: the guest command failed).
     return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.ok;
   } catch (err) {
+    if (interrupted) await interrupted;
     if (err instanceof CommanderError) {
       if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.exitCode === 0)
         return ExitCode.ok;
-      return ExitCode.usage;
+      if (!json) return ExitCode.usage; // commander said why on stderr
+      const message = err.message.replace(/^error: /, '');
+      return reportError(new UsageError(message, { commander_code: err.code }), json);
     }
     await runCleanup();
+    if (interrupted) await interrupted;
     return reportError(err, json);
   }
 }

@@ -2,7 +2,7 @@
  * How results and errors reach the user: stdout carries only the result (one JSON object with
  * --json, else a short human summary); diagnostics go to stderr.
  */
-import { CloudletError } from '../util/errors.js';
+import { CloudletError, classifyFsError } from '../util/errors.js';
 import { ExitCode } from '../util/exit-codes.js';
 
 export interface GlobalOptions {
@@ -12,27 +12,63 @@ export interface GlobalOptions {
   library?: string;
 }
 
-export function printResult(opts: GlobalOptions, result: object, human: () => string): void {
-  if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
-  else if (!opts.quiet) process.stdout.write(human() + '\n');
+/**
+ * Text from an input (an overlay header, a manifest, a file name) made safe for a terminal:
+ * control characters (C0 except newline and tab, DEL, C1) become \xNN escapes, so no escape
+ * sequence of an input ever reaches the terminal.
+ */
+export function clean(text: string, keepNewlines = true): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) =>
+    keepNewlines && (c === '\n' || c === '\t') ? c : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`,
+  );
 }
 
-/** Prints an error as one line (or a JSON object) and returns the exit code. */
+let finished = false;
+
+/**
+ * True once the process printed its one final message (a result or an error): nothing else
+ * may follow on stdout (an interrupt arriving late must not add a second JSON object).
+ */
+export function outputFinished(): boolean {
+  return finished;
+}
+
+export function printResult(opts: GlobalOptions, result: object, human: () => string): void {
+  if (finished) return;
+  if (opts.json) {
+    finished = true;
+    process.stdout.write(JSON.stringify(result) + '\n');
+  } else if (!opts.quiet) process.stdout.write(clean(human()) + '\n');
+}
+
+/**
+ * Prints an error as one line on stderr (and with --json as the one JSON object on stdout) and
+ * returns the exit code the process must end with. Only the first call prints: a process reports
+ * one outcome. A file-system error becomes its class first (no space, not found, …).
+ */
 export function reportError(err: unknown, json: boolean): number {
-  if (err instanceof CloudletError) {
-    if (json) process.stdout.write(JSON.stringify(err.toJSON()) + '\n');
-    process.stderr.write(`cloudlet-overlay: ${err.message}\n`);
-    return err.exitCode;
+  const classified = classifyFsError(err);
+  const first = !finished;
+  finished = true;
+  if (classified instanceof CloudletError) {
+    if (first) {
+      if (json) process.stdout.write(JSON.stringify(classified.toJSON()) + '\n');
+      process.stderr.write(`cloudlet-overlay: ${clean(classified.message, false)}\n`);
+    }
+    return classified.exitCode;
   }
-  const e = err as NodeJS.ErrnoException;
-  const message = e?.code === 'ENOSPC' ? 'no space left on the device' : (e?.message ?? String(err));
-  if (json) {
-    process.stdout.write(
-      JSON.stringify({ message_type: 'error', code: 'InternalError', exit_code: ExitCode.internal, message }) + '\n',
-    );
+  const e = classified as NodeJS.ErrnoException;
+  const message = e?.message ?? String(classified);
+  if (first) {
+    if (json) {
+      process.stdout.write(
+        JSON.stringify({ message_type: 'error', code: 'InternalError', exit_code: ExitCode.internal, message }) + '\n',
+      );
+    }
+    process.stderr.write(`cloudlet-overlay: internal error: ${clean(message, false)}\n`);
+    if (process.env.CLOUDLET_DEBUG) process.stderr.write(`${e?.stack ?? ''}\n`);
   }
-  process.stderr.write(`cloudlet-overlay: internal error: ${message}\n`);
-  if (process.env.CLOUDLET_DEBUG) process.stderr.write(`${e?.stack ?? ''}\n`);
   return ExitCode.internal;
 }
 

@@ -41,3 +41,22 @@ export function bytesArg(value: string): number {
   const mult = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[(m[2] ?? '').toUpperCase() as '' | 'K'];
   return Math.floor(Number(m[1]) * mult);
 }
+/** A repeatable option's values, in order. */
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+/** A size in bytes: 1048576, 512K, 64M, 2G, 1T (binary units). */
+export function sizeArg(value: string): number {
+  const m = value.match(/^(\d+)([KMGT]i?B?)?$/i);
+  if (!m) throw new InvalidArgumentError('expected a size like 500M, 2G or a number of bytes');
+  const unit = (m[2] ?? '').charAt(0).toUpperCase();
+  const n = Number(m[1]) * 1024 ** (unit ? 'KMGT'.indexOf(unit) + 1 : 0);
+  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('size out of range');
+  return n;
+}
+
+/** The help text of --qemu-arg (launch, synthesize). */
+export const QEMU_ARG_HELP =
+  'add one raw argument to the QEMU command line (repeatable, e.g. --qemu-arg=-device --qemu-arg=virtio-rng-pci); ' +
+  'an operator option on this host only, never stored in a base or passed on by a snapshot';

@@ -37,6 +37,11 @@ export interface AssembleOptions {
   store: ChunkStore;
   /** Called once per target when it is complete and proven. */
   onTargetDone?: (target: number) => void | Promise<void>;
+  /**
+   * From a trusted index: per target, the last segment with records for it (-1: none). A
+   * target is then completed right after that segment, which early start waits for.
+   */
+  lastSegment?: readonly number[];
 }
 
 export interface AssembleResult {
@@ -47,6 +52,13 @@ export interface AssembleResult {
 }
 
 export const MAX_PASSES = 16;
+/** Chunks handed out between two yields to the event loop (a zero run does no I/O at all). */
+const YIELD_EVERY = 1 << 14;
+
+/** Lets timers and signal handlers run (SIGINT must work during a long run of zero chunks). */
+function yieldToLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
 
 const R_DATA = 0;
 const R_ZERO = 1;
@@ -171,6 +183,7 @@ export class Assembler {
   private hashCount = 0;
   private readonly scratch = Buffer.allocUnsafe(CHUNK_SIZE * 256);
   private readonly one = Buffer.allocUnsafe(CHUNK_SIZE);
+  private steps = 0;
 
   constructor(
     private readonly base: readonly BaseTarget[],
@@ -245,6 +258,17 @@ export class Assembler {
 
   /** Applies one decoded segment (or slice of one); segments must come in file order. */
   async add(seg: DecodedSegment): Promise<void> {
+    await this.addOps(seg);
+    const last = this.opts.lastSegment;
+    if (!last || seg.nextRecord < seg.records) return;
+    // The index says no later segment has records for these targets: they are complete now,
+    // not only when a record of a later target (or the end) arrives.
+    for (let t = 0; t < this.states.length; t++) {
+      if (!this.states[t]!.done && (last[t] ?? Infinity) <= seg.segment) await this.complete(t);
+    }
+  }
+
+  private async addOps(seg: DecodedSegment): Promise<void> {
     const ops = seg.ops;
     const bufs = [asBuffer(seg.raw), asBuffer(seg.extra)] as const;
     const hashes = asBuffer(seg.hashes);
@@ -391,7 +415,13 @@ export class Assembler {
     const out = st.output;
     if (!out) return;
     if (out.everyChunk) {
-      for (let c = first; c < first + count; c++) await out.put(c, null);
+      for (let c = first; c < first + count; c++) {
+        await out.put(c, null);
+        if (++this.steps >= YIELD_EVERY) {
+          this.steps = 0;
+          await yieldToLoop();
+        }
+      }
       return;
     }
     const map = st.same?.map;
@@ -600,9 +630,15 @@ export class Assembler {
           while (c + m < end && m < 256 && eligible(st.same, st.info.size, c + m)) m++;
           await this.emitBase(st, c, m, st.sameIndex, c);
           c += m;
+          this.steps += m;
         } else {
           await out.put(c, null);
           c++;
+          this.steps++;
+        }
+        if (this.steps >= YIELD_EVERY) {
+          this.steps = 0;
+          await yieldToLoop();
         }
       }
     };

@@ -20,10 +20,14 @@ const DIGEST_DOMAIN = Buffer.from('cloudlet-overlay target digest v1\0', 'latin1
 const ENTRY = 8 + HASH_SIZE;
 const BATCH = 4096;
 
-/** Streaming target digest: add the non-zero chunks in ascending index order, then finish(). */
+/**
+ * Streaming target digest: add the non-zero chunks in ascending index order, then finish().
+ * The batch buffer grows with use (a reader may hold one per target: a target that gets few
+ * chunks costs a few bytes, not a full batch).
+ */
 export class TargetDigest {
   private readonly h: Hash = createHash('sha256');
-  private readonly batch = Buffer.alloc(ENTRY * BATCH);
+  private batch = Buffer.alloc(0);
   private fill = 0;
   private last = -1;
 
@@ -38,6 +42,11 @@ export class TargetDigest {
     if (index <= this.last) throw new Error(`TargetDigest: chunk ${index} after ${this.last}`);
     this.last = index;
     const at = this.fill * ENTRY;
+    if (at + ENTRY > this.batch.length) {
+      const grown = Buffer.alloc(Math.min(ENTRY * BATCH, Math.max(ENTRY * 16, this.batch.length * 4)));
+      this.batch.copy(grown, 0, 0, at);
+      this.batch = grown;
+    }
     // u64 little-endian without a BigInt per chunk (this runs once per non-zero chunk).
     this.batch.writeUInt32LE(index % 0x100000000, at);
     this.batch.writeUInt32LE(Math.floor(index / 0x100000000), at + 4);

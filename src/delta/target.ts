@@ -82,9 +82,15 @@ export function eligible(base: BaseTarget | undefined, size: number, index: numb
   return len > 0 && chunkLength(base.size, index) === len;
 }
 
-/** The base id: sha256 over each base target's kind, name, size and digest (docs/FORMAT.md). */
-export function baseIdOf(targets: readonly TargetInfo[]): string {
+/**
+ * The base id: sha256 over each base target's kind, name, size and digest, and, for a base that
+ * carries a VM spec, one more line with the spec's digest (docs/FORMAT.md "Base id"): a base
+ * whose spec differs is another base.
+ */
+export function baseIdOf(targets: readonly TargetInfo[], specDigest?: string): string {
   const text =
-    'cloudlet-overlay base v1\n' + targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('');
+    'cloudlet-overlay base v1\n' +
+    targets.map((t) => `${t.kind}\t${t.name}\t${t.size}\t${t.digest}\n`).join('') +
+    (specDigest === undefined ? '' : `vm\tspec\t0\t${specDigest}\n`);
   return createHash('sha256').update(text, 'utf8').digest('hex');
 }

@@ -3,9 +3,12 @@
  * <root>/instances/<iid>/ with its disk, memory, QEMU sockets and logs, and a state.json
  * naming its QEMU process. An instance whose process is gone is reported "dead", not hidden.
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../util/atomic.js';
+import { isAlive, ownerIsDead, ownerTag } from '../util/owner.js';
+
+export { isAlive, processStart } from '../util/owner.js';
 import type { PortForward, VmSpec } from '../spec/vm-spec.js';
 
 export interface InstanceState {
@@ -29,6 +32,8 @@ export interface InstanceState {
   domain?: string;
   /** The spec QEMU was started from (what a snapshot of the instance must match). */
   spec: VmSpec;
+  /** Raw QEMU options the operator added (--qemu-arg); not part of the spec, not kept by a snapshot. */
+  host_args?: string[];
 }
 
 export type InstanceStatus = 'running' | 'dead';
@@ -69,19 +74,22 @@ export async function listInstances(root: string): Promise<Array<InstanceState &
   return out;
 }
 
-/** Start time of a process (field 22 of /proc/<pid>/stat), or undefined if it does not exist. */
-export async function processStart(pid: number): Promise<string | undefined> {
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    if (fields[0] === 'Z') return undefined; // a zombie is dead
-    return fields[19];
-  } catch {
-    return undefined;
-  }
+/** The file naming the process that creates an instance directory, until state.json exists. */
+export const OWNER_FILE = '.owner';
+
+/**
+ * Creates an instance directory and records this process as its owner: if the process dies
+ * before the instance is recorded (state.json), the next run sweeps the directory (api/gc.ts).
+ */
+export async function claimInstanceDir(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  await writeFile(join(dir, OWNER_FILE), `${ownerTag()}-0\n`);
 }
 
-export async function isAlive(pid: number, start: string): Promise<boolean> {
-  return (await processStart(pid)) === start;
+/** An instance directory without state.json whose creating process is gone: a leftover. */
+export async function abandonedInstanceDir(dir: string): Promise<boolean> {
+  const state = await readFile(join(dir, 'state.json')).catch(() => undefined);
+  if (state) return false;
+  const owner = await readFile(join(dir, OWNER_FILE), 'utf8').catch(() => undefined);
+  return owner !== undefined && (await ownerIsDead(owner.trim()));
 }

@@ -19,7 +19,8 @@ export const SEGMENT_MAGIC = Buffer.from('CSEG', 'latin1');
 export const INDEX_MAGIC = Buffer.from('CIDX', 'latin1');
 
 export const VERSION_MAJOR = 1;
-export const VERSION_MINOR = 0;
+/** 1.1 adds `index_sha256` and the optional `signature` block (1.0 readers ignore both). */
+export const VERSION_MINOR = 1;
 
 export const HEADER_FIXED = 16;
 export const HASH_LEN = 32;
@@ -32,6 +33,10 @@ export const SEGMENT_TARGET = 1 << 20;
 export const MAX_HEADER_JSON = 16 << 20;
 export const MAX_SEGMENT_RAW = 300 << 20;
 export const MAX_INDEX_RAW = 256 << 20;
+/** Targets one overlay may rebuild (a VM has a disk, three stream blobs and a few RAM blocks). */
+export const MAX_TARGETS = 1024;
+/** Largest disk target (64 TiB): a declared size is checked before anything is sized from it. */
+export const MAX_DISK_SIZE = 2 ** 46;
 
 export interface OverlayTarget extends TargetInfo {
   kind: TargetKind;
@@ -57,6 +62,23 @@ export interface OverlayHeader {
     ramSectionId: number;
   };
   compression: { codec: 'zstd'; level: number };
+  /**
+   * 1.1: SHA-256 of the index as stored (its 48-byte frame header and frame), hex. Written as a
+   * placeholder of the same length and patched in at the end, like the target digests.
+   */
+  index_sha256?: string;
+  /** 1.1, optional: an ed25519 signature over the header (overlay/signature.ts, FORMAT.md). */
+  signature?: HeaderSignature;
+}
+
+export interface HeaderSignature {
+  alg: 'ed25519';
+  /** SHA-256 of the raw 32-byte public key, hex. */
+  key_id: string;
+  /** The signing key file's name (informational; covered by the signature). */
+  signer?: string;
+  /** 128 hex digits; while the header is signed, 128 zeros. */
+  sig: string;
 }
 
 export interface SegmentEntry {

@@ -5,7 +5,8 @@
  * `verify` use it, and apply checks a local file with it before streaming it
  * (stream-reader.ts reads overlays front to back).
  */
-import { open, stat, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { CorruptInputError, NotFoundError, UnsupportedError, check } from '../util/errors.js';
 import { decompress } from '../delta/zstd.js';
@@ -28,6 +29,16 @@ import {
   type SegmentEntry,
 } from './format.js';
 import { parseHeader, parseIndex } from './validate.js';
+import { checkIndexHash, verifyHeaderSignature, type SignatureStatus } from './signature.js';
+import type { TrustedKey } from '../util/sign.js';
+
+export interface ReaderOptions {
+  /**
+   * Trusted keys (util/sign.ts). Non-empty: an unsigned or wrongly signed overlay is refused on
+   * open (UntrustedError), before anything else is read.
+   */
+  trust?: readonly TrustedKey[];
+}
 
 /** Random-access bytes of an overlay: a local file, or ranged GETs of a URL. */
 export interface RangeSource {
@@ -40,13 +51,20 @@ export interface RangeSource {
 async function fileRange(path: string): Promise<RangeSource> {
   let fh: FileHandle;
   try {
-    fh = await open(path, 'r');
+    // O_NONBLOCK: a FIFO given as an overlay must not block the open.
+    fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
     if (e.code === 'ENOENT') throw new NotFoundError(`overlay not found: ${path}`, { path });
     throw new NotFoundError(`cannot read overlay ${path}: ${e.message}`, { path });
   }
-  const size = (await stat(path)).size;
+  const st = await fh.stat();
+  if (!st.isFile()) {
+    await fh.close();
+    if (st.isDirectory()) throw new NotFoundError(`${path} is a directory, not an overlay file`, { path });
+    throw new NotFoundError(`${path} is not a regular file`, { path });
+  }
+  const size = st.size;
   return {
     size,
     async read(offset, length) {
@@ -81,19 +99,24 @@ export class OverlayReader {
     readonly headerLength: number,
     readonly index: OverlayIndex,
     readonly indexOffset: number,
+    /** What the signature check found (signature.ts). */
+    readonly signature: SignatureStatus,
+    /** The header JSON exactly as stored. */
+    readonly headerJson: Buffer,
   ) {}
 
-  static async open(path: string): Promise<OverlayReader> {
-    return OverlayReader.fromRange(await fileRange(path), path);
+  static async open(path: string, opts: ReaderOptions = {}): Promise<OverlayReader> {
+    return OverlayReader.fromRange(await fileRange(path), path, opts);
   }
 
   /** Opens an overlay on any random-access source (it is closed with the reader, or on failure). */
-  static async fromRange(src: RangeSource, name: string): Promise<OverlayReader> {
+  static async fromRange(src: RangeSource, name: string, opts: ReaderOptions = {}): Promise<OverlayReader> {
     try {
       const size = src.size;
-      const { header, length: headerLength, hash } = await readHeader(src, size);
-      const { index, offset } = await readTrailer(src, size, headerLength, hash);
-      return new OverlayReader(name, src, size, header, headerLength, index, offset);
+      const { header, json, length: headerLength, hash } = await readHeader(src, size);
+      const signature = verifyHeaderSignature(json, header, opts.trust ?? []);
+      const { index, offset } = await readTrailer(src, size, headerLength, hash, header);
+      return new OverlayReader(name, src, size, header, headerLength, index, offset, signature, json);
     } catch (err) {
       await src.close();
       throw err;
@@ -134,7 +157,13 @@ export class OverlayReader {
       segment: n,
     });
     const frame = await readExact(this.fh, seg.offset + FRAME_HEADER, seg.length, this.fileSize, where);
-    return { segment: n, frame, rawLength: seg.rawLength, records: seg.records, sha256: Buffer.from(seg.sha256, 'hex') };
+    return {
+      segment: n,
+      frame,
+      rawLength: seg.rawLength,
+      records: seg.records,
+      sha256: Buffer.from(seg.sha256, 'hex'),
+    };
   }
 
   private async readSegment(n: number, seg: SegmentEntry): Promise<Buffer> {
@@ -186,7 +215,7 @@ async function readExact(
 async function readHeader(
   fh: RangeSource,
   size: number,
-): Promise<{ header: OverlayHeader; length: number; hash: Buffer }> {
+): Promise<{ header: OverlayHeader; json: Buffer; length: number; hash: Buffer }> {
   check(size >= HEADER_FIXED, 'not an overlay: file too short');
   const fixed = await readExact(fh, 0, HEADER_FIXED, size, 'header');
   check(fixed.subarray(0, 8).equals(MAGIC), 'not a cloudlet-overlay file (bad magic)');
@@ -208,8 +237,10 @@ async function readHeader(
     .update(whole.subarray(0, HEADER_FIXED + jsonLen))
     .digest();
   check(hash.equals(whole.subarray(HEADER_FIXED + jsonLen)), 'header: checksum mismatch (damaged overlay)');
-  const header = parseHeader(whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen));
-  return { header, length: whole.length, hash: createHash('sha256').update(whole).digest() };
+  const json = whole.subarray(HEADER_FIXED, HEADER_FIXED + jsonLen);
+  const header = parseHeader(json);
+  check(header.version[0] === major && header.version[1] === minor, 'header: version fields disagree');
+  return { header, json, length: whole.length, hash: createHash('sha256').update(whole).digest() };
 }
 
 async function readTrailer(
@@ -217,12 +248,17 @@ async function readTrailer(
   size: number,
   headerLength: number,
   headerHash: Buffer,
+  header: OverlayHeader,
 ): Promise<{ index: OverlayIndex; offset: number }> {
   check(size >= headerLength + FOOTER_SIZE, 'overlay is truncated: no footer');
   const footer = await readExact(fh, size - FOOTER_SIZE, FOOTER_SIZE, size, 'footer');
   check(footer.subarray(0, 8).equals(FOOTER_MAGIC), 'overlay is truncated or damaged: no footer at the end');
   check(footer.subarray(32, 64).equals(headerHash), 'footer does not belong to this header (damaged or spliced file)');
-  check(footer.readUInt16LE(28) === VERSION_MAJOR, 'footer: format version differs from the header');
+  // Both halves of the version: no byte of the file goes unchecked.
+  check(
+    footer.readUInt16LE(28) === VERSION_MAJOR && footer.readUInt16LE(30) === header.version[1],
+    'footer: format version differs from the header',
+  );
   const offset = Number(footer.readBigUInt64LE(8));
   const length = Number(footer.readBigUInt64LE(16));
   const segments = footer.readUInt32LE(24);
@@ -231,7 +267,8 @@ async function readTrailer(
     'footer: index position is inconsistent',
     { offset },
   );
-  const head = decodeFrameHeader(await readExact(fh, offset, FRAME_HEADER, size, 'index'));
+  const headBytes = await readExact(fh, offset, FRAME_HEADER, size, 'index');
+  const head = decodeFrameHeader(headBytes);
   check(head.magic.equals(INDEX_MAGIC), 'index: bad magic', { offset });
   check(head.compLength === length - FRAME_HEADER, 'index: length disagrees with the footer', { offset });
   check(head.rawLength <= MAX_INDEX_RAW, 'index: implausible size', { offset });
@@ -239,6 +276,9 @@ async function readTrailer(
   check(createHash('sha256').update(frame).digest().equals(head.sha256), 'index: checksum mismatch (damaged overlay)', {
     offset,
   });
+  // The header (signed, when it is) names the index's hash: the index, and through it every
+  // segment's checksum, is authenticated before it is decompressed.
+  checkIndexHash(header, [headBytes, frame]);
   const index = parseIndex(decompress(frame, head.rawLength, 'index'));
   check(index.segments.length === segments, 'index: segment count disagrees with the footer');
   let expect = headerLength;

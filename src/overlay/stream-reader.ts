@@ -32,6 +32,8 @@ import {
   type OverlayIndex,
 } from './format.js';
 import { parseHeader, parseIndex } from './validate.js';
+import { checkIndexHash, verifyHeaderSignature, type SignatureStatus } from './signature.js';
+import type { TrustedKey } from '../util/sign.js';
 
 /** A compressed segment as it arrived: its frame header fields and the zstd frame. */
 export interface StreamedSegment {
@@ -153,8 +155,19 @@ export class OverlayStreamReader {
   private headerBytes = 0;
   private done: OverlayTrailer | undefined;
   private readonly rd: ExactReader;
+  private header: OverlayHeader | undefined;
+  /** What the signature check found (set by open()). */
+  signature: SignatureStatus | undefined;
 
-  constructor(source: AsyncIterable<Uint8Array>) {
+  /**
+   * `trust`: with trusted keys, an unsigned or wrongly signed overlay is refused in open(),
+   * right after the header (overlay/signature.ts); the index is checked against the header's
+   * index_sha256 when it arrives, which ties every segment's checksum to the signed header.
+   */
+  constructor(
+    source: AsyncIterable<Uint8Array>,
+    private readonly opts: { trust?: readonly TrustedKey[] } = {},
+  ) {
     this.rd = new ExactReader(source);
   }
 
@@ -190,6 +203,9 @@ export class OverlayStreamReader {
       'header: checksum mismatch (damaged overlay)',
     );
     const header = parseHeader(rest.subarray(0, jsonLen));
+    check(header.version[0] === major && header.version[1] === minor, 'header: version fields disagree');
+    this.signature = verifyHeaderSignature(rest.subarray(0, jsonLen), header, this.opts.trust ?? []);
+    this.header = header;
     this.headerBytes = HEADER_FIXED + jsonLen + HASH_LEN;
     this.headerHash = createHash('sha256').update(body).update(rest.subarray(jsonLen)).digest();
     return { header, headerLength: this.headerBytes };
@@ -204,7 +220,7 @@ export class OverlayStreamReader {
       const headBytes = await this.rd.read(FRAME_HEADER, `frame header at byte ${offset}`);
       const head = decodeFrameHeader(headBytes);
       if (head.magic.equals(INDEX_MAGIC)) {
-        this.done = await this.finish(offset, head, seen);
+        this.done = await this.finish(offset, head, headBytes, seen);
         return;
       }
       const n = seen.length;
@@ -234,6 +250,7 @@ export class OverlayStreamReader {
   private async finish(
     offset: number,
     head: FrameHeader,
+    headBytes: Buffer,
     seen: Array<{ offset: number; head: FrameHeader }>,
   ): Promise<OverlayTrailer> {
     check(head.rawLength <= MAX_INDEX_RAW && head.compLength <= MAX_FRAME, 'index: implausible size', { offset });
@@ -243,6 +260,7 @@ export class OverlayStreamReader {
       'index: checksum mismatch (damaged overlay)',
       { offset },
     );
+    if (this.header) checkIndexHash(this.header, [headBytes, frame]);
     const index = parseIndex(decompress(frame, head.rawLength, 'index'));
     check(
       index.segments.length === seen.length,
@@ -267,7 +285,10 @@ export class OverlayStreamReader {
       footer.subarray(32, 64).equals(this.headerHash!),
       'footer does not belong to this header (damaged or spliced file)',
     );
-    check(footer.readUInt16LE(28) === VERSION_MAJOR, 'footer: format version differs from the header');
+    check(
+      footer.readUInt16LE(28) === VERSION_MAJOR && footer.readUInt16LE(30) === this.header?.version[1],
+      'footer: format version differs from the header',
+    );
     check(
       Number(footer.readBigUInt64LE(8)) === offset &&
         Number(footer.readBigUInt64LE(16)) === FRAME_HEADER + head.compLength,

@@ -7,7 +7,10 @@ import { CHUNK_SIZE } from '../delta/chunk.js';
 import type { TargetKind } from '../delta/target.js';
 import type { DiffStats } from '../delta/stats.js';
 import {
+  MAX_DISK_SIZE,
   MAX_SEGMENT_RAW,
+  MAX_TARGETS,
+  type HeaderSignature,
   type OverlayHeader,
   type OverlayIndex,
   type OverlayTarget,
@@ -42,6 +45,9 @@ function arr(v: unknown, where: string): unknown[] {
 }
 
 const HEX64 = /^[0-9a-f]{64}$/;
+const HEX128 = /^[0-9a-f]{128}$/;
+/** Longest target name (RAM block ids are at most 255 bytes in a migration stream). */
+const MAX_NAME = 256;
 const KINDS: readonly TargetKind[] = ['disk', 'ram', 'blob'];
 
 function target(v: unknown, where: string): OverlayTarget {
@@ -50,7 +56,33 @@ function target(v: unknown, where: string): OverlayTarget {
   if (!KINDS.includes(kind)) fail(`${where}.kind`, `unknown target kind ${kind}`);
   const digest = str(o.digest, `${where}.digest`);
   if (!HEX64.test(digest)) fail(`${where}.digest`, 'expected 64 hex digits');
-  return { name: str(o.name, `${where}.name`), kind, size: int(o.size, `${where}.size`), digest };
+  const name = str(o.name, `${where}.name`);
+  if (name.length === 0 || name.length > MAX_NAME) fail(`${where}.name`, `expected 1..${MAX_NAME} characters`);
+  const size = int(o.size, `${where}.size`, kind === 'disk' ? MAX_DISK_SIZE : Number.MAX_SAFE_INTEGER);
+  return { name, kind, size, digest };
+}
+
+function targets(v: unknown, where: string): OverlayTarget[] {
+  const list = arr(v, where);
+  // Bounded before anything is built per target: a reader's cost follows the targets it keeps.
+  if (list.length > MAX_TARGETS) fail(where, `${list.length} targets, at most ${MAX_TARGETS} are allowed`);
+  return list.map((t, i) => target(t, `${where}[${i}]`));
+}
+
+function signature(v: unknown): HeaderSignature {
+  const o = obj(v, 'header.signature');
+  if (o.alg !== 'ed25519') fail('header.signature.alg', 'unsupported signature algorithm');
+  const keyId = str(o.key_id, 'header.signature.key_id');
+  if (!HEX64.test(keyId)) fail('header.signature.key_id', 'expected 64 hex digits');
+  const sig = str(o.sig, 'header.signature.sig');
+  if (!HEX128.test(sig)) fail('header.signature.sig', 'expected 128 hex digits');
+  const out: HeaderSignature = { alg: 'ed25519', key_id: keyId, sig };
+  if (o.signer !== undefined) {
+    const signer = str(o.signer, 'header.signature.signer');
+    if (signer.length > MAX_NAME) fail('header.signature.signer', 'too long');
+    out.signer = signer;
+  }
+  return out;
 }
 
 function parseJson(buf: Buffer, where: string): unknown {
@@ -71,9 +103,20 @@ export function parseHeader(buf: Buffer): OverlayHeader {
   const base = obj(o.base, 'header.base');
   const baseId = str(base.id, 'header.base.id');
   if (!HEX64.test(baseId)) fail('header.base.id', 'expected 64 hex digits');
-  const targets = arr(o.targets, 'header.targets').map((t, i) => target(t, `header.targets[${i}]`));
-  const names = new Set(targets.map((t) => `${t.kind}:${t.name}`));
-  if (names.size !== targets.length) fail('header.targets', 'duplicate target');
+  const list = targets(o.targets, 'header.targets');
+  const names = new Set(list.map((t) => `${t.kind}:${t.name}`));
+  if (names.size !== list.length) fail('header.targets', 'duplicate target');
+  const baseTargets = targets(base.targets, 'header.base.targets');
+  // A RAM block resumes only on the base's machine: it is one of the base's blocks, at most as
+  // large. This bounds every RAM target by data the base has (readers check the listed base
+  // targets against the real base: api/overlay-fit.ts).
+  for (const [i, t] of list.entries()) {
+    if (t.kind !== 'ram') continue;
+    const b = baseTargets.find((x) => x.kind === 'ram' && x.name === t.name);
+    if (!b || t.size > b.size) {
+      fail(`header.targets[${i}]`, `RAM block ${JSON.stringify(t.name)} of ${t.size} bytes is not one of the base's`);
+    }
+  }
   const compression = obj(o.compression, 'header.compression');
   if (compression.codec !== 'zstd') fail('header.compression.codec', 'unsupported codec');
   const header: OverlayHeader = {
@@ -82,11 +125,8 @@ export function parseHeader(buf: Buffer): OverlayHeader {
     createdAt: str(o.createdAt, 'header.createdAt'),
     creator: str(o.creator, 'header.creator'),
     chunkSize,
-    base: {
-      id: baseId,
-      targets: arr(base.targets, 'header.base.targets').map((t, i) => target(t, `header.base.targets[${i}]`)),
-    },
-    targets,
+    base: { id: baseId, targets: baseTargets },
+    targets: list,
     compression: { codec: 'zstd', level: int(compression.level, 'header.compression.level', 22) },
   };
   if (o.memory !== undefined) {
@@ -97,6 +137,12 @@ export function parseHeader(buf: Buffer): OverlayHeader {
       ramSectionId: int(m.ramSectionId, 'header.memory.ramSectionId', 0xffffffff),
     };
   }
+  if (o.index_sha256 !== undefined) {
+    const h = str(o.index_sha256, 'header.index_sha256');
+    if (!HEX64.test(h)) fail('header.index_sha256', 'expected 64 hex digits');
+    header.index_sha256 = h;
+  }
+  if (o.signature !== undefined) header.signature = signature(o.signature);
   return header;
 }
 

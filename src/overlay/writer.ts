@@ -1,7 +1,8 @@
 /**
- * Writes an overlay file front to back: the header first (with placeholder digests of the
- * same length, patched in place at the end), then segments of ~1 MiB of records, each its own
- * zstd frame, then the index and the footer. The file appears atomically on finish().
+ * Writes an overlay file front to back: the header first (with placeholder digests, index hash
+ * and signature of the same length, patched in place at the end), then segments of ~1 MiB of
+ * records, each its own zstd frame, then the index and the footer. With a signing key the final
+ * header is signed (signature.ts). The file appears atomically on finish().
  */
 import { createHash } from 'node:crypto';
 import { AtomicFile } from '../util/atomic.js';
@@ -9,6 +10,8 @@ import { compress as compressSync } from '../delta/zstd.js';
 import { encodedLength, recordCount, writeRecord, type ChunkRecord, type RecordSink } from '../delta/record.js';
 import type { DiffStats } from '../delta/stats.js';
 import type { TargetInfo } from '../delta/target.js';
+import type { SigningKey } from '../util/sign.js';
+import { ZERO_SHA256, signHeader, signatureDraft } from './signature.js';
 import {
   FOOTER_MAGIC,
   FOOTER_SIZE,
@@ -35,6 +38,10 @@ export interface WriterOptions {
   compress?: SegmentCompressor;
   /** Segments compressing ahead of the one being written (default 0: one at a time). */
   depth?: number;
+  /** Sign the header (format 1.1 signature, overlay/signature.ts). */
+  sign?: SigningKey;
+  /** Replace an existing file (default: refused, BusyError). */
+  force?: boolean;
 }
 
 /** A closed segment waiting for its frame. */
@@ -48,6 +55,8 @@ interface Queued {
 export class OverlayWriter implements RecordSink {
   private buf = Buffer.alloc(SEGMENT_TARGET + 64 * 1024);
   private fill = 0;
+  /** Whether the records in buf are disk records (see push). */
+  private fillIsDisk = false;
   private records = 0;
   private covers: Array<[number, number, number]> = [];
   private pos: number;
@@ -65,11 +74,22 @@ export class OverlayWriter implements RecordSink {
     this.pos = headerLength;
   }
 
-  /** Creates the file (under a temp name) and writes the header with placeholder digests. */
+  /**
+   * Creates the file (under a temp name) and writes the header with placeholder digests (and,
+   * with `sign`, a placeholder signature). Without `force` an existing file is refused now and
+   * again at commit (BusyError).
+   */
   static async create(path: string, header: OverlayHeader, opts: WriterOptions = {}): Promise<OverlayWriter> {
-    const file = await AtomicFile.create(path);
+    const file = await AtomicFile.create(path, { force: opts.force ?? false });
     try {
-      const draft: OverlayHeader = { ...header, targets: header.targets.map((t) => ({ ...t, digest: PLACEHOLDER })) };
+      const draft: OverlayHeader = {
+        ...header,
+        version: [VERSION_MAJOR, VERSION_MINOR],
+        targets: header.targets.map((t) => ({ ...t, digest: PLACEHOLDER })),
+        index_sha256: ZERO_SHA256,
+      };
+      if (opts.sign) draft.signature = signatureDraft(opts.sign);
+      else delete draft.signature;
       const bytes = headerBytes(draft);
       await file.handle.write(bytes, 0, bytes.length, 0);
       return new OverlayWriter(file, draft, bytes.length, header.compression.level, opts);
@@ -82,6 +102,11 @@ export class OverlayWriter implements RecordSink {
   async push(r: ChunkRecord): Promise<void> {
     this.guard();
     const n = encodedLength(r);
+    // A segment holds disk records or memory records, never both: a stream can then prove the
+    // memory (and an early-started VM run) as soon as its last segment arrived.
+    const disk = this.header.targets[r.target]?.kind === 'disk';
+    if (this.fill > 0 && disk !== this.fillIsDisk) await this.flushSegment();
+    this.fillIsDisk = disk;
     if (this.fill + n > this.buf.length) {
       if (this.fill > 0) await this.flushSegment();
       if (n > this.buf.length) this.buf = Buffer.alloc(n);
@@ -117,16 +142,21 @@ export class OverlayWriter implements RecordSink {
           return { ...t, digest: info.digest };
         }),
       };
-      const hb = headerBytes(finalHeader);
-      if (hb.length !== this.headerLength) throw new Error('overlay writer: header changed length');
-      await this.file.handle.write(hb, 0, hb.length, 0);
-
       const index: OverlayIndex = { segments: this.segments, stats };
       const raw = Buffer.from(JSON.stringify(index), 'utf8');
       const frame = compressSync(raw, 19);
       const sha = createHash('sha256').update(frame).digest();
+      const indexHead = encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha);
+      finalHeader.index_sha256 = createHash('sha256').update(indexHead).update(frame).digest('hex');
+
+      let json: Buffer = Buffer.from(JSON.stringify(finalHeader), 'utf8');
+      if (this.opts.sign) json = signHeader(json, this.opts.sign);
+      const hb = headerBytesFromJson(json);
+      if (hb.length !== this.headerLength) throw new Error('overlay writer: header changed length');
+      await this.file.handle.write(hb, 0, hb.length, 0);
+
       const indexOffset = this.pos;
-      await this.append(encodeFrameHeader(INDEX_MAGIC, frame, raw.length, 0, sha));
+      await this.append(indexHead);
       await this.append(frame);
 
       const footer = Buffer.alloc(FOOTER_SIZE);
@@ -139,7 +169,8 @@ export class OverlayWriter implements RecordSink {
       createHash('sha256').update(hb).digest().copy(footer, 32);
       await this.append(footer);
       await this.file.commit();
-      return { size: this.pos, header: finalHeader };
+      const signature = this.opts.sign ? (JSON.parse(json.toString('utf8')) as OverlayHeader).signature : undefined;
+      return { size: this.pos, header: signature ? { ...finalHeader, signature } : finalHeader };
     } catch (err) {
       this.failed = true;
       await this.file.abort();
@@ -199,7 +230,11 @@ export class OverlayWriter implements RecordSink {
 }
 
 export function headerBytes(header: OverlayHeader): Buffer {
-  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  return headerBytesFromJson(Buffer.from(JSON.stringify(header), 'utf8'));
+}
+
+/** The stored header around its JSON: magic, version, length, the JSON, its checksum. */
+export function headerBytesFromJson(json: Buffer): Buffer {
   const out = Buffer.alloc(HEADER_FIXED + json.length + 32);
   MAGIC.copy(out, 0);
   out.writeUInt16LE(VERSION_MAJOR, 8);

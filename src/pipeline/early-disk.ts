@@ -70,32 +70,39 @@ export class EarlyDisk {
     }
     const info = this.random.header.targets[t]!;
     const len = chunkLength(info.size, c);
-    const seg = this.segmentFor(t, c);
-    if (seg < 0) {
-      // No record anywhere: the chunk keeps the base's bytes at the same place, or is zero.
-      const si = findSamePlace(this.base, info);
-      const same = si >= 0 ? this.base[si] : undefined;
-      if (same && same.kind !== 'blob' && eligible(same, info.size, c)) {
-        await same.source.read(c * CHUNK_SIZE, len, out.subarray(0, len));
-      } else out.fill(0, 0, len);
-      return;
-    }
-    if (depth === 0) this.stats.onDemand++;
-    for (const d of await this.decoded(seg)) {
-      for (let i = 0; i < d.opCount; i++) {
-        const r = i * ROW;
-        const op = d.ops[r]!;
-        const chunk = d.ops[r + 2]!;
-        const count = d.ops[r + 3]!;
-        if (d.ops[r + 1] !== t || c < chunk || c >= chunk + count) continue;
-        await this.resolve(d, r, op, c - chunk, len, out, depth);
-        return;
+    // An index range is loose (it spans gaps between records): the segments whose ranges hold
+    // c are where its one record can be; none of them holding one means there is none.
+    for (const seg of this.segmentsFor(t, c)) {
+      for (const d of await this.decoded(seg)) {
+        for (let i = 0; i < d.opCount; i++) {
+          const r = i * ROW;
+          const op = d.ops[r]!;
+          const chunk = d.ops[r + 2]!;
+          const count = d.ops[r + 3]!;
+          if (d.ops[r + 1] !== t || c < chunk || c >= chunk + count) continue;
+          if (depth === 0) this.stats.onDemand++;
+          await this.resolve(d, r, op, c - chunk, len, out, depth);
+          return;
+        }
       }
     }
-    throw new CorruptInputError(`segment ${seg} holds no record for chunk ${c} of ${info.name}, its index says it does`);
+    // No record anywhere: the chunk keeps the base's bytes at the same place, or is zero.
+    const si = findSamePlace(this.base, info);
+    const same = si >= 0 ? this.base[si] : undefined;
+    if (same && same.kind !== 'blob' && eligible(same, info.size, c)) {
+      await same.source.read(c * CHUNK_SIZE, len, out.subarray(0, len));
+    } else out.fill(0, 0, len);
   }
 
-  private async resolve(d: DecodedSegment, r: number, op: number, k: number, len: number, out: Buffer, depth: number): Promise<void> {
+  private async resolve(
+    d: DecodedSegment,
+    r: number,
+    op: number,
+    k: number,
+    len: number,
+    out: Buffer,
+    depth: number,
+  ): Promise<void> {
     const a = d.ops[r + 4]!;
     const b = d.ops[r + 5]!;
     const c = d.ops[r + 6]!;
@@ -124,7 +131,8 @@ export class EarlyDisk {
         return;
       case Op.shiftSelf: {
         const src = await this.bytesOf(a, b, len, depth + 1);
-        const bytes = c < 0 ? src : decompressWithDict(Buffer.from(d.raw.subarray(c, c + dd)), src, len, 'shifted record');
+        const bytes =
+          c < 0 ? src : decompressWithDict(Buffer.from(d.raw.subarray(c, c + dd)), src, len, 'shifted record');
         out.set(bytes);
         return;
       }
@@ -149,13 +157,13 @@ export class EarlyDisk {
     return out;
   }
 
-  /** The segment whose records cover chunk c of target t, by the index; -1: none. */
-  private segmentFor(t: number, c: number): number {
-    const segs = this.random.index.segments;
-    for (let i = 0; i < segs.length; i++) {
-      for (const [ct, first, end] of segs[i]!.covers) if (ct === t && c >= first && c < end) return i;
-    }
-    return -1;
+  /** The segments whose index ranges hold chunk c of target t. */
+  private segmentsFor(t: number, c: number): number[] {
+    const found: number[] = [];
+    this.random.index.segments.forEach((seg, i) => {
+      if (seg.covers.some(([ct, first, end]) => ct === t && c >= first && c < end)) found.push(i);
+    });
+    return found;
   }
 
   /** A segment fetched now and decoded (all its slices), cached. */

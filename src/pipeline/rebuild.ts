@@ -38,6 +38,8 @@ export interface RebuildOptions {
   threads?: number;
   progress?: Progress;
   onTargetDone?: (target: number) => void | Promise<void>;
+  /** From a trusted index (early start): complete each target right after its last segment. */
+  lastSegment?: readonly number[];
   /** Told the assembler as soon as it exists (early start reads rebuilt chunks from it). */
   onAssembler?: (assembler: Assembler) => void;
   /** Called as segments are assembled: bytes of the overlay consumed so far. */
@@ -136,16 +138,15 @@ export async function rebuild(opts: RebuildOptions): Promise<RebuildResult> {
     passes: opts.header.version[0] >= 2,
     store: opts.store,
     onTargetDone: opts.onTargetDone,
+    lastSegment: opts.lastSegment,
   });
   assembler.attach(opts.outputs((name) => assembler.blob(name)));
   opts.onAssembler?.(assembler);
   const inflight = Math.max(2, threads * 2);
-  const queue: Array<{ seg: StreamedSegment; result: Promise<DecodedSegment> }> = [];
   let segments = 0;
   const waits = { decode: 0, assemble: 0, read: 0, first: 0, worker: 0 };
   const tStart = performance.now();
-  const consume = async (): Promise<void> => {
-    const { seg, result } = queue.shift()!;
+  const consume = async (seg: StreamedSegment, result: Promise<DecodedSegment>): Promise<void> => {
     const w0 = performance.now();
     let decoded = await result;
     const w1 = performance.now();
@@ -162,18 +163,33 @@ export async function rebuild(opts: RebuildOptions): Promise<RebuildResult> {
     segments++;
     opts.onBytes?.(seg.compLength);
   };
+  // Segments are assembled in order as soon as each is decoded, while later ones are read and
+  // decoded (a stream that pauses must not hold back what has arrived: early start waits for
+  // it). A failed assembly stops the reading at once, even one waiting for bytes.
+  let chain: Promise<void> = Promise.resolve();
+  const pending: Array<Promise<void>> = [];
+  let failNow!: (err: unknown) => void;
+  const failed = new Promise<never>((_, reject) => (failNow = reject));
+  failed.catch(() => undefined);
   try {
-    let r0 = performance.now();
-    for await (const seg of opts.reader.segments()) {
+    const it = opts.reader.segments()[Symbol.asyncIterator]();
+    for (;;) {
+      const r0 = performance.now();
+      const next = it.next();
+      next.catch(() => undefined);
+      const r = await Promise.race([next, failed]);
       waits.read += performance.now() - r0;
+      if (r.done) break;
+      const seg = r.value;
       const result = decoder.decode(taskOf(seg));
       // Rejections are handled when consumed, in order; do not let them surface earlier.
       result.catch(() => undefined);
-      queue.push({ seg, result });
-      while (queue.length >= inflight) await consume();
-      r0 = performance.now();
+      chain = chain.then(() => consume(seg, result));
+      chain.catch(failNow);
+      pending.push(chain);
+      while (pending.length >= inflight) await Promise.race([pending.shift()!, failed]);
     }
-    while (queue.length > 0) await consume();
+    await chain;
     const trailer = opts.reader.trailer;
     const done = await assembler.finish();
     const ms = (x: number): number => Math.round(x);
@@ -188,6 +204,8 @@ export async function rebuild(opts: RebuildOptions): Promise<RebuildResult> {
     };
     return { ...done, trailer, segments, stats };
   } finally {
+    // Nothing may still write to the outputs once the caller sees the end (or the error).
+    await chain.catch(() => undefined);
     await decoder.close();
   }
 }

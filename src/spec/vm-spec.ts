@@ -9,6 +9,7 @@
  * keeps the host-only parts (port forwards, file paths, sockets) separate and free to change.
  */
 import { UsageError } from '../util/errors.js';
+import { checkRuntimeSpec } from './validate.js';
 
 export interface DriveSpec {
   file: string;
@@ -29,8 +30,7 @@ export interface DriveSpec {
 
 /** A drive's backing node: an image file, or an NBD export served over a unix socket. */
 export type DriveBacking =
-  | { kind: 'image'; file: string; format: 'raw' | 'qcow2' }
-  | { kind: 'nbd'; socket: string; export: string };
+  { kind: 'image'; file: string; format: 'raw' | 'qcow2' } | { kind: 'nbd'; socket: string; export: string };
 
 /** Where a resuming QEMU reads its memory snapshot from. */
 export type IncomingSpec =
@@ -85,6 +85,7 @@ export interface VmSpec {
   /** Exit instead of rebooting (a guest panic then ends QEMU, visibly). Default true. */
   noReboot?: boolean;
   name?: string;
+  /** Never run: raw QEMU options come from the host's command line (--qemu-arg), see validate.ts. */
   extraArgs?: string[];
 }
 
@@ -113,6 +114,7 @@ export function validateSpec(spec: VmSpec): void {
       }
     }
   }
+  checkRuntimeSpec(spec); // the closed list: values that reach argv (spec/validate.ts)
 }
 
 /**

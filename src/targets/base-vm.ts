@@ -72,10 +72,14 @@ export async function indexTargets(list: readonly NewTarget[], progress: Progres
 }
 
 /** A base VM opened from files: every chunk hashed (the base library keeps these maps instead). */
-export async function baseFromImages(vm: VmImages, progress: Progress): Promise<BaseVm> {
+/**
+ * A base given as files, every chunk hashed. `specDigest` (spec/validate.ts) gives it the id a
+ * library import of the same files with that VM spec would have.
+ */
+export async function baseFromImages(vm: VmImages, progress: Progress, specDigest?: string): Promise<BaseVm> {
   const { targets, infos, anchors } = await indexTargets(vmTargets(vm), progress);
   return {
-    id: baseIdOf(infos),
+    id: baseIdOf(infos, specDigest),
     anchors,
     targets,
     infos,

@@ -43,7 +43,8 @@ const REGISTRY = {
     code: 10,
     label: 'busy (port/base in use, output exists)',
     meaning:
-      'a port is in use, a base is in use by an instance, an output already exists, a cloudlet is at its limit (HTTP 429)',
+      'a port is in use, a base is in use (by an instance or a running operation), an output already exists, ' +
+      'a cloudlet is at its limit (HTTP 429)',
   },
   missingTool: {
     code: 11,
@@ -53,10 +54,20 @@ const REGISTRY = {
   network: {
     code: 12,
     label: 'network',
-    meaning: 'fetching an overlay URL failed; Glance or keystone unreachable or refusing',
+    meaning: 'fetching an overlay failed: refused, HTTP error, stalled, too large; Glance or keystone unreachable',
+  },
+  untrusted: {
+    code: 13,
+    label: 'untrusted (signature)',
+    meaning: 'unsigned, untrusted or badly signed overlay or base package while a trusted key is configured',
+  },
+  noSpace: {
+    code: 14,
+    label: 'no space',
+    meaning: 'the file system that holds an output (named in the message) is full',
   },
   unauthorized: {
-    code: 13,
+    code: 15,
     label: 'unauthorized',
     meaning: 'a cloudlet refused the request: no bearer token, or not one it accepts (HTTP 401)',
   },

@@ -19,6 +19,8 @@ export interface RunPaths {
 export interface ArgsContext {
   accel: Accel;
   paths: RunPaths;
+  /** Raw QEMU options from the host's command line (--qemu-arg), last; never from a spec. */
+  hostArgs?: readonly string[];
 }
 
 /** Paths of the run files; sockets may live elsewhere when runDir is too long (see startQemu). */
@@ -82,7 +84,7 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
   // -S: after loading, the VM stays paused until it is told to run (cont) — for a synthesized
   // VM only once everything is proven.
   if (spec.incoming !== undefined) args.push('-S', '-incoming', 'defer');
-  args.push(...(spec.extraArgs ?? []));
+  args.push(...(ctx.hostArgs ?? []));
   return args;
 }
 

@@ -50,6 +50,8 @@ export interface StartOptions {
   detach?: boolean;
   /** libvirt: the domain name (default cloudlet-<basename of runDir>). */
   domainName?: string;
+  /** Raw QEMU options given by the operator on the host (--qemu-arg), appended last. */
+  hostArgs?: readonly string[];
 }
 
 /** A started QEMU, whoever runs it. */

@@ -185,6 +185,8 @@ export interface DomainContext {
   uid: number;
   gid: number;
   description?: string;
+  /** Raw QEMU options from the host's command line (--qemu-arg), last; never from a spec. */
+  hostArgs?: readonly string[];
 }
 
 /** The domain XML that runs `spec` (pure; see the module comment for what goes where). */
@@ -197,7 +199,7 @@ export function domainXml(spec: VmSpec, ctx: DomainContext): string {
     'chardev=cl-qmp,mode=control',
     ...deviceArgs(spec),
     ...(spec.incoming !== undefined ? ['-incoming', 'defer'] : []),
-    ...(spec.extraArgs ?? []),
+    ...(ctx.hostArgs ?? []),
   ];
   const ram = mainRamObject(spec);
   const os = [`    <type arch='x86_64' machine='${xml(spec.machine)}'>hvm</type>`];
@@ -466,6 +468,7 @@ export async function startLibvirt(spec: VmSpec, options: StartOptions): Promise
     uid: process.getuid?.() ?? 0,
     gid: process.getgid?.() ?? 0,
     description: `cloudlet-overlay instance (run directory ${runDir})`,
+    hostArgs: options.hostArgs,
   });
   const xmlPath = join(runDir, 'domain.xml');
   await writeFile(xmlPath, xmlText);

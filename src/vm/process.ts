@@ -248,7 +248,7 @@ export async function startQemu(spec: VmSpec, options: StartOptions): Promise<Qe
     }
   }
 
-  const args = buildQemuArgs(spec, { accel, paths });
+  const args = buildQemuArgs(spec, { accel, paths, hostArgs: options.hostArgs });
   const stderrFile = await open(paths.stderrLog, 'w');
   const startedAt = performance.now();
   let child: ChildProcess;

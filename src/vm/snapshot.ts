@@ -17,7 +17,7 @@ import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { syncDir, tempNameFor, writeFileAtomic } from '../util/atomic.js';
 import { onCleanup } from '../util/cleanup.js';
-import { CloudletError, QemuError, TimeoutError } from '../util/errors.js';
+import { NoSpaceError, QemuError, TimeoutError } from '../util/errors.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { shellQuote } from './argv.js';
 import type { QmpClient } from './qmp.js';
@@ -347,7 +347,12 @@ function runTool(program: string, args: string[]): Promise<void> {
     child.on('error', reject);
     child.on('close', (code) => {
       if (code === 0) resolve();
-      else reject(new CloudletError(`${program} ${args.join(' ')} failed (status ${code}): ${stderr.trim()}`));
+      else if (/No space left on device|Disk quota exceeded/.test(stderr)) {
+        const dest = args[args.length - 1] ?? '';
+        reject(new NoSpaceError(`no space left on the device holding ${dest}`, { path: dest }));
+      } else {
+        reject(new QemuError(`${program} ${args.join(' ')} failed (status ${code}): ${stderr.trim()}`, { program }));
+      }
     });
   });
 }

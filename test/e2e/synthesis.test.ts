@@ -6,7 +6,7 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
@@ -14,9 +14,11 @@ import { mkdtemp, readdir, readFile, rm, writeFile, mkdir, stat, symlink } from 
 import { createServer, type Server } from 'node:net';
 import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { BIN, cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, cliChild, type CliResult } from '../helpers/cli.js';
+import { startGateServer, type GateOptions, type GateServer } from '../helpers/gate-server.js';
+import { OverlayReader } from '../../src/overlay/reader.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 import { xorByte } from '../helpers/bytes.js';
 
@@ -438,5 +440,159 @@ test(
     for (const tool of ['cat', 'sh', 'tar', 'qemu-img'])
       await symlink(`/usr/bin/${tool}`, join(bin, tool)).catch(() => undefined);
     await expectFail(syn(overlay), 11, /qemu-system-x86_64 not found/, { ...env, PATH: bin });
+  },
+);
+
+test(
+  'early start: the VM runs before its overlay has arrived, reads its disk on demand, and stays safe',
+  { skip: !hasQemu, timeout: 300_000 },
+  async (t) => {
+    assert.ok(baseId, 'the first test made a base');
+    const overlay = join(work, 'app.overlay');
+    const good = await readFile(overlay);
+    // The stream waits at the first disk segment (memory comes first): while it waits, the VM
+    // can only have run early, and every changed disk chunk it reads is fetched out of turn.
+    const reader = await OverlayReader.open(overlay);
+    const diskTarget = reader.header.targets.findIndex((x) => x.kind === 'disk');
+    const firstDisk = reader.index.segments.find((s) => s.covers.some(([x]) => x === diskTarget));
+    await reader.close();
+    assert.ok(firstDisk, 'the overlay has disk records');
+    const gate = firstDisk.offset;
+    t.diagnostic(`overlay ${good.length} bytes, stream held at ${gate}`);
+    const applied = ok(await cli(['apply', overlay, '--base', 'demo', '-o', join(work, 'applied')], env), 'apply');
+    const appliedDisk = resolve(join(work, 'applied'), (applied.manifest as { disk: { path: string } }).disk.path);
+
+    const instances = (): Promise<string[]> => readdir(join(work, 'lib', 'instances')).catch(() => []);
+    const before = await instances();
+    /** Polls the guest until it answers (the VM runs) or `limitMs` passes. */
+    const answers = async (url: string, limitMs = 90_000): Promise<string> => {
+      const end = Date.now() + limitMs;
+      for (;;) {
+        const r = await fetch(url, { signal: AbortSignal.timeout(2000) }).catch(() => undefined);
+        if (r?.ok) return r.text();
+        if (Date.now() > end) throw new Error(`${url} never answered`);
+        await new Promise((res) => setTimeout(res, 250));
+      }
+    };
+    const early = async (
+      gateOpts: Omit<GateOptions, 'gate'>,
+      extra: string[] = ['--detach'],
+    ): Promise<{ server: GateServer; run: ReturnType<typeof cliChild>; port: number; statusUrl: string }> => {
+      const server = await startGateServer(good, { gate, ...gateOpts });
+      const port = await freePort();
+      const statusUrl = `http://127.0.0.1:${port}/cgi-bin/status`;
+      const run = cliChild(
+        [
+          'synthesize',
+          server.url,
+          '--base',
+          'demo',
+          '--early-start',
+          '--forward',
+          `${port}:8080`,
+          '--wait-http',
+          statusUrl,
+          ...extra,
+        ],
+        env,
+      );
+      return { server, run, port, statusUrl };
+    };
+
+    // 1. Held stream, then a dropped connection (resumed with Range): the VM answers while the
+    //    disk part has not been sent, reads a changed file from its disk (served on demand), and
+    //    is, once everything is proven, on its own: synthesize returns, the VM stays (--detach).
+    {
+      const { server, run, statusUrl } = await early({ after: 'drop' });
+      try {
+        await server.reachedGate;
+        const status = parseStatus(await answers(statusUrl));
+        assert.equal(
+          server.stats.streamBytes,
+          gate,
+          `the VM answered before the disk part was sent; requests:\n${server.log.join('\n')}`,
+        );
+        assert.equal(status.marker, marker, 'the customized disk, read before it arrived');
+        const ps = ok(await cli(['ps'], env), 'ps') as { instances: Array<{ id: string; status: string }> };
+        const iid = ps.instances.find((i) => !before.includes(i.id) && i.status === 'running')?.id;
+        assert.ok(iid, 'the early instance is listed while it runs');
+        // Out of the guest's page cache, so the bytes come over NBD from the held overlay.
+        const sum = ok(
+          await cli(
+            ['console', iid, '--run', 'sync; echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/app/numbers.txt'],
+            env,
+          ),
+          'console md5sum',
+        );
+        const want = createHash('md5')
+          .update(Array.from({ length: 100000 }, (_, i) => `${i + 1}\n`).join(''))
+          .digest('hex');
+        assert.match(String(sum.output), new RegExp(`^${want}\\b`, 'm'), 'file contents read on demand are right');
+        assert.ok(server.stats.rangedReads > 0, 'segments were fetched out of turn');
+        assert.equal(server.stats.streamBytes, gate, 'still held');
+        server.release();
+        const r = await run.result;
+        const j = ok(r, 'synthesize --early-start');
+        const tm = j.timings_ms as Record<string, number>;
+        t.diagnostic(`early start timings ${JSON.stringify(tm)}, ranged reads ${server.stats.rangedReads}`);
+        for (const k of ['memory_proven', 'independent', 'early_segments_fetched', 'disk_switch'])
+          assert.ok(k in tm, `timing ${k}`);
+        assert.ok(tm['early_segments_fetched']! >= 1);
+        assert.ok(tm['memory_proven']! < tm['independent']!);
+        assert.deepEqual(j.download, { bytes: good.length, resumed: 1 }, 'the dropped stream was resumed');
+        assert.equal(j.instance, iid);
+        // Detached and independent: the VM answers with this process gone and the server closed.
+        await server.close();
+        assert.equal(parseStatus(await answers(statusUrl, 10_000)).marker, marker);
+        const dir = String(j.dir);
+        const cmp = spawnSync('qemu-img', ['compare', '-q', join(dir, 'disk.rebuilt.qcow2'), appliedDisk]);
+        assert.equal(cmp.status, 0, `the rebuilt layer is the applied disk: ${String(cmp.stderr)}`);
+        ok(await cli(['stop', iid], env), 'stop');
+      } finally {
+        await server.close();
+      }
+    }
+
+    // 2. A segment damaged in transit after the VM started: it is stopped, nothing is left, the
+    //    error says so (exit 4).
+    {
+      const { server, run, statusUrl } = await early({ after: 'continue', corruptAt: gate + 48 + 16 });
+      try {
+        await server.reachedGate;
+        await answers(statusUrl);
+        server.release();
+        const r = await run.result;
+        assert.equal(r.code, 4, `a damaged segment stops the early VM: ${r.stderr}`);
+        assert.match(r.stderr, /after the VM had started/);
+        assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+        assert.deepEqual(await instances(), before, 'no instance left');
+      } finally {
+        await server.close();
+      }
+    }
+
+    // 3. kill -9 of the synthesizer while the VM needs it: the VM is ended too, its directory
+    //    removed (nothing would serve its disk any more).
+    {
+      const { server, run, statusUrl } = await early({ after: 'continue' });
+      try {
+        await server.reachedGate;
+        await answers(statusUrl);
+        run.child.kill('SIGKILL');
+        await run.result;
+        const end = Date.now() + 15_000;
+        while (((await qemuPids()).length > 0 || (await instances()).length > before.length) && Date.now() < end)
+          await new Promise((res) => setTimeout(res, 200));
+        assert.deepEqual(await qemuPids(), [], 'no orphan QEMU');
+        assert.deepEqual(await instances(), before, 'its instance directory is removed');
+      } finally {
+        await server.close();
+      }
+    }
+
+    // 4. Early start needs the stream: with the sequential pipeline it is a usage error.
+    const seq = await cli(['synthesize', overlay, '--base', 'demo', '--early-start', '--pipeline', 'sequential'], env);
+    assert.equal(seq.code, 2, seq.stderr);
+    assert.deepEqual(await qemuPids(), []);
   },
 );

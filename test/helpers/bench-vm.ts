@@ -186,7 +186,11 @@ export async function ensureBenchPair(
     const st = parseStatus((await httpGet(`http://127.0.0.1:${p1}/cgi-bin/status`, { timeoutMs: 10_000 })).body);
     if (st.marker !== 'bench-app') throw new Error(`marker is ${st.marker}`);
     if (options.dropCaches) {
-      await must(['console', iid, '--run', 'sync && echo 3 > /proc/sys/vm/drop_caches', '--timeout', '120s'], 'drop caches', 200_000);
+      await must(
+        ['console', iid, '--run', 'sync && echo 3 > /proc/sys/vm/drop_caches', '--timeout', '120s'],
+        'drop caches',
+        200_000,
+      );
     }
     await must(
       ['snapshot', '--instance', iid, '-o', join(work, 'custom'), '--then', 'quit'],

@@ -1,5 +1,5 @@
 /** Runs the built CLI as a user would, with --json, and parses its answer. */
-import { execFile } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
 export const BIN = fileURLToPath(new URL('../../../bin/cloudlet-overlay.js', import.meta.url));
@@ -12,8 +12,18 @@ export interface CliResult {
 }
 
 export function cli(args: string[], env: NodeJS.ProcessEnv = process.env, timeoutMs = 180_000): Promise<CliResult> {
-  return new Promise((resolve) => {
-    execFile(
+  return cliChild(args, env, timeoutMs).result;
+}
+
+/** The same, with the process (to signal it while it runs). */
+export function cliChild(
+  args: string[],
+  env: NodeJS.ProcessEnv = process.env,
+  timeoutMs = 180_000,
+): { child: ChildProcess; result: Promise<CliResult> } {
+  let child!: ChildProcess;
+  const result = new Promise<CliResult>((resolve) => {
+    child = execFile(
       process.execPath,
       [BIN, '--json', ...args],
       { env, maxBuffer: 64 << 20, timeout: timeoutMs },
@@ -33,4 +43,5 @@ export function cli(args: string[], env: NodeJS.ProcessEnv = process.env, timeou
       },
     );
   });
+  return { child, result };
 }

@@ -112,7 +112,8 @@ test('base import, list, show; create and apply against the library base', async
     env,
   );
   assert.equal(c.code, 0, c.stderr);
-  // The same base given as files has the same id: overlays do not care where the base lives.
+  // The same base given as files (with the VM spec it was imported with: the id covers the spec)
+  // has the same id: overlays do not care where the base lives.
   const cf = await cli(
     [
       'create',
@@ -120,6 +121,8 @@ test('base import, list, show; create and apply against the library base', async
       join(dir, 'base.raw'),
       '--base-memory',
       join(dir, 'base.mem'),
+      '--base-vm',
+      join(dir, 'vm.json'),
       '--disk',
       join(dir, 'cust.raw'),
       '--memory',

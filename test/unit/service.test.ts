@@ -65,7 +65,7 @@ test('service: health is open, everything else needs the token; bad fields are 4
     const no = await app.inject({ url: '/v1/bases' });
     assert.equal(no.statusCode, 401);
     assert.match(String(no.headers['www-authenticate']), /^Bearer/);
-    assert.equal(no.json<{ exit_code: number }>().exit_code, 13);
+    assert.equal(no.json<{ exit_code: number }>().exit_code, 15);
     const auth = { authorization: `Bearer ${token}` };
     assert.equal((await app.inject({ url: '/v1/bases', headers: auth })).statusCode, 200);
     for (const url of ['/v1/bases/..%2F..%2Fetc', '/v1/instances/..', '/v1/instances/i-a%2F..%2F..']) {
@@ -171,7 +171,12 @@ test('libvirt: the domain XML passes the devices through, swaps the RAM, escapes
       memoryMiB: 128,
       kernel: "/b/k'&<",
       drives: [
-        { file: '/i/disk.qcow2', format: 'qcow2', if: 'virtio', backing: { kind: 'image', file: '/b/disk.raw', format: 'raw' } },
+        {
+          file: '/i/disk.qcow2',
+          format: 'qcow2',
+          if: 'virtio',
+          backing: { kind: 'image', file: '/b/disk.raw', format: 'raw' },
+        },
       ],
       network: { forwards: [{ hostPort: 2000, guestPort: 80 }] },
       memoryBackendFile: { path: '/b/ram', share: false },

@@ -109,9 +109,9 @@ describe('buildQemuArgs', () => {
     ]);
   });
 
-  it('incoming snapshots start deferred; extra args go last', () => {
-    const spec = { ...demoSpec(), incoming: { from: 'file' as const, path: '/s/base.mem' }, extraArgs: ['-x'] };
-    const args = buildQemuArgs(spec, { accel: 'tcg', paths });
+  it('incoming snapshots start deferred; host args go last', () => {
+    const spec = { ...demoSpec(), incoming: { from: 'file' as const, path: '/s/base.mem' } };
+    const args = buildQemuArgs(spec, { accel: 'tcg', paths, hostArgs: ['-x'] });
     assert.deepEqual(values(args, '-incoming'), ['defer']);
     assert.ok(args.includes('-S'), 'a resumed VM stays paused until told to run');
     assert.equal(args.at(-1), '-x');

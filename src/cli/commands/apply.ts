@@ -5,8 +5,9 @@ import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { printResult, seconds, type GlobalOptions } from '../output.js';
 import { intArg, threadsArg } from '../parse.js';
+import { trust, trustOpt, type TrustFlags } from '../trust-flags.js';
 
-interface ApplyFlags extends BaseFlags {
+interface ApplyFlags extends BaseFlags, TrustFlags {
   output: string;
   diskFormat: 'qcow2' | 'raw';
   memoryFormat?: 'sparse' | 'stream' | 'raw';
@@ -46,6 +47,7 @@ export function registerApply(program: Command): void {
     .addOption(new Option('--cluster-size <bytes>', 'qcow2 cluster size').argParser(intArg))
     .option('--force', 'replace outputs that already exist')
     .addOption(new Option('--threads <n>', 'decode threads (default: every core; 1: all on one)').argParser(threadsArg))
+    .addOption(trustOpt())
     .action(async (overlay: string, flags: ApplyFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
       const r = await applyOverlay({
@@ -59,6 +61,7 @@ export function registerApply(program: Command): void {
         force: flags.force,
         threads: flags.threads === 1 ? 0 : flags.threads,
         progress: makeProgress(g),
+        trust: await trust(flags),
       });
       printResult(g, r, () => {
         const m = r.manifest;

@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { Option } from 'commander';
 import {
   captureBase,
+  gcLibrary,
   exportBase,
   importBaseFrom,
   libraryRoot,
@@ -13,9 +14,11 @@ import {
 import { CorruptInputError } from '../../util/errors.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, table, type GlobalOptions } from '../output.js';
+import { trust, trustOption, type TrustFlags } from '../trust-flags.js';
+import { signingKey } from '../../api/keys.js';
 import { printGlanceBases, registerBaseGlance } from './base-glance.js';
 
-interface ImportFlags {
+interface ImportFlags extends TrustFlags {
   disk?: string;
   diskFormat?: string;
   memory?: string;
@@ -41,7 +44,7 @@ export function registerBase(program: Command): void {
         'a resume must match. Location: --library, $CLOUDLET_LIBRARY, or $XDG_DATA_HOME/cloudlet-overlay.',
     );
 
-  base
+  const importCmd = base
     .command('import')
     .summary('add a base VM: from a snapshot directory, a package, or files')
     .argument('[input]', 'a snapshot directory (from `snapshot`) or a package (from `base export`)')
@@ -57,21 +60,24 @@ Examples:
   cloudlet-overlay base import ./base-snapshot            # written by: cloudlet-overlay snapshot
   cloudlet-overlay base import ubuntu-base.tar             # written by: cloudlet-overlay base export
   cloudlet-overlay base import --disk base.qcow2 --memory base.mem --vm vm.json --name web`,
-    )
-    .action(async (input: string | undefined, flags: ImportFlags, command: Command) => {
-      const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await importBaseFrom({
-        root: libraryRoot(g.library),
-        input,
-        disk: flags.disk,
-        diskFormat: flags.diskFormat,
-        memory: flags.memory,
-        vmFile: flags.vm,
-        name: flags.name,
-        progress: makeProgress(g),
-      });
-      printResult(g, r, () => `${r.added ? 'imported' : 'already present'}: base ${r.id}`);
+    );
+  trustOption(importCmd).action(async (input: string | undefined, flags: ImportFlags, command: Command) => {
+    const g = command.optsWithGlobals<GlobalOptions>();
+    const r = await importBaseFrom({
+      root: libraryRoot(g.library),
+      input,
+      disk: flags.disk,
+      diskFormat: flags.diskFormat,
+      memory: flags.memory,
+      vmFile: flags.vm,
+      name: flags.name,
+      progress: makeProgress(g),
+      trust: await trust(flags),
     });
+    const signed =
+      r.signature?.status === 'verified' ? ` (signed by ${r.signature.trusted_as ?? r.signature.signer ?? ''})` : '';
+    printResult(g, r, () => `${r.added ? 'imported' : 'already present'}: base ${r.id}${signed}`);
+  });
 
   base
     .command('capture')
@@ -116,7 +122,7 @@ Examples:
             b.memory_bytes === undefined ? '' : bytes(b.memory_bytes),
             b.disk_bytes === undefined ? '' : bytes(b.disk_bytes),
             bytes(b.stored_bytes),
-            b.created_at.slice(0, 19),
+            b.damaged ? 'DAMAGED (see base verify)' : b.created_at.slice(0, 19),
           ]);
         }
         return table(rows);
@@ -166,10 +172,31 @@ Examples:
     .summary('write a base VM as one portable package (tar)')
     .argument('<id>', 'base id, unique prefix or name')
     .requiredOption('-o, --output <file>', 'package file to write')
-    .action(async (ref: string, flags: { output: string }, command: Command) => {
+    .option('--sign <key>', 'sign the package with this private key (NAME.key from `key generate`)')
+    .option('--force', 'replace the package file if it exists')
+    .action(async (ref: string, flags: { output: string; sign?: string; force?: boolean }, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
-      const r = await exportBase(libraryRoot(g.library), ref, flags.output);
-      printResult(g, r, () => `wrote ${r.path} (${bytes(r.size)})`);
+      const r = await exportBase(libraryRoot(g.library), ref, flags.output, {
+        sign: await signingKey(flags.sign),
+        force: flags.force,
+      });
+      printResult(g, r, () => `wrote ${r.path} (${bytes(r.size)})${r.signed_by ? ', signed' : ''}`);
+    });
+
+  base
+    .command('gc')
+    .summary('show and remove leftovers of killed runs (temp files, stale locks, unrecorded instances)')
+    .option('--dry-run', 'only show what would be removed')
+    .option('--instances', 'also remove dead instances (QEMU gone; see ps)')
+    .action(async (flags: { dryRun?: boolean; instances?: boolean }, command: Command) => {
+      const g = command.optsWithGlobals<GlobalOptions>();
+      const r = await gcLibrary(libraryRoot(g.library), { dryRun: flags.dryRun, instances: flags.instances });
+      printResult(g, r, () => {
+        if (r.leftovers.length === 0) return 'nothing to clean up';
+        const rows = [['what', 'path', 'size', 'removed']];
+        for (const l of r.leftovers) rows.push([l.kind, l.path, bytes(l.bytes), l.removed ? 'yes' : 'no']);
+        return `${table(rows)}\n${r.dry_run ? 'would free' : 'freed'} ${bytes(r.bytes)}`;
+      });
     });
 
   base

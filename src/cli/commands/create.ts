@@ -5,6 +5,7 @@ import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, seconds, table, type GlobalOptions } from '../output.js';
 import { intArg, threadsArg } from '../parse.js';
+import { signingKey } from '../../api/keys.js';
 
 interface CreateFlags extends BaseFlags {
   disk?: string;
@@ -14,6 +15,8 @@ interface CreateFlags extends BaseFlags {
   level: number;
   tmpDir?: string;
   threads?: number;
+  sign?: string;
+  force?: boolean;
 }
 
 export function registerCreate(program: Command): void {
@@ -40,6 +43,8 @@ export function registerCreate(program: Command): void {
         'threads (default: every core; 1: all on one); the overlay is the same for any number',
       ).argParser(threadsArg),
     )
+    .option('--sign <key>', 'sign the overlay with this private key (NAME.key from `key generate`)')
+    .option('--force', 'replace the output file if it exists')
     .addHelpText(
       'after',
       `
@@ -60,6 +65,8 @@ Examples:
         tmpDir: flags.tmpDir,
         threads: flags.threads,
         progress: makeProgress(g),
+        sign: await signingKey(flags.sign),
+        force: flags.force,
       });
       printResult(g, r, () => {
         const rows = [['target', 'kind', 'size', 'changed chunks']];

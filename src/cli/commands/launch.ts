@@ -4,7 +4,7 @@ import { launchBase } from '../../api/launch.js';
 import { libraryRoot } from '../../api/base.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';
 import { printResult, type GlobalOptions } from '../output.js';
-import { forwardArg } from '../parse.js';
+import { QEMU_ARG_HELP, collect, forwardArg } from '../parse.js';
 
 export function registerLaunch(program: Command): void {
   program
@@ -29,14 +29,21 @@ export function registerLaunch(program: Command): void {
         .default([]),
     )
     .addOption(new Option('--accel <accel>', 'accelerator').choices(['auto', 'kvm', 'tcg']).default('auto'))
+    .addOption(new Option('--qemu-arg <arg>', QEMU_ARG_HELP).argParser(collect))
     .action(
       async (
         base: string,
-        flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice },
+        flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice; qemuArg?: string[] },
         command: Command,
       ) => {
         const g = command.optsWithGlobals<GlobalOptions>();
-        const r = await launchBase({ root: libraryRoot(g.library), base, forwards: flags.forward, accel: flags.accel });
+        const r = await launchBase({
+          root: libraryRoot(g.library),
+          base,
+          forwards: flags.forward,
+          accel: flags.accel,
+          qemuArgs: flags.qemuArg,
+        });
         printResult(g, r, () => {
           const lines = [
             `instance ${r.instance} running (pid ${r.pid}, ${r.accel}) from base ${r.base_id.slice(0, 12)}`,

@@ -5,10 +5,14 @@ import { runSynthesis, type SynthesizeResult } from '../../api/synthesize.js';
 import type { AccelChoice, PortForward } from '../../api/types.js';
 import { makeProgress } from '../progress.js';
 import { printResult, table, type GlobalOptions } from '../output.js';
-import { durationArg, forwardArg, intArg, threadsArg } from '../parse.js';
+import { QEMU_ARG_HELP, collect, durationArg, forwardArg, intArg, sizeArg, threadsArg } from '../parse.js';
+import { trust, trustOpt, type TrustFlags } from '../trust-flags.js';
 import { onForegroundSignal } from '../signals.js';
 
-interface SynthesizeFlags {
+interface SynthesizeFlags extends TrustFlags {
+  qemuArg?: string[];
+  maxSize?: number;
+  idleTimeout?: number;
   base: string;
   glance?: string;
   forward: PortForward[];
@@ -108,6 +112,18 @@ export function registerSynthesize(program: Command): void {
         .choices(['auto', 'libvirt', 'qemu'])
         .default('auto'),
     )
+    .addOption(trustOpt())
+    .addOption(new Option('--qemu-arg <arg>', QEMU_ARG_HELP).argParser(collect))
+    .addOption(
+      new Option('--max-size <bytes>', 'for a URL: refuse a download larger than this (e.g. 2G)')
+        .argParser(sizeArg)
+        .default(undefined, '32G'),
+    )
+    .addOption(
+      new Option('--idle-timeout <duration>', 'for a URL: give up when the server sends nothing for this long')
+        .argParser(durationArg)
+        .default(undefined, '30s'),
+    )
     .addHelpText(
       'after',
       `
@@ -137,6 +153,9 @@ Example:
         launcher: flags.launcher,
         earlyStart: flags.earlyStart,
         progress: makeProgress(g),
+        trust: await trust(flags),
+        fetch: { maxBytes: flags.maxSize, idleMs: flags.idleTimeout },
+        qemuArgs: flags.qemuArg,
         signal: stop.signal,
         onReady(result) {
           if (human) process.stderr.write(phaseTable(result) + '\n');

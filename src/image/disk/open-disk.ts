@@ -11,7 +11,8 @@
  *
  * The image (and its backing files) must not change while it is open.
  */
-import { mkdtemp, open, rm, stat, type FileHandle } from 'node:fs/promises';
+import { open, rm, stat, type FileHandle } from 'node:fs/promises';
+import { stagingDir } from '../../util/atomic.js';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { ChunkSource, Extent } from '../../delta/source.js';
@@ -43,6 +44,12 @@ export interface OpenDiskOptions {
   tmpDir?: string;
   /** Image format; default: probed by qemu-img (pass it whenever it is known). */
   format?: string;
+  /**
+   * Run `qemu-img check` on every qcow2 layer first and refuse a damaged one (a truncated qcow2
+   * would otherwise read as zeros past its end). Default true; the base library's own files,
+   * checked at import, pass false.
+   */
+  check?: boolean;
 }
 
 export interface BackingFile {
@@ -74,6 +81,7 @@ export async function openDisk(path: string, opts: OpenDiskOptions = {}): Promis
       : await openChain(path, opts.format);
   const top = chain[0];
   if (!top) throw new QemuError(`qemu-img info printed no image for ${path}`, { path });
+  if (opts.check ?? true) await checkLayers(chain);
   const format = top.format;
   if (format === 'raw') {
     const handle = await open(path, 'r');
@@ -255,16 +263,29 @@ async function directPieces(
   }
   const handles: FileHandle[] = [];
   const byDepth = new Map<number, number>();
+  const sizes = new Map<number, number>();
   try {
     for (const depth of [...used].sort((a, b) => a - b)) {
       const layer = chain[depth];
       if (!layer) return null;
       byDepth.set(depth, handles.length);
-      handles.push(await open(hostFilename(layer.filename), 'r'));
+      const h = await open(hostFilename(layer.filename), 'r');
+      handles.push(h);
+      sizes.set(depth, (await h.stat()).size);
     }
   } catch (err) {
     await Promise.all(handles.map((h) => h.close().catch(() => undefined)));
     throw new NotFoundError(`cannot open a layer of the backing chain`, {}, { cause: err });
+  }
+  // Data a layer's map points at must be inside that layer's file: a truncated image is corrupt,
+  // never read as zeros.
+  for (const e of entries) {
+    if (e.offset === undefined || !e.present || e.zero || !used.has(e.depth)) continue;
+    if (e.offset + e.length > (sizes.get(e.depth) ?? 0)) {
+      await Promise.all(handles.map((h) => h.close().catch(() => undefined)));
+      const layer = chain[e.depth]?.filename ?? '?';
+      throw new CorruptInputError(`${layer} is truncated: data at ${e.offset} runs past its end`, { path: layer });
+    }
   }
   for (const p of pieces) if (p.file >= 0) p.file = byDepth.get(p.file) ?? -1;
   return { pieces, handles };
@@ -276,7 +297,8 @@ async function convertedView(
   format: string,
   tmpDir: string,
 ): Promise<{ handle: FileHandle; remove: () => Promise<void> }> {
-  const dir = await mkdtemp(join(tmpDir, 'cloudlet-disk-'));
+  // Owner-tagged: the view of a killed run is removed by the next one (util/atomic.ts stagingDir).
+  const dir = await stagingDir(tmpDir, 'cloudlet-disk-');
   const removeDir = (): Promise<void> => rm(dir, { recursive: true, force: true });
   const unregister = onCleanup(removeDir);
   const remove = async (): Promise<void> => {
@@ -291,6 +313,25 @@ async function convertedView(
   } catch (err) {
     await remove();
     throw err instanceof QemuError ? asOpenError(err, path, format) : err;
+  }
+}
+
+/** `qemu-img check` of every qcow2 layer that is a plain file; corruptions refuse the image. */
+async function checkLayers(chain: readonly ImageInfo[]): Promise<void> {
+  for (const layer of chain) {
+    if (layer.format !== 'qcow2' || !isPlainFile(layer.filename)) continue;
+    const file = hostFilename(layer.filename);
+    const r = await qemuImg.check(file, 'qcow2').catch((err: unknown) => {
+      throw asOpenError(err, file, 'qcow2');
+    });
+    if (r.corruptions > 0 || r.checkErrors > 0) {
+      const first = r.messages.find((m) => /ERROR|corrupt/i.test(m)) ?? '';
+      throw new CorruptInputError(
+        `${file} is a damaged qcow2 image (qemu-img check: ${r.corruptions} corruptions, ${r.checkErrors} errors` +
+          `${first ? `; ${first.slice(0, 200)}` : ''})`,
+        { path: file },
+      );
+    }
   }
 }
 

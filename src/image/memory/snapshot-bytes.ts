@@ -3,6 +3,7 @@
  * fuzzing). The parser and the block readers see only this, so the same code is exercised both
  * ways.
  */
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { pread } from '../disk/io.js';
 import { CloudletError, NotFoundError } from '../../util/errors.js';
@@ -26,12 +27,21 @@ export class FileSnapshotBytes implements SnapshotBytes {
   static async open(path: string): Promise<FileSnapshotBytes> {
     let handle: FileHandle;
     try {
-      handle = await open(path, 'r');
+      // O_NONBLOCK: a FIFO given as the snapshot must not block the open (it is refused below).
+      handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
     } catch (err) {
       throw new NotFoundError(`cannot open memory snapshot ${path}`, { path }, { cause: err });
     }
     try {
       const st = await handle.stat();
+      if (!st.isFile()) {
+        throw new NotFoundError(
+          `memory snapshot ${path} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}`,
+          {
+            path,
+          },
+        );
+      }
       return new FileSnapshotBytes(path, handle, st.size);
     } catch (err) {
       await handle.close();
