@@ -106,10 +106,15 @@ export class CloudletClient {
       headers['content-type'] = body.type;
       const len = Buffer.isBuffer(body.data) ? body.data.length : body.length;
       if (len !== undefined) headers['content-length'] = String(len);
+      // A stream waits for 100 Continue: a refusal (401, 413, 429) arrives before a byte is sent,
+      // instead of racing the upload (the server closes, the client's write fails with EPIPE).
+      if (!Buffer.isBuffer(body.data)) headers['expect'] = '100-continue';
     }
     const request = u.protocol === 'https:' ? httpsRequest : httpRequest;
     return new Promise<Answer>((resolve, reject) => {
+      let answered = false;
       const req = request(u, { method, headers, ca: this.opts.ca, timeout: timeoutMs }, (res) => {
+        answered = true;
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () =>
@@ -130,8 +135,19 @@ export class CloudletClient {
       if (!body) req.end();
       else if (Buffer.isBuffer(body.data)) req.end(body.data);
       else {
-        body.data.on('error', (err) => req.destroy(err));
-        body.data.pipe(req);
+        const data = body.data;
+        // Held until the 100: a 'data' listener (progress) would otherwise let bytes flow to nobody.
+        data.pause();
+        data.on('error', (err) => req.destroy(err));
+        // A server or proxy that never sends the 100 gets the body after a second (RFC 9110 10.1.1).
+        let started = false;
+        const start = (): void => {
+          if (started || answered) return;
+          started = true;
+          data.pipe(req);
+        };
+        req.once('continue', start);
+        setTimeout(start, 1000).unref();
       }
     });
   }

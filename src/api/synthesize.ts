@@ -301,9 +301,15 @@ async function streamed(c: RunContext): Promise<Started> {
   await exec(await findProgram('mkfifo'), ['-m', '600', fifo]);
 
   // Early start: the disk over NBD, answered from the assembler once there is one.
-  let asm: Assembler | undefined;
+  const asmReady = deferred<Assembler>();
   let earlyDisk: EarlyDisk | undefined;
   let nbd: NbdServer | undefined;
+  // A disk read that failed (a segment fetched out of turn was damaged, or its server went
+  // away for good): the guest got EIO, so this VM is not the one the overlay describes: the
+  // synthesis fails with that error and the VM is stopped.
+  const earlyFailure = deferred<never>();
+  let earlyError: unknown;
+  earlyFailure.promise.catch(() => undefined);
   if (random && diskTarget) {
     nbd = new NbdServer({
       name: 'disk',
@@ -311,20 +317,21 @@ async function streamed(c: RunContext): Promise<Started> {
         size: diskTarget.size,
         readOnly: true,
         read: async (offset, length, buf) => {
-          if (!earlyDisk) {
-            if (!asm) throw new Error('the disk is read before the VM runs');
-            earlyDisk = new EarlyDisk(
-              asm,
-              diskIndex,
-              random,
-              { targets: header.targets, base: base.targets },
-              base.targets,
-            );
-          }
+          earlyDisk ??= new EarlyDisk(
+            await asmReady.promise,
+            diskIndex,
+            random,
+            { targets: header.targets, base: base.targets },
+            base.targets,
+          );
           await earlyDisk.read(offset, length, buf);
         },
       },
-      onError: () => undefined, // the guest sees EIO; the stream's own failure is what we report
+      onError: (e) => {
+        if (e.kind !== 'export' || earlyError !== undefined) return;
+        earlyError = e.cause ?? e;
+        earlyFailure.reject(earlyError);
+      },
     });
     await nbd.listen(join(fifoDir, 'disk.nbd'));
     const server = nbd;
@@ -393,7 +400,7 @@ async function streamed(c: RunContext): Promise<Started> {
       }
       const dw = disk;
       progress.step('synthesizing', opened.size);
-      const rebuiltRun = await timings.time('rebuild', () =>
+      const rebuilding = timings.time('rebuild', () =>
         rebuild({
           reader: opened.reader,
           header,
@@ -402,7 +409,7 @@ async function streamed(c: RunContext): Promise<Started> {
           store,
           threads: opts.threads,
           onBytes: (n) => progress.advance(n),
-          onAssembler: (a) => (asm = a),
+          onAssembler: (a) => asmReady.resolve(a),
           lastSegment: random && lastSegments(random, header.targets.length),
           onTargetDone: (t) => {
             memoryTargets.delete(t);
@@ -428,6 +435,8 @@ async function streamed(c: RunContext): Promise<Started> {
           },
         }),
       );
+      rebuilding.catch(() => undefined);
+      const rebuiltRun = await Promise.race([rebuilding, earlyFailure.promise]);
       for (const [k, v] of Object.entries(rebuiltRun.stats) as Array<[string, number]>) {
         if (k.endsWith('_ms')) timings.phases[`pipeline_${k}`] = v;
       }
@@ -437,6 +446,7 @@ async function streamed(c: RunContext): Promise<Started> {
       if (nbd && disk) {
         // The rebuilt layer is complete and proven: the VM leaves our NBD export for it.
         const { vm } = await ready.promise;
+        if (earlyError !== undefined) throw earlyError;
         await timings.time('disk_switch', () => swapBacking(vm, 0, { file: rebuilt, format: 'qcow2' }, baseImage));
         await nbd.close();
         if (earlyDisk) {

@@ -264,7 +264,7 @@ export async function fetchRange(
  */
 export async function httpRange(
   url: string,
-  opts: { headers?: Record<string, string>; idleMs?: number } = {},
+  opts: { headers?: Record<string, string>; idleMs?: number; retries?: number } = {},
 ): Promise<{ size: number; read(offset: number, length: number): Promise<Buffer>; close(): Promise<void> }> {
   const idleMs = opts.idleMs ?? 30_000;
   const { res, abort } = await request(url, { ...opts.headers }, idleMs, 'HEAD');
@@ -276,7 +276,19 @@ export async function httpRange(
   const headers = { ...opts.headers, ...(etag ? { 'if-range': etag } : {}) };
   return {
     size: Number(len),
-    read: (offset, length) => fetchRange(url, offset, offset + length, { headers, idleMs }),
+    read: async (offset, length) => {
+      // A blip costs a retry, not a failed read (early start: the guest would see EIO).
+      for (let failures = 0; ; failures++) {
+        try {
+          return await fetchRange(url, offset, offset + length, { headers, idleMs });
+        } catch (err) {
+          const status = err instanceof NetworkError ? err.details['status'] : undefined;
+          const retryable = err instanceof NetworkError && (typeof status !== 'number' || status >= 500);
+          if (!retryable || failures >= (opts.retries ?? 4)) throw err;
+          await backoff(failures + 1);
+        }
+      }
+    },
     close: () => Promise.resolve(),
   };
 }

@@ -85,6 +85,11 @@ export async function buildServer(cfg: ServerConfig): Promise<CloudletServer> {
     }
   }
 
+  // Expect: 100-continue goes through the routes like any request; an upload handler sends the
+  // 100 only once it accepts the upload (token, size, concurrency checked), so a refused client
+  // never starts sending.
+  app.server.on('checkContinue', (req, res) => app.server.emit('request', req, res));
+
   // Uploads: the request's own stream is the body (nothing is read or buffered here).
   app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
 
@@ -149,10 +154,10 @@ export async function buildServer(cfg: ServerConfig): Promise<CloudletServer> {
     listBases: async () => listBases(cfg.root),
     showBase: async (req) => showBase(cfg.root, (req.params as { ref: string }).ref),
     importBase: async (req, reply) => {
-      const r = await importUploadedBase(cfg, req);
+      const r = await importUploadedBase(cfg, req, reply);
       return reply.code(201).send(r);
     },
-    synthesize: async (req, reply) => reply.code(201).send(await synthesizeRequest(cfg, req, semaphore, ports)),
+    synthesize: async (req, reply) => reply.code(201).send(await synthesizeRequest(cfg, req, reply, semaphore, ports)),
     listInstances: async () => {
       const r = await listInstanceSummaries(cfg.root);
       ports.reconcile(new Set(r.instances.filter((i) => i.status === 'running').map((i) => i.id)));
@@ -219,6 +224,12 @@ function sendError(reply: FastifyReply, err: unknown): FastifyReply {
   return reply.code(a.status).send(a.body);
 }
 
+/** The upload's byte stream, once it is accepted: a client that waits for 100 Continue gets it now. */
+function acceptUpload(req: FastifyRequest, reply: FastifyReply): Readable {
+  if (/\b100-continue\b/i.test(req.headers.expect ?? '') && !reply.raw.headersSent) reply.raw.writeContinue();
+  return req.body as Readable;
+}
+
 function isUpload(req: FastifyRequest): boolean {
   return (req.headers['content-type'] ?? '').split(';')[0]!.trim() === 'application/octet-stream';
 }
@@ -250,6 +261,7 @@ interface SynthesizeQuery {
 async function synthesizeRequest(
   cfg: ServerConfig,
   req: FastifyRequest,
+  reply: FastifyReply,
   semaphore: Semaphore,
   ports: PortAllocator,
 ): Promise<Record<string, unknown>> {
@@ -295,7 +307,7 @@ async function synthesizeRequest(
     const hostPorts = await ports.allocate(guest.length, tag);
     const forwards = guest.map((g, i) => ({ hostAddr: cfg.forwardHost, hostPort: hostPorts[i]!, guestPort: g }));
     if (upload) {
-      const stream = req.body as Readable;
+      const stream = acceptUpload(req, reply);
       const size = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
       overlay = { kind: 'stream', name: name ?? 'upload', body: limitBytes(stream, cfg.maxUpload), size };
     }
@@ -334,14 +346,14 @@ async function synthesizeRequest(
 }
 
 /** A base package: uploaded (streamed to a temporary file of the library, bounded) or fetched. */
-async function importUploadedBase(cfg: ServerConfig, req: FastifyRequest): Promise<unknown> {
+async function importUploadedBase(cfg: ServerConfig, req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
   const tmp = join(cfg.root, 'tmp');
   await mkdir(tmp, { recursive: true });
   const file = join(tmp, `upload-${randomBytes(8).toString('hex')}.tar`);
   try {
     if (isUpload(req)) {
       checkLength(req, cfg.maxUpload);
-      await pipeline(limitBytes(req.body as Readable, cfg.maxUpload), createWriteStream(file, { flags: 'wx' }));
+      await pipeline(limitBytes(acceptUpload(req, reply), cfg.maxUpload), createWriteStream(file, { flags: 'wx' }));
     } else {
       validateJson(req, 'importBase');
       const { url } = req.body as { url: string };

@@ -78,7 +78,15 @@ function raw(
   base: string,
   method: string,
   path: string,
-  opts: { token?: string; json?: unknown; contentLength?: number; chunk?: Buffer; contentType?: string } = {},
+  opts: {
+    token?: string;
+    json?: unknown;
+    contentLength?: number;
+    chunk?: Buffer;
+    contentType?: string;
+    /** Send `Expect: 100-continue` and pump the body only after the 100. */
+    expect?: boolean;
+  } = {},
 ): Promise<Raw> {
   const u = new URL(base);
   const headers: Record<string, string> = {};
@@ -90,6 +98,7 @@ function raw(
   }
   if (opts.contentType) headers['content-type'] = opts.contentType;
   if (opts.contentLength !== undefined) headers['content-length'] = String(opts.contentLength);
+  if (opts.expect) headers['expect'] = '100-continue';
   return new Promise((resolve, reject) => {
     let sent = 0;
     let answered = false;
@@ -110,7 +119,8 @@ function raw(
         while (!answered && sent < opts.contentLength! && req.write(chunk)) sent += chunk.length;
         if (!answered && sent < opts.contentLength!) req.once('drain', pump);
       };
-      pump();
+      if (opts.expect) req.once('continue', pump);
+      else pump();
     } else req.end();
   });
 }
@@ -332,17 +342,30 @@ test(
     assert.equal((await raw(a, 'GET', '/v1/instances', { token: `${token}x` })).status, 401, 'wrong token');
     assert.equal((await raw(a, 'GET', '/v1/openapi.json')).status, 401);
 
-    // 10 GiB announced: refused before a byte is read, nothing on disk.
+    // 10 GiB announced: refused before a byte is read, nothing on disk. A client that waits for
+    // 100 Continue (as `remote` does) gets the 413 and sends nothing.
     const t0 = performance.now();
-    const big = await raw(a, 'POST', `/v1/instances?base=${baseId}&guest_port=8080`, {
+    const upload = {
       token,
       contentType: 'application/octet-stream',
       contentLength: 10 * 2 ** 30,
       chunk: Buffer.alloc(1 << 20),
-    });
+    };
+    const big = await raw(a, 'POST', `/v1/instances?base=${baseId}&guest_port=8080`, { ...upload, expect: true });
     assert.equal(big.status, 413, big.body);
     assert.ok(performance.now() - t0 < 5000, 'refused at once');
-    assert.ok(big.sent < 256 << 20, `stopped early (sent ${big.sent} bytes)`);
+    assert.equal(big.sent, 0, 'nothing sent before the refusal');
+    // One that sends at once is cut off early: the 413, or a reset when the close wins the race.
+    const t1 = performance.now();
+    const eager = await raw(a, 'POST', `/v1/instances?base=${baseId}&guest_port=8080`, upload).catch(
+      (err: NodeJS.ErrnoException) => {
+        assert.ok(['EPIPE', 'ECONNRESET'].includes(err.code ?? ''), String(err));
+        return { status: 413, sent: 0, body: '', headers: {} };
+      },
+    );
+    assert.equal(eager.status, 413, eager.body);
+    assert.ok(performance.now() - t1 < 5000, 'refused at once');
+    assert.ok(eager.sent < 256 << 20, `stopped early (sent ${eager.sent} bytes)`);
     const libA = join(work, 'libA');
     assert.deepEqual(await readdir(join(libA, 'instances')).catch(() => []), [], 'no instance directory left');
     assert.deepEqual(

@@ -571,6 +571,32 @@ test(
       }
     }
 
+    // 2b. A segment damaged on the ranged reads (the stream is intact): the guest's read of it
+    //     fails, so the VM is not the overlay's any more: stopped, exit 4, without waiting for the rest.
+    {
+      const { server, run, statusUrl } = await early({ after: 'continue', corruptRangesAt: gate + 48 + 16 });
+      try {
+        await server.reachedGate;
+        // The guest reads a damaged chunk as soon as it runs, or when told to: either way the run ends.
+        const provoke = (async () => {
+          await answers(statusUrl, 30_000);
+          const ps = ok(await cli(['ps'], env), 'ps') as { instances: Array<{ id: string; status: string }> };
+          const iid = ps.instances.find((i) => !before.includes(i.id) && i.status === 'running')?.id;
+          if (iid) await cli(['console', iid, '--run', 'echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/app/*'], env);
+        })();
+        provoke.catch(() => undefined);
+        await Promise.race([run.result, provoke]);
+        const r = await run.result;
+        assert.equal(r.code, 4, `a damaged out-of-turn segment stops the early VM: ${r.stderr}`);
+        assert.match(r.stderr, /checksum|damaged/);
+        assert.equal(server.stats.streamBytes, gate, 'the failure did not wait for the rest of the stream');
+        assert.deepEqual(await qemuPids(), [], 'no QEMU left running');
+        assert.deepEqual(await instances(), before, 'no instance left');
+      } finally {
+        await server.close();
+      }
+    }
+
     // 3. kill -9 of the synthesizer while the VM needs it: the VM is ended too, its directory
     //    removed (nothing would serve its disk any more).
     {

@@ -13,6 +13,8 @@ export interface GateOptions {
   after: 'continue' | 'drop';
   /** Offset (≥ gate) of a byte sent flipped in the stream. */
   corruptAt?: number;
+  /** Offset of a byte sent flipped in every ranged read that holds it (the stream stays intact). */
+  corruptRangesAt?: number;
 }
 
 export interface GateServer {
@@ -63,7 +65,12 @@ export async function startGateServer(body: Buffer, opts: GateOptions): Promise<
         'content-length': String(end - start),
       });
       // A resumed stream is the stream: past the gate it carries the flipped byte too.
-      const slice = !m[2] && start >= opts.gate ? tail.subarray(start - opts.gate) : body.subarray(start, end);
+      let slice = !m[2] && start >= opts.gate ? tail.subarray(start - opts.gate) : body.subarray(start, end);
+      const bad = opts.corruptRangesAt;
+      if (m[2] && bad !== undefined && bad >= start && bad < end) {
+        slice = Buffer.from(slice);
+        slice[bad - start]! ^= 0x20;
+      }
       stats.streamBytes += m[2] ? 0 : slice.length;
       res.end(slice);
       return;
