@@ -308,7 +308,7 @@ async function streamed(c: RunContext): Promise<Started> {
   // away for good): the guest got EIO, so this VM is not the one the overlay describes: the
   // synthesis fails with that error and the VM is stopped.
   const earlyFailure = deferred<never>();
-  let earlyError: unknown;
+  let earlyError: Error | undefined;
   earlyFailure.promise.catch(() => undefined);
   if (random && diskTarget) {
     nbd = new NbdServer({
@@ -329,7 +329,7 @@ async function streamed(c: RunContext): Promise<Started> {
       },
       onError: (e) => {
         if (e.kind !== 'export' || earlyError !== undefined) return;
-        earlyError = e.cause ?? e;
+        earlyError = e.cause instanceof Error ? e.cause : e;
         earlyFailure.reject(earlyError);
       },
     });
