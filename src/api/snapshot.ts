@@ -9,6 +9,9 @@ import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AttachedVm } from '../vm/attach.js';
 import { captureSnapshot } from '../vm/snapshot.js';
+import { prepareGuest, type GuestPrepOptions, type GuestPrepReport, type PreparedGuest } from '../vm/guest-prep.js';
+import { openDisk } from '../image/disk/open-disk.js';
+import { freeSpace } from '../image/fs/free-space.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { listInstances } from '../instance/state.js';
 import { writeFileAtomic, syncDir } from '../util/atomic.js';
@@ -40,6 +43,21 @@ export interface SnapshotOptions {
   /** What the VM does after the capture (--then). */
   afterCapture: 'resume' | 'quit' | 'stop';
   progress?: Progress;
+  /** Before the capture: drop the guest's page cache, trim, freeze (vm/guest-prep.ts). */
+  guest?: GuestPrepOptions;
+  /** The guest agent's socket of a VM that is not ours (ours: from its instance state). */
+  agentSocket?: string;
+  /** The serial console socket of a VM that is not ours. */
+  serialSocket?: string;
+}
+
+/** A file system of the snapshot's disk copy, as `create --free-blocks` will judge it. */
+export interface SnapshotFileSystem {
+  type: string;
+  partition: number | null;
+  trusted: boolean;
+  reason?: string;
+  free_bytes: number;
 }
 
 export interface SnapshotResult {
@@ -47,7 +65,14 @@ export interface SnapshotResult {
   dir: string;
   memory_bytes: number;
   disk?: string;
-  timings_ms: { migrate: number; disk_copy: number; total: number };
+  /** What was done in the guest first (with --drop-caches, --trim, --freeze). */
+  guest?: GuestPrepReport & {
+    /** Agent freezes: thawed again after the capture (the VM went on running). */
+    thawed?: number;
+  };
+  /** With --freeze: the file systems of the disk copy, and whether create can trust them. */
+  file_systems?: SnapshotFileSystem[];
+  timings_ms: { migrate: number; disk_copy: number; total: number; [step: string]: number };
 }
 
 export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult> {
@@ -56,23 +81,37 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   let spec: VmSpec | undefined;
   let socket = opts.qmp ? resolve(opts.qmp) : undefined;
   let launcher: string | undefined;
+  let agentSocket = opts.agentSocket;
+  let serialSocket = opts.serialSocket;
   if (opts.instance) {
     const inst = await findInstance(opts.root, opts.instance);
     spec = inst.spec;
     socket = inst.qmp_socket;
     launcher = inst.launcher;
+    agentSocket ??= inst.agent_socket;
+    serialSocket ??= inst.serial_socket;
   } else {
     const ours = (await listInstances(opts.root)).find((i) => i.qmp_socket === socket);
     spec = ours?.spec;
     launcher = ours?.launcher;
+    agentSocket ??= ours?.agent_socket;
+    serialSocket ??= ours?.serial_socket;
   }
+  const g = opts.guest ?? {};
+  const prep = g.dropCaches || g.trim || g.freeze;
   const outDir = resolve(opts.outDir);
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
   if (!socket) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
   const vm = await AttachedVm.attach(socket, spec);
   const work = `${outDir}.tmp-${randomBytes(4).toString('hex')}`;
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
+  let prepared: PreparedGuest | undefined;
   try {
+    if (prep) {
+      progress.step('preparing the guest');
+      prepared = await prepareGuest({ agentSocket, serialSocket }, g);
+      progress.done(`guest prepared (${prepared.report.channel})`);
+    }
     const vmSpec: VmSpec = { ...vm.spec };
     delete vmSpec.incoming;
     delete vmSpec.memoryBackendFile;
@@ -89,6 +128,14 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
       via: launcher === 'libvirt' ? 'socket' : 'exec',
     });
     progress.done(`captured ${Math.round(r.memBytes / 2 ** 20)} MiB of memory stream`);
+    let guest: SnapshotResult['guest'];
+    if (prepared) {
+      guest = { ...prepared.report };
+      // An agent-frozen guest that goes on running is thawed now (a console freeze thaws itself).
+      if (opts.afterCapture === 'resume') guest.thawed = await prepared.thaw();
+    }
+    let fileSystems: SnapshotFileSystem[] | undefined;
+    if (g.freeze && diskFile) fileSystems = await fileSystemsOf(join(work, diskFile), diskFormat);
     const file: SnapshotVmFile = {
       vm: vmSpec,
       disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,
@@ -104,7 +151,10 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
       dir: outDir,
       memory_bytes: r.memBytes,
       disk: diskFile ? join(outDir, diskFile) : undefined,
+      ...(guest ? { guest } : {}),
+      ...(fileSystems ? { file_systems: fileSystems } : {}),
       timings_ms: {
+        ...prepared?.report.timings_ms,
         migrate: Math.round(r.timings.migrateMs),
         disk_copy: Math.round(r.timings.diskCopyMs),
         total: Math.round(r.timings.totalMs),
@@ -112,11 +162,31 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     };
   } catch (err) {
     progress.fail('snapshot failed');
+    // Never leave a guest frozen by us running.
+    await prepared?.thaw().catch(() => undefined);
     await rm(work, { recursive: true, force: true });
     throw err;
   } finally {
     unregister();
+    await prepared?.close();
     if (vm.running) await vm.detach();
+  }
+}
+
+/** The file systems of a disk image, as `create --free-blocks` judges them. */
+async function fileSystemsOf(path: string, format: string): Promise<SnapshotFileSystem[]> {
+  const disk = await openDisk(path, { format });
+  try {
+    const r = await freeSpace(disk);
+    return r.filesystems.map((f) => ({
+      type: f.type,
+      partition: f.partition?.number ?? null,
+      trusted: f.verdict.trusted,
+      ...(f.verdict.trusted ? {} : { reason: f.verdict.reason }),
+      free_bytes: f.freeBytes,
+    }));
+  } finally {
+    await disk.close();
   }
 }
 

@@ -38,6 +38,7 @@ import type { LauncherChoice, RunningVm } from '../vm/launcher.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { swapBacking } from '../vm/block.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
+import { thawAfterResume, type ThawOutcome } from '../vm/guest-prep.js';
 import { CloudletError, UsageError } from '../util/errors.js';
 import { onCleanup } from '../util/cleanup.js';
 import { findProgram } from '../util/programs.js';
@@ -84,6 +85,8 @@ export interface SynthesizeResult {
   forwards: PortForward[];
   /** The guest's first answer, when waited for. */
   answer?: { status: number; body: string };
+  /** VMs with a guest agent channel: whether the resumed guest had to be thawed (snapshot --freeze). */
+  guest_thaw?: ThawOutcome;
   /** For an overlay streamed from a URL: what arrived, and connections resumed after a drop. */
   download?: { bytes: number; resumed: number };
   timings_ms: { [phase: string]: number };
@@ -130,6 +133,11 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     const started = await run({ opts, base, opened: ov, dir, iid, timings, progress, cleanups });
     vm = started.vm;
     const running = started.vm;
+    // A guest snapshotted frozen through its agent (snapshot --freeze) is frozen here too: thaw it
+    // while the first answer is awaited (reads work frozen; writes would wait).
+    const thawing = running.spec.guestAgent
+      ? thawAfterResume(running.paths.agentSocket).catch(() => 'no-agent' as const)
+      : undefined;
     let answer: SynthesizeResult['answer'];
     const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
     const { waitHttp: url, waitTcp: port } = opts;
@@ -140,6 +148,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     } else if (port) {
       await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
     }
+    const thawed = thawing ? await thawing : undefined;
     progress.done('VM resumed');
     timings.phases['total'] = timings.total();
     unregister();
@@ -155,6 +164,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         dir,
         forwards: opts.forwards,
         answer,
+        ...(thawed ? { guest_thaw: thawed } : {}),
         download: ov.transfer ? { bytes: ov.transfer.received, resumed: ov.transfer.resumed } : undefined,
         timings_ms: timings.phases,
       },

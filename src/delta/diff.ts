@@ -5,7 +5,15 @@
  * base's chunk map without reading. Consecutive zeros and references merge into runs (runs.ts).
  */
 import { AnchorIndex } from './anchors.js';
-import { CHUNK_SIZE, chunkCount, chunkLength, extentsToChunkRanges } from './chunk.js';
+import {
+  CHUNK_SIZE,
+  checkChunkRuns,
+  chunkCount,
+  chunkLength,
+  extentsToChunkRanges,
+  inChunkRuns,
+  subtractChunkRuns,
+} from './chunk.js';
 import { TargetDigest, sha256Hex } from './hash.js';
 import { HashIndex } from './hash-index.js';
 import { ChunkLadder, blobRecord, type LadderOptions, type TargetScan } from './ladder.js';
@@ -147,8 +155,12 @@ async function scanTarget(
   const n = chunkCount(size);
 
   const hinted = target.changedHint !== undefined && same !== undefined && same.size === size;
+  // Chunks whose content does not matter are not read at all: they sit in the gaps, as the base.
+  const dontCare = target.dontCare ?? [];
+  checkChunkRuns(dontCare, target.name);
   // Chunks between the ranges read below: with a hint they equal the base (digest from the
-  // base's map); otherwise they read as zero, so non-zero base chunks there become ZERO runs.
+  // base's map); otherwise they read as zero, so non-zero base chunks there become ZERO runs —
+  // except where the content does not matter: the base's chunk stays.
   // The map is walked twice, in order: ahead, to tell proposals where the base has data, and
   // behind, as chunks are decided and gaps settled.
   let mapPos = 0;
@@ -156,7 +168,7 @@ async function scanTarget(
     if (!same || !baseMap) return;
     while (mapPos < baseMap.count && baseMap.indexes[mapPos]! < end) {
       const i = baseMap.indexes[mapPos]!;
-      if (i < n && hinted) {
+      if (i < n && (hinted || (dontCare.length > 0 && eligible(same, size, i) && inChunkRuns(dontCare, i)))) {
         ts.dataChunks++;
         digest.add(i, baseMap.hashAt(mapPos));
       } else if (i < n && eligible(same, size, i)) {
@@ -178,7 +190,12 @@ async function scanTarget(
   };
 
   const extents = hinted && target.changedHint ? target.changedHint : await target.source.dataExtents();
-  const ranges = extentsToChunkRanges(extents, size);
+  let ranges = extentsToChunkRanges(extents, size);
+  if (target.dontCare) {
+    const cut = subtractChunkRuns(ranges, dontCare);
+    ranges = cut.ranges;
+    ts.dontCareChunks = cut.removed;
+  }
   const reader = new PairReader(target.source, same?.source, stats);
   // Progress counts skipped (zero or unchanged) ranges too, so it ends at the target's size.
   let reported = 0;

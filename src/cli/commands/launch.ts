@@ -29,14 +29,25 @@ export function registerLaunch(program: Command): void {
         .default([]),
     )
     .addOption(new Option('--accel <accel>', 'accelerator').choices(['auto', 'kvm', 'tcg']).default('auto'))
+    .option(
+      '--no-discard',
+      "drop the guest's discards instead of passing them to the disk layer (default: discard=unmap," +
+        'detect-zeroes=unmap, so that trimmed blocks cost the overlay nothing; the guest sees no difference)',
+    )
     .action(
       async (
         base: string,
-        flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice },
+        flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice; discard: boolean },
         command: Command,
       ) => {
         const g = command.optsWithGlobals<GlobalOptions>();
-        const r = await launchBase({ root: libraryRoot(g.library), base, forwards: flags.forward, accel: flags.accel });
+        const r = await launchBase({
+          root: libraryRoot(g.library),
+          base,
+          forwards: flags.forward,
+          accel: flags.accel,
+          discard: flags.discard,
+        });
         printResult(g, r, () => {
           const lines = [
             `instance ${r.instance} running (pid ${r.pid}, ${r.accel}) from base ${r.base_id.slice(0, 12)}`,
@@ -46,8 +57,8 @@ export function registerLaunch(program: Command): void {
             lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
           if (flags.customize) {
             lines.push(
-              'customize the guest, then:',
-              `  cloudlet-overlay snapshot --instance ${r.instance} -o ./custom --then quit`,
+              'customize the guest, then (--trim: freed blocks cost nothing; --freeze + create --free-blocks auto):',
+              `  cloudlet-overlay snapshot --instance ${r.instance} -o ./custom --trim --then quit`,
               `  cloudlet-overlay create --base ${r.base_id.slice(0, 12)} --disk ./custom/disk.qcow2 ` +
                 '--memory ./custom/memory.stream -o app.overlay',
             );
