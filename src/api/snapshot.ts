@@ -98,7 +98,7 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     serialSocket ??= ours?.serial_socket;
   }
   const g = opts.guest ?? {};
-  const prep = g.dropCaches || g.trim || g.freeze;
+  const prep = g.dropCaches || g.zeroFreeMemory || g.trim || g.freeze;
   const outDir = resolve(opts.outDir);
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
   if (!socket) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');

@@ -1,6 +1,7 @@
 /**
  * Getting a guest ready for a snapshot whose overlay should carry only what the guest still
- * uses (docs/semantic-gap.md): drop its page cache, trim its file systems (discarded blocks
+ * uses (docs/semantic-gap.md): drop its page cache, overwrite its free memory with zeros (free
+ * pages keep the bytes of deleted files and dropped caches), trim its file systems (discarded blocks
  * become zero clusters of a drive opened with discard=unmap), freeze them (the on-disk
  * allocation bitmaps become current, so `create --free-blocks` may trust them). Each step goes
  * through the QEMU guest agent when the guest runs one, else through the serial console as
@@ -20,6 +21,8 @@ import { SerialConsole } from './console.js';
 
 export interface GuestPrepOptions {
   dropCaches?: boolean;
+  /** Fill the guest's free memory with zeros and free it again (Linux: a tmpfs), so free pages cost nothing. */
+  zeroFreeMemory?: boolean;
   trim?: boolean;
   freeze?: boolean;
   /** How: the guest agent, the serial console, or auto (the agent when one answers). */
@@ -38,6 +41,8 @@ export interface GuestChannels {
 export interface GuestPrepReport {
   channel: 'agent' | 'console';
   dropped_caches?: boolean;
+  /** MiB of free memory overwritten with zeros. */
+  zeroed_mib?: number;
   /** Bytes the guest reported trimmed, when it says (the agent, `fstrim -v`). */
   trimmed_bytes?: number;
   /** Mount points frozen (console), or their number (agent). */
@@ -61,6 +66,14 @@ const MOUNTS = `$(awk '$3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc
 /** The console command lines (one line each; kept under the console's line limit). */
 export const consoleScripts = {
   dropCaches: 'sync && echo 3 > /proc/sys/vm/drop_caches',
+  // Free pages keep what they held (deleted files, dropped caches): overwrite them. A tmpfs of
+  // MemFree minus a reserve (4× min_free_kbytes + 32 MiB, so nothing is reclaimed or OOM-killed)
+  // is filled with zeros and unmounted: its pages go back to the free lists holding zeros.
+  zeroFree:
+    "F=$(awk '/^MemFree:/ {print int($2/1024)}' /proc/meminfo); W=$(awk '{print int($1/1024)}' /proc/sys/vm/min_free_kbytes); " +
+    'N=$((F - W * 4 - 32)); Z=0; D=/dev/.cloudlet-zero; if [ $N -gt 0 ] && mkdir -p $D && mount -t tmpfs -o size=${N}m ' +
+    'cloudlet-zero $D; then dd if=/dev/zero of=$D/z bs=1M count=$N 2>/dev/null; umount $D && Z=$N; fi; rmdir $D 2>/dev/null; ' +
+    'echo "zeroed:$Z"',
   // util-linux trims every mount with -a; busybox's fstrim takes one mount point at a time.
   trim: `sync; fstrim -av 2>/dev/null || { R=0; for m in ${MOUNTS}; do fstrim -v "$m" || R=1; done; [ $R = 0 ]; }`,
   freeze: (windowS: number): string =>
@@ -79,7 +92,10 @@ export function trimmedBytes(output: string): number | undefined {
   return seen ? total : undefined;
 }
 
-/** Runs the requested steps, in the order drop caches → trim → freeze (freeze last: just before the stop). */
+/**
+ * Runs the requested steps, in the order drop caches → zero free memory → trim → freeze (freeze
+ * last: just before the stop).
+ */
 export async function prepareGuest(ch: GuestChannels, opts: GuestPrepOptions): Promise<PreparedGuest> {
   const via = opts.via ?? 'auto';
   let agent: GuestAgent | undefined;
@@ -119,6 +135,12 @@ export async function prepareGuest(ch: GuestChannels, opts: GuestPrepOptions): P
     if (opts.dropCaches) {
       await timed('drop_caches', () => shell(consoleScripts.dropCaches, 'dropping the page cache', 120_000));
       report.dropped_caches = true;
+    }
+    if (opts.zeroFreeMemory) {
+      await timed('zero_free_memory', async () => {
+        const out = await shell(consoleScripts.zeroFree, 'zeroing free memory', 600_000);
+        report.zeroed_mib = Number(/zeroed:(\d+)/.exec(out)?.[1] ?? 0);
+      });
     }
     if (opts.trim) {
       await timed('trim', async () => {

@@ -15,6 +15,7 @@ interface SnapshotFlags {
   trim?: boolean;
   freeze?: boolean;
   dropCaches?: boolean;
+  zeroFreeMemory?: boolean;
   via: 'auto' | 'agent' | 'console';
   freezeWindow: number;
   agent?: string;
@@ -51,6 +52,11 @@ export function registerSnapshot(program: Command): void {
       "first drop the guest's page cache (sync; echo 3 > /proc/sys/vm/drop_caches): a smaller memory part, " +
         'a slower first read of each file afterwards; changes guest behaviour, so off by default',
     )
+    .option(
+      '--zero-free-memory',
+      "first overwrite the guest's free memory with zeros (a tmpfs filled and freed): free pages still hold " +
+        'deleted files and dropped caches, and cost the overlay as much as pages in use',
+    )
     .addOption(
       new Option('--via <channel>', 'how to reach the guest for --trim/--freeze/--drop-caches')
         .choices(['auto', 'agent', 'console'])
@@ -67,15 +73,19 @@ export function registerSnapshot(program: Command): void {
       'after',
       `
 Leaving out what the guest threw away (docs/semantic-gap.md):
-  --trim            the guest's fstrim, through qemu-ga (guest-fstrim) or the serial console; the disk
-                    must pass discards on (launch does: discard=unmap; yours: virsh domfstrim, or
-                    -drive …,discard=unmap)
-  --freeze          qemu-ga guest-fsfreeze-freeze (the VM is thawed after the capture and after every
-                    resume of the snapshot: synthesize does it through the agent), or over the console
-                    fsfreeze with a self-thaw timer; then create --free-blocks auto leaves free blocks
-                    out. \`sync\` alone is not enough: a mounted ext4's bitmaps are only trusted frozen.
-  --drop-caches     smaller memory, slower first reads.
-  \`--via auto\` uses the guest agent when the VM has a channel (VmSpec guestAgent) and qemu-ga answers.`,
+  --trim              fstrim in the guest (qemu-ga guest-fstrim, or the serial console); the drive must
+                      pass discards on — launch does (discard=unmap); your own VMs: -drive …,discard=unmap
+                      and \`virsh domfstrim\` before your snapshot
+  --freeze            qemu-ga guest-fsfreeze-freeze (thawed after the capture, and after every resume:
+                      synthesize thaws through the agent), or fsfreeze over the console with a timer that
+                      thaws the guest itself (--freeze-window); then create --free-blocks auto leaves free
+                      blocks out. \`sync\` is not enough: a mounted ext4's bitmaps are trusted only frozen.
+  --zero-free-memory  free pages keep what they held (deleted files, dropped caches); zeroed, they cost
+                      nothing (Linux guests)
+  --drop-caches       with --zero-free-memory: a much smaller memory part, the disk part carries the files
+                      instead, first reads slower; alone it changes nothing (freed pages keep their bytes)
+  --via auto          the guest agent when the VM has a channel (VmSpec guestAgent) and qemu-ga answers,
+                      else the serial console (a root shell on it, as the demo VM has).`,
     )
     .action(async (flags: SnapshotFlags, command: Command) => {
       const g = command.optsWithGlobals<GlobalOptions>();
@@ -91,6 +101,7 @@ Leaving out what the guest threw away (docs/semantic-gap.md):
           trim: flags.trim,
           freeze: flags.freeze,
           dropCaches: flags.dropCaches,
+          zeroFreeMemory: flags.zeroFreeMemory,
           via: flags.via,
           freezeWindowS: flags.freezeWindow,
         },
@@ -105,6 +116,7 @@ Leaving out what the guest threw away (docs/semantic-gap.md):
         if (r.guest) {
           const done = [
             r.guest.dropped_caches ? 'page cache dropped' : '',
+            r.guest.zeroed_mib !== undefined ? `${r.guest.zeroed_mib} MiB of free memory zeroed` : '',
             r.guest.trimmed_bytes !== undefined ? `${bytes(r.guest.trimmed_bytes)} trimmed` : '',
             r.guest.frozen !== undefined ? `frozen (${String(r.guest.frozen)})` : '',
           ].filter(Boolean);
