@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SUDO=
 if [[ $(id -u) != 0 ]]; then SUDO=sudo; fi
 
-PKGS=(qemu-system-x86 qemu-utils xdelta3 casync zstd busybox-static e2fsprogs fdisk cpio kmod xz-utils tar nginx-light)
+PKGS=(qemu-system-x86 qemu-utils xdelta3 casync zstd busybox-static e2fsprogs fdisk cpio kmod xz-utils tar nginx-light qemu-guest-agent)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

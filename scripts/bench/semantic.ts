@@ -27,12 +27,13 @@ import { synthesize } from '../../src/api/synthesize.js';
 import { openLibraryBase } from '../../src/base/open.js';
 import { resumeSpec, type VmSpec } from '../../src/spec/vm-spec.js';
 import type { GuestPrepOptions } from '../../src/vm/guest-prep.js';
+import { GuestAgent } from '../../src/vm/guest-agent.js';
 import { startQemu } from '../../src/vm/process.js';
 import { copySparse } from '../../src/vm/snapshot.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
 import { APP_PORT, benchVmSpec, ensureBenchVm } from '../../test/helpers/bench-vm.js';
 import { cli } from '../../test/helpers/cli.js';
-import { freePort, parseStatus, repoRoot } from '../../test/helpers/demo-vm.js';
+import { ensureDemoVm, freePort, parseStatus, repoRoot } from '../../test/helpers/demo-vm.js';
 import { fmtBytes, median, must, table, timed } from './util.js';
 
 const exec = promisify(execFile);
@@ -55,18 +56,25 @@ interface SemanticPair {
   info: { bootSeconds: number; installSeconds: number; packages: string; debBytes: number };
 }
 
-/** The customization, as console lines (each under the console's line limit). */
-function installLines(appUrl: string): string[] {
+/**
+ * The customization, as console lines (each under the console's line limit). The bench guest's
+ * initramfs has only the modules it boots with, and its Debian root has no /lib/modules: the
+ * virtio-serial driver qemu-ga needs (virtio_console, from the same kernel package) is fetched
+ * from the host and loaded — what udev does by itself on a full Debian.
+ */
+function installLines(url: string): string[] {
   return [
+    `busybox wget -q -O /tmp/vc.ko ${url}/virtio_console.ko && busybox insmod /tmp/vc.ko && rm /tmp/vc.ko`,
     'export DEBIAN_FRONTEND=noninteractive; t0=$(cut -d. -f1 /proc/uptime)',
     'apt-get install -y -q --no-install-recommends python3-numpy qemu-guest-agent > /root/install.log 2>&1',
     // What apt downloaded and is about to delete (the bytes the guest throws away).
     'du -sb /var/cache/apt/archives | cut -f1 > /root/debs.bytes; secs=$(( $(cut -d. -f1 /proc/uptime) - t0 ))',
     'apt-get clean',
-    `mkdir -p /opt/app && busybox wget -q -O /opt/app/server.py ${appUrl} && echo bench-app > /marker`,
+    `mkdir -p /opt/app && busybox wget -q -O /opt/app/server.py ${url}/server.py && echo bench-app > /marker`,
     '(cd /opt/app && setsid python3 server.py </dev/null >/tmp/app.log 2>&1 &)',
     // qemu-ga on the virtio-serial port (no udev here: find the port by its name).
-    'P=$(dirname $(grep -l org.qemu.guest_agent.0 /sys/class/virtio-ports/*/name)); qemu-ga -d -m virtio-serial -p /dev/$(basename $P)',
+    'N=$(grep -l org.qemu.guest_agent.0 /sys/class/virtio-ports/*/name) && P=$(basename $(dirname $N)) && ' +
+      'qemu-ga -d -m virtio-serial -p /dev/$P -l /tmp/qemu-ga.log',
     'sync; echo "secs=$secs pkgs=$(grep -c ^Unpacking /root/install.log) debs=$(cat /root/debs.bytes)"',
   ];
 }
@@ -74,10 +82,12 @@ function installLines(appUrl: string): string[] {
 async function ensureSemanticPair(variant: SemanticPair['variant'], log: (s: string) => void): Promise<SemanticPair> {
   const vm = await ensureBenchVm();
   const app = await readFile(join(repoRoot(), 'scripts', 'bench-vm', 'app', 'server.py'));
+  const module = await virtioConsoleModule();
   const append = variant === 'init_on_free' ? `${vm.append} init_on_free=1` : vm.append;
   const key = createHash('sha256')
     .update(vm.buildKey)
     .update(app)
+    .update(module)
     .update(JSON.stringify(installLines('URL')))
     .update(append)
     .update('semantic-pair v1')
@@ -120,7 +130,7 @@ async function ensureSemanticPair(variant: SemanticPair['variant'], log: (s: str
     await rm(bootDisk, { force: true });
     await run(['base', 'import', join(work, 'base'), '--name', 'sem'], 'base import', 1_800_000);
 
-    server = createServer((_req, res) => res.end(app));
+    server = createServer((req, res) => res.end(req.url === '/virtio_console.ko' ? module : app));
     const appPort = await new Promise<number>((resolve) =>
       server!.listen(0, '127.0.0.1', () => resolve((server!.address() as { port: number }).port)),
     );
@@ -129,13 +139,17 @@ async function ensureSemanticPair(variant: SemanticPair['variant'], log: (s: str
     const iid = String(launched['instance']);
     let summary = '';
     const i0 = performance.now();
-    for (const line of installLines(`http://10.0.2.2:${appPort}/server.py`)) {
+    for (const line of installLines(`http://10.0.2.2:${appPort}`)) {
       const out = await run(['console', iid, '--run', line, '--timeout', '1200s'], `customize: ${line}`, 1_300_000);
       if (out['status'] !== 0)
         throw new Error(`customize: ${line}: status ${String(out['status'])}: ${String(out['output'])}`);
       summary = String(out['output']).trim().split('\n').pop() ?? '';
     }
     const installSeconds = (performance.now() - i0) / 1000;
+    const agentSocket = launched['agent_socket'] as string;
+    const agent = await GuestAgent.connect(agentSocket, { timeoutMs: 20_000 });
+    await agent.execute('guest-ping');
+    agent.close();
     const answer = await waitHttp(`http://127.0.0.1:${p2}/`, {
       timeoutMs: 180_000,
       accept: (a) => a.status === 200 && a.body.includes('"bench-numpy"'),
@@ -169,6 +183,22 @@ async function ensureSemanticPair(variant: SemanticPair['variant'], log: (s: str
   } finally {
     server?.close();
   }
+}
+
+/** virtio_console.ko of the demo VM's kernel package (the bench VM boots the same kernel). */
+async function virtioConsoleModule(): Promise<Buffer> {
+  const demo = await ensureDemoVm();
+  const debs = join(demo.dir, 'debs');
+  const { stdout: ls } = await exec('sh', ['-c', `ls ${debs}/linux-image-*.deb | head -n1`]);
+  const deb = ls.trim();
+  const { stdout: list } = await exec('dpkg-deb', ['-c', deb], { maxBuffer: 64 << 20 });
+  const path = /\S*\/virtio_console\.ko\b/.exec(list)?.[0];
+  if (!path) throw new Error(`no virtio_console.ko in ${deb}`);
+  const { stdout } = await exec('sh', ['-c', `dpkg-deb --fsys-tarfile '${deb}' | tar -xO '${path}'`], {
+    encoding: 'buffer',
+    maxBuffer: 16 << 20,
+  });
+  return stdout;
 }
 
 interface Technique {
