@@ -18,7 +18,7 @@ import type { DiffStats } from '../delta/stats.js';
 import { targetSize, type NewChunkedTarget, type TargetInfo } from '../delta/target.js';
 import { UsageError } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
-import { freeChunkRanges, freeSpace } from '../image/fs/free-space.js';
+import { freeChunkRanges, freeSpace, type FreeSpaceResult } from '../image/fs/free-space.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
 import { openVmImages, vmTargets, mainBlockOf, type TargetOrder } from '../targets/vm-images.js';
@@ -54,16 +54,30 @@ export interface CreateOptions {
 
 export type FreeBlocksMode = 'off' | 'auto' | 'ext4';
 
+/** One file system of a disk image, and whether its free blocks can be trusted (image/fs). */
+export interface FileSystemSummary {
+  type: string;
+  /** Partition number; null for a file system on the whole disk. */
+  partition: number | null;
+  trusted: boolean;
+  reason?: string;
+  free_bytes: number;
+}
+
+export function summarizeFileSystems(found: FreeSpaceResult): FileSystemSummary[] {
+  return found.filesystems.map((f) => ({
+    type: f.type,
+    partition: f.partition?.number ?? null,
+    trusted: f.verdict.trusted,
+    ...(f.verdict.trusted ? {} : { reason: f.verdict.reason }),
+    free_bytes: f.freeBytes,
+  }));
+}
+
 /** What --free-blocks found on the customized disk. */
 export interface FreeBlocksReport {
   mode: FreeBlocksMode;
-  file_systems: Array<{
-    type: string;
-    partition: number | null;
-    trusted: boolean;
-    reason?: string;
-    free_bytes: number;
-  }>;
+  file_systems: FileSystemSummary[];
   /** Free bytes of the trusted file systems (whole 4 KiB chunks). */
   free_bytes: number;
   /** Chunks that would have been read and compared, left out as free. */
@@ -151,13 +165,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       const ranges = freeChunkRanges(found.free, CHUNK_SIZE);
       freeReport = {
         mode: freeMode,
-        file_systems: found.filesystems.map((f) => ({
-          type: f.type,
-          partition: f.partition?.number ?? null,
-          trusted: f.verdict.trusted,
-          ...(f.verdict.trusted ? {} : { reason: f.verdict.reason }),
-          free_bytes: f.freeBytes,
-        })),
+        file_systems: summarizeFileSystems(found),
         free_bytes: ranges.reduce((n, r) => n + r.count, 0) * CHUNK_SIZE,
         chunks_left_out: 0,
         notes: found.notes,

@@ -12,6 +12,7 @@ import { captureSnapshot } from '../vm/snapshot.js';
 import { prepareGuest, type GuestPrepOptions, type GuestPrepReport, type PreparedGuest } from '../vm/guest-prep.js';
 import { openDisk } from '../image/disk/open-disk.js';
 import { freeSpace } from '../image/fs/free-space.js';
+import { summarizeFileSystems, type FileSystemSummary } from './create.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { listInstances } from '../instance/state.js';
 import { writeFileAtomic, syncDir } from '../util/atomic.js';
@@ -43,7 +44,7 @@ export interface SnapshotOptions {
   /** What the VM does after the capture (--then). */
   afterCapture: 'resume' | 'quit' | 'stop';
   progress?: Progress;
-  /** Before the capture: drop the guest's page cache, trim, freeze (vm/guest-prep.ts). */
+  /** Before the capture: drop the page cache, zero free memory, trim, freeze (vm/guest-prep.ts). */
   guest?: GuestPrepOptions;
   /** The guest agent's socket of a VM that is not ours (ours: from its instance state). */
   agentSocket?: string;
@@ -51,27 +52,18 @@ export interface SnapshotOptions {
   serialSocket?: string;
 }
 
-/** A file system of the snapshot's disk copy, as `create --free-blocks` will judge it. */
-export interface SnapshotFileSystem {
-  type: string;
-  partition: number | null;
-  trusted: boolean;
-  reason?: string;
-  free_bytes: number;
-}
-
 export interface SnapshotResult {
   message_type: 'snapshot';
   dir: string;
   memory_bytes: number;
   disk?: string;
-  /** What was done in the guest first (with --drop-caches, --trim, --freeze). */
+  /** What was done in the guest first (--drop-caches, --zero-free-memory, --trim, --freeze). */
   guest?: GuestPrepReport & {
     /** Agent freezes: thawed again after the capture (the VM went on running). */
     thawed?: number;
   };
   /** With --freeze: the file systems of the disk copy, and whether create can trust them. */
-  file_systems?: SnapshotFileSystem[];
+  file_systems?: FileSystemSummary[];
   timings_ms: { migrate: number; disk_copy: number; total: number; [step: string]: number };
 }
 
@@ -134,7 +126,7 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
       // An agent-frozen guest that goes on running is thawed now (a console freeze thaws itself).
       if (opts.afterCapture === 'resume') guest.thawed = await prepared.thaw();
     }
-    let fileSystems: SnapshotFileSystem[] | undefined;
+    let fileSystems: FileSystemSummary[] | undefined;
     if (g.freeze && diskFile) fileSystems = await fileSystemsOf(join(work, diskFile), diskFormat);
     const file: SnapshotVmFile = {
       vm: vmSpec,
@@ -174,17 +166,10 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
 }
 
 /** The file systems of a disk image, as `create --free-blocks` judges them. */
-async function fileSystemsOf(path: string, format: string): Promise<SnapshotFileSystem[]> {
+async function fileSystemsOf(path: string, format: string): Promise<FileSystemSummary[]> {
   const disk = await openDisk(path, { format });
   try {
-    const r = await freeSpace(disk);
-    return r.filesystems.map((f) => ({
-      type: f.type,
-      partition: f.partition?.number ?? null,
-      trusted: f.verdict.trusted,
-      ...(f.verdict.trusted ? {} : { reason: f.verdict.reason }),
-      free_bytes: f.freeBytes,
-    }));
+    return summarizeFileSystems(await freeSpace(disk));
   } finally {
     await disk.close();
   }
