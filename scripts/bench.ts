@@ -9,7 +9,9 @@
  *   - casync make with the base in the store (disk + memory)
  *   - apply, and synthesize → first HTTP answer split by phase, sparse vs full stream
  * Prints tables; docs/BENCHMARKS.md records a run.
- * Usage: npm run bench [-- --keep] [--small | --realistic] [--runs=N] [--quick (no xdelta3 on 2.5 GB)]
+ * Then the semantic gap (scripts/bench/semantic.ts: trim, free blocks, free memory on the Debian pair).
+ * Usage: npm run bench [-- --keep] [--small | --realistic | --semantic] [--runs=N]
+ *        [--quick (no xdelta3 on 2.5 GB, no init_on_free pair)]
  */
 import { execFile } from 'node:child_process';
 import { mkdtemp, rm, mkdir, writeFile } from 'node:fs/promises';
@@ -21,6 +23,7 @@ import { cli } from '../test/helpers/cli.js';
 import { createOverlay } from '../src/api/create.js';
 import { dirBytes, fmtBytes, median, must, size, table, timed } from './bench/util.js';
 import { realisticBench } from './bench/realistic.js';
+import { semanticBench } from './bench/semantic.js';
 import { applyOverlay } from '../src/api/apply.js';
 import { synthesize } from '../src/api/synthesize.js';
 import { openLibraryBase } from '../src/base/open.js';
@@ -307,15 +310,22 @@ async function smallBench(work: string): Promise<void> {
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const keep = args.includes('--keep');
-  const only = args.find((a) => a === '--small' || a === '--realistic');
+  const only = args.find((a) => a === '--small' || a === '--realistic' || a === '--semantic');
   const runs = Number(args.find((a) => a.startsWith('--runs='))?.slice(7) ?? 3);
   const work = await mkdtemp(join(tmpdir(), 'clo-bench-'));
   console.error(`bench: working in ${work}`);
   const summary: Record<string, unknown> = { date: new Date().toISOString() };
   try {
-    if (only !== '--small')
+    if (only === undefined || only === '--realistic')
       summary['realistic'] = await realisticBench({ work, runs, quick: args.includes('--quick') });
-    if (only !== '--realistic') await smallBench(work);
+    if (only === undefined || only === '--semantic') {
+      summary['semantic'] = await semanticBench({
+        work,
+        runs: Math.min(runs, 3),
+        initOnFree: !args.includes('--quick'),
+      });
+    }
+    if (only === undefined || only === '--small') await smallBench(work);
     await writeFile(join(work, 'bench.json'), JSON.stringify(summary, null, 2) + '\n');
     console.log(`\nbench: results in ${join(work, 'bench.json')}${keep ? '' : ' (removed: pass --keep)'}`);
   } finally {

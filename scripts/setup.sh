@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything cloudlet-overlay needs on a fresh Debian 12 machine (as root, or with
 # sudo): QEMU and qemu-img, the benchmark peers (xdelta3, casync), what the demo VM build uses,
-# glance-api (scripts/glance.sh), then the npm dependencies, and builds. Safe to run again: it
-# only installs what is missing.
+# glance-api (scripts/glance.sh), qemu-guest-agent (a unit test runs its qemu-ga on the host over a
+# unix socket, every command that touches the host blocked), then the npm dependencies, and builds.
+# Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 SUDO=
 if [[ $(id -u) != 0 ]]; then SUDO=sudo; fi
 
-PKGS=(qemu-system-x86 qemu-utils xdelta3 casync zstd busybox-static e2fsprogs fdisk cpio kmod xz-utils tar nginx-light)
+PKGS=(qemu-system-x86 qemu-utils xdelta3 casync zstd busybox-static e2fsprogs fdisk cpio kmod xz-utils tar nginx-light qemu-guest-agent)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

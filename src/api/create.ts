@@ -18,6 +18,7 @@ import type { DiffStats } from '../delta/stats.js';
 import { targetSize, type NewChunkedTarget, type TargetInfo } from '../delta/target.js';
 import { UsageError, withPath } from '../util/errors.js';
 import { backingChain } from '../image/disk/open-disk.js';
+import { freeChunkRanges, freeSpace, type FreeSpaceResult } from '../image/fs/free-space.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
 import type { BaseVm } from '../targets/base-vm.js';
 import { openVmImages, vmTargets, mainBlockOf, type TargetOrder } from '../targets/vm-images.js';
@@ -47,6 +48,47 @@ export interface CreateOptions {
   order?: TargetOrder;
   /** Threads (default: every core); the overlay's bytes are the same whatever the number. */
   threads?: number;
+  /**
+   * Leave out changed disk chunks that lie wholly in blocks the guest's file systems mark free
+   * (rebuilt as the base's content there, or zero): `off` (the default: the rebuilt disk is the
+   * customized one, byte for byte), `auto` (only file systems whose on-disk bitmaps can be
+   * trusted — unmounted, frozen or read-only at the snapshot: docs/free-blocks.md; others stay
+   * exact), `ext4` (as auto, but an error when no trusted ext2/3/4 is found).
+   */
+  freeBlocks?: FreeBlocksMode;
+}
+
+export type FreeBlocksMode = 'off' | 'auto' | 'ext4';
+
+/** One file system of a disk image, and whether its free blocks can be trusted (image/fs). */
+export interface FileSystemSummary {
+  type: string;
+  /** Partition number; null for a file system on the whole disk. */
+  partition: number | null;
+  trusted: boolean;
+  reason?: string;
+  free_bytes: number;
+}
+
+export function summarizeFileSystems(found: FreeSpaceResult): FileSystemSummary[] {
+  return found.filesystems.map((f) => ({
+    type: f.type,
+    partition: f.partition?.number ?? null,
+    trusted: f.verdict.trusted,
+    ...(f.verdict.trusted ? {} : { reason: f.verdict.reason }),
+    free_bytes: f.freeBytes,
+  }));
+}
+
+/** What --free-blocks found on the customized disk. */
+export interface FreeBlocksReport {
+  mode: FreeBlocksMode;
+  file_systems: FileSystemSummary[];
+  /** Free bytes of the trusted file systems (whole 4 KiB chunks). */
+  free_bytes: number;
+  /** Chunks that would have been read and compared, left out as free. */
+  chunks_left_out: number;
+  notes: string[];
 }
 
 export interface CreateResult {
@@ -56,6 +98,8 @@ export interface CreateResult {
   base_id: string;
   targets: TargetInfo[];
   stats: DiffStats;
+  /** With --free-blocks auto|ext4. */
+  free_blocks?: FreeBlocksReport;
   timings_ms: { [phase: string]: number };
 }
 
@@ -79,6 +123,8 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
   if (opts.disk && !base.targets.some((t) => t.kind === 'disk')) {
     throw new UsageError('the customized VM has a disk but the base has none: give the base disk too');
   }
+  const freeMode = opts.freeBlocks ?? 'off';
+  if (!['off', 'auto', 'ext4'].includes(freeMode)) throw new UsageError(`--free-blocks must be off, auto or ext4`);
   await initXdelta3();
   const vm = await timings.time('open', () =>
     openVmImages({ disk: opts.disk, diskFormat: opts.diskFormat, memory: opts.memory, tmpDir: opts.tmpDir }),
@@ -121,6 +167,29 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
       }
     }
 
+    let freeReport: FreeBlocksReport | undefined;
+    if (diskTarget && vm.disk && freeMode !== 'off') {
+      const disk = vm.disk;
+      const found = await timings.time('free_blocks', () => freeSpace(disk));
+      const ranges = freeChunkRanges(found.free, CHUNK_SIZE);
+      freeReport = {
+        mode: freeMode,
+        file_systems: summarizeFileSystems(found),
+        free_bytes: ranges.reduce((n, r) => n + r.count, 0) * CHUNK_SIZE,
+        chunks_left_out: 0,
+        notes: found.notes,
+      };
+      if (freeMode === 'ext4' && !found.filesystems.some((f) => f.verdict.trusted)) {
+        const why = found.filesystems.map((f) => (f.verdict.trusted ? '' : `${f.type}: ${f.verdict.reason}`));
+        throw new UsageError(
+          `--free-blocks ext4: no trusted ext2/3/4 file system on the customized disk` +
+            `${why.length ? ` (${why.join('; ')})` : ''}. Its bitmaps are current only when it was unmounted, ` +
+            'frozen or read-only at the snapshot: snapshot --freeze (or --trim, then create without --free-blocks)',
+        );
+      }
+      if (ranges.length > 0) diskTarget.dontCare = ranges;
+    }
+
     if (!base.anchors) {
       // A library base from before anchors (or with a damaged index): build it now.
       progress.step('indexing base content anchors');
@@ -154,6 +223,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
         }),
       );
       result = await timings.time('finish', () => writer.finish(diffResult.targets, diffResult.stats));
+      if (freeReport) freeReport.chunks_left_out = diffResult.stats.targets['disk']?.dontCareChunks ?? 0;
       progress.done('overlay created');
       // Re-read what was written: header, footer and index must parse (restic does the same).
       const check = await OverlayReader.open(opts.output, { trust: opts.sign ? [publicOf(opts.sign)] : [] });
@@ -165,6 +235,7 @@ async function createWith(base: BaseVm, opts: CreateOptions, progress: Progress)
         base_id: base.id,
         targets: result.header.targets,
         stats: diffResult.stats,
+        ...(freeReport ? { free_blocks: freeReport } : {}),
         timings_ms: { ...timings.phases, total: timings.total() },
       };
     } catch (err) {

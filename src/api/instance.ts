@@ -33,6 +33,8 @@ export interface InstanceStart {
   memory: { incoming: IncomingSpec; sparse: boolean };
   /** The instance's disk over another backing node than its header names (see DriveSpec.backing). */
   diskBacking?: DriveSpec['backing'];
+  /** Host-side options of the instance's disk (launch: discard=unmap for customization). */
+  diskOptions?: Pick<DriveSpec, 'discard' | 'detectZeroes'>;
   forwards: PortForward[];
   accel?: AccelChoice;
   detach?: boolean;
@@ -54,6 +56,7 @@ export function resumeSpecFor(
   memory: InstanceStart['memory'],
   forwards: PortForward[],
   diskBacking?: DriveSpec['backing'],
+  diskOptions?: Pick<DriveSpec, 'discard' | 'detectZeroes'>,
 ): VmSpec {
   const vm = base.manifest.vm;
   if (!vm)
@@ -65,7 +68,9 @@ export function resumeSpecFor(
   if (spec.kernel) spec.kernel = join(base.dir, spec.kernel);
   if (spec.initrd) spec.initrd = join(base.dir, spec.initrd);
   const drive = spec.drives?.[0];
-  if (drive) spec.drives = [{ ...drive, file: join(dir, 'disk.qcow2'), format: 'qcow2', backing: diskBacking }];
+  if (drive) {
+    spec.drives = [{ ...drive, file: join(dir, 'disk.qcow2'), format: 'qcow2', backing: diskBacking, ...diskOptions }];
+  }
   if (spec.network) {
     spec.network = { ...spec.network, forwards };
     if (spec.network.romfile) spec.network.romfile = join(base.dir, spec.network.romfile);
@@ -80,7 +85,7 @@ export function resumeSpecFor(
 
 export async function startInstance(s: InstanceStart): Promise<{ vm: RunningVm; state: InstanceState }> {
   const dir = instanceDir(s.root, s.iid);
-  const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards, s.diskBacking);
+  const spec = resumeSpecFor(s.base, dir, s.memory, s.forwards, s.diskBacking, s.diskOptions);
   const launcher = (await resolveLauncherKind(s.launcher ?? 'qemu')) === 'libvirt' ? libvirtLauncher : qemuLauncher;
   const vm = await launcher
     .start(spec, { runDir: dir, accel: s.accel ?? 'auto', detach: s.detach, hostArgs: s.qemuArgs })
@@ -100,6 +105,7 @@ export async function startInstance(s: InstanceStart): Promise<{ vm: RunningVm; 
     serial_socket: vm.paths.serialSocket,
     serial_log: vm.paths.serialLog,
     stderr_log: vm.paths.stderrLog,
+    ...(spec.guestAgent ? { agent_socket: vm.paths.agentSocket } : {}),
     forwards: s.forwards,
     launcher: vm.launcher,
     domain: vm.domain,

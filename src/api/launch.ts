@@ -15,6 +15,7 @@ import { CHUNK_SIZE } from '../delta/chunk.js';
 import type { PortForward } from '../spec/vm-spec.js';
 import type { AccelChoice } from '../vm/accel.js';
 import { UsageError } from '../util/errors.js';
+import { thawAfterResume, type ThawOutcome } from '../vm/guest-prep.js';
 import { onCleanup } from '../util/cleanup.js';
 import { newInstanceId, startInstance } from './instance.js';
 import { sweepLibrary } from './gc.js';
@@ -28,6 +29,12 @@ export interface LaunchOptions {
   accel?: AccelChoice;
   /** Raw QEMU options from the operator (--qemu-arg). */
   qemuArgs?: string[];
+  /**
+   * Pass the guest's discards (fstrim) to the disk layer, and write zeroes as discards: freed
+   * blocks then become zero clusters, which cost an overlay nothing. Host-side only (the guest
+   * sees the same virtio-blk device either way). Default true.
+   */
+  discard?: boolean;
 }
 
 export interface LaunchResult {
@@ -39,7 +46,10 @@ export interface LaunchResult {
   dir: string;
   qmp_socket: string;
   serial_socket: string;
+  agent_socket?: string;
   forwards: PortForward[];
+  /** Agent guests: whether the resumed base had to be thawed (a base captured frozen). */
+  guest_thaw?: ThawOutcome;
 }
 
 export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
@@ -84,8 +94,10 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
       detach: true,
       overlay: '',
       qemuArgs: opts.qemuArgs,
+      diskOptions: (opts.discard ?? true) ? { discard: 'unmap', detectZeroes: 'unmap' } : undefined,
     });
     await vm.qmp.close();
+    const thaw = vm.spec.guestAgent ? await thawAfterResume(vm.paths.agentSocket).catch(() => undefined) : undefined;
     unregister();
     return {
       message_type: 'launch',
@@ -96,7 +108,9 @@ export async function launchBase(opts: LaunchOptions): Promise<LaunchResult> {
       dir,
       qmp_socket: state.qmp_socket,
       serial_socket: state.serial_socket,
+      ...(state.agent_socket ? { agent_socket: state.agent_socket } : {}),
       forwards: opts.forwards,
+      ...(thaw ? { guest_thaw: thaw } : {}),
     };
   } catch (err) {
     await rm(dir, { recursive: true, force: true });

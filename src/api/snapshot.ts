@@ -9,6 +9,10 @@ import { readInputFile } from '../util/input-file.js';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AttachedVm } from '../vm/attach.js';
 import { captureSnapshot } from '../vm/snapshot.js';
+import { prepareGuest, type GuestPrepOptions, type GuestPrepReport, type PreparedGuest } from '../vm/guest-prep.js';
+import { openDisk } from '../image/disk/open-disk.js';
+import { freeSpace } from '../image/fs/free-space.js';
+import { summarizeFileSystems, type FileSystemSummary } from './create.js';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { listInstances } from '../instance/state.js';
 import { stagingDir, writeFileAtomic, syncDir } from '../util/atomic.js';
@@ -46,6 +50,12 @@ export interface SnapshotOptions {
    * closed list does not model (spec/validate.ts). `base capture` sets it.
    */
   requireStorable?: boolean;
+  /** Before the capture: drop the page cache, zero free memory, trim, freeze (vm/guest-prep.ts). */
+  guest?: GuestPrepOptions;
+  /** The guest agent's socket of a VM that is not ours (ours: from its instance state). */
+  agentSocket?: string;
+  /** The serial console socket of a VM that is not ours. */
+  serialSocket?: string;
 }
 
 export interface SnapshotResult {
@@ -53,7 +63,14 @@ export interface SnapshotResult {
   dir: string;
   memory_bytes: number;
   disk?: string;
-  timings_ms: { migrate: number; disk_copy: number; total: number };
+  /** What was done in the guest first (--drop-caches, --zero-free-memory, --trim, --freeze). */
+  guest?: GuestPrepReport & {
+    /** Agent freezes: thawed again after the capture (the VM went on running). */
+    thawed?: number;
+  };
+  /** With --freeze: the file systems of the disk copy, and whether create can trust them. */
+  file_systems?: FileSystemSummary[];
+  timings_ms: { migrate: number; disk_copy: number; total: number; [step: string]: number };
 }
 
 export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult> {
@@ -62,16 +79,24 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   let spec: VmSpec | undefined;
   let socket = opts.qmp ? resolve(opts.qmp) : undefined;
   let launcher: string | undefined;
+  let agentSocket = opts.agentSocket;
+  let serialSocket = opts.serialSocket;
   if (opts.instance) {
     const inst = await findInstance(opts.root, opts.instance);
     spec = inst.spec;
     socket = inst.qmp_socket;
     launcher = inst.launcher;
+    agentSocket ??= inst.agent_socket;
+    serialSocket ??= inst.serial_socket;
   } else {
     const ours = (await listInstances(opts.root)).find((i) => i.qmp_socket === socket);
     spec = ours?.spec;
     launcher = ours?.launcher;
+    agentSocket ??= ours?.agent_socket;
+    serialSocket ??= ours?.serial_socket;
   }
+  const g = opts.guest ?? {};
+  const prep = g.dropCaches || g.zeroFreeMemory || g.trim || g.freeze;
   const outDir = resolve(opts.outDir);
   if (await stat(outDir).catch(() => undefined)) throw new BusyError(`${outDir} already exists`, { path: outDir });
   if (!socket) throw new UsageError('name the VM: --instance ID or --qmp SOCKET');
@@ -87,7 +112,13 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
   await mkdir(dirname(outDir), { recursive: true });
   const work = await stagingDir(dirname(outDir), `${basename(outDir)}.tmp-`);
   const unregister = onCleanup(() => rm(work, { recursive: true, force: true }));
+  let prepared: PreparedGuest | undefined;
   try {
+    if (prep) {
+      progress.step('preparing the guest');
+      prepared = await prepareGuest({ agentSocket, serialSocket }, g);
+      progress.done(`guest prepared (${prepared.report.channel})`);
+    }
     const vmSpec: VmSpec = { ...vm.spec };
     delete vmSpec.incoming;
     delete vmSpec.memoryBackendFile;
@@ -104,6 +135,14 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
       via: launcher === 'libvirt' ? 'socket' : 'exec',
     });
     progress.done(`captured ${Math.round(r.memBytes / 2 ** 20)} MiB of memory stream`);
+    let guest: SnapshotResult['guest'];
+    if (prepared) {
+      guest = { ...prepared.report };
+      // An agent-frozen guest that goes on running is thawed now (a console freeze thaws itself).
+      if (opts.afterCapture === 'resume') guest.thawed = await prepared.thaw();
+    }
+    let fileSystems: FileSystemSummary[] | undefined;
+    if (g.freeze && diskFile) fileSystems = await fileSystemsOf(join(work, diskFile), diskFormat);
     const file: SnapshotVmFile = {
       vm: vmSpec,
       disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,
@@ -119,7 +158,10 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
       dir: outDir,
       memory_bytes: r.memBytes,
       disk: diskFile ? join(outDir, diskFile) : undefined,
+      ...(guest ? { guest } : {}),
+      ...(fileSystems ? { file_systems: fileSystems } : {}),
       timings_ms: {
+        ...prepared?.report.timings_ms,
         migrate: Math.round(r.timings.migrateMs),
         disk_copy: Math.round(r.timings.diskCopyMs),
         total: Math.round(r.timings.totalMs),
@@ -127,11 +169,24 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     };
   } catch (err) {
     progress.fail('snapshot failed');
+    // Never leave a guest frozen by us running.
+    await prepared?.thaw().catch(() => undefined);
     await rm(work, { recursive: true, force: true });
     throw err;
   } finally {
     unregister();
+    await prepared?.close();
     if (vm.running) await vm.detach();
+  }
+}
+
+/** The file systems of a disk image, as `create --free-blocks` judges them. */
+async function fileSystemsOf(path: string, format: string): Promise<FileSystemSummary[]> {
+  const disk = await openDisk(path, { format });
+  try {
+    return summarizeFileSystems(await freeSpace(disk));
+  } finally {
+    await disk.close();
   }
 }
 

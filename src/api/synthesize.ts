@@ -46,6 +46,7 @@ import type { AccelChoice } from '../vm/accel.js';
 import { swapBacking } from '../vm/block.js';
 import { waitHttp, waitTcp } from '../vm/ready.js';
 import { CloudletError, CorruptInputError, UsageError, withPath } from '../util/errors.js';
+import { thawAfterResume, type ThawOutcome } from '../vm/guest-prep.js';
 import { onCleanup } from '../util/cleanup.js';
 import { findProgram } from '../util/programs.js';
 import { silent, Timings, type Progress } from '../util/progress.js';
@@ -102,6 +103,8 @@ export interface SynthesizeResult {
   forwards: PortForward[];
   /** The guest's first answer, when waited for. */
   answer?: { status: number; body: string };
+  /** VMs with a guest agent channel: whether the resumed guest had to be thawed (snapshot --freeze). */
+  guest_thaw?: ThawOutcome;
   /** For an overlay streamed from a URL: what arrived, and connections resumed after a drop. */
   download?: { bytes: number; resumed: number };
   timings_ms: { [phase: string]: number };
@@ -152,6 +155,11 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
     const started = await run({ opts, base, opened: ov, dir, iid, timings, progress, cleanups });
     vm = started.vm;
     const running = started.vm;
+    // A guest snapshotted frozen through its agent (snapshot --freeze) is frozen here too: thaw it
+    // while the first answer is awaited (reads work frozen; writes would wait).
+    const thawing = running.spec.guestAgent
+      ? thawAfterResume(running.paths.agentSocket).catch(() => 'no-agent' as const)
+      : undefined;
     let answer: SynthesizeResult['answer'];
     const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
     const { waitHttp: url, waitTcp: port } = opts;
@@ -163,6 +171,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
       await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
     }
     timings.phases['answered'] = timings.total();
+    const thawed = thawing ? await thawing : undefined;
     // Early start: the rest of the overlay still arrives; done when the VM needs us no more.
     await started.complete;
     progress.done('VM resumed');
@@ -180,6 +189,7 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
         dir,
         forwards: opts.forwards,
         answer,
+        ...(thawed ? { guest_thaw: thawed } : {}),
         download: ov.transfer ? { bytes: ov.transfer.received, resumed: ov.transfer.resumed } : undefined,
         timings_ms: timings.phases,
       },

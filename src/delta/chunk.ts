@@ -49,3 +49,55 @@ export function extentsToChunkRanges(
   }
   return out;
 }
+
+/**
+ * `ranges` ([first, end) chunk ranges, ascending) without the chunks of `runs` (ascending
+ * {first, count}); also how many chunks were taken out.
+ */
+export function subtractChunkRuns(
+  ranges: ReadonlyArray<[number, number]>,
+  runs: ReadonlyArray<{ first: number; count: number }>,
+): { ranges: Array<[number, number]>; removed: number } {
+  const out: Array<[number, number]> = [];
+  let removed = 0;
+  let r = 0;
+  for (const [first, end] of ranges) {
+    let pos = first;
+    while (r < runs.length && runs[r]!.first + runs[r]!.count <= pos) r++;
+    for (let k = r; k < runs.length && runs[k]!.first < end; k++) {
+      const a = Math.max(pos, runs[k]!.first);
+      const b = Math.min(end, runs[k]!.first + runs[k]!.count);
+      if (a >= b) continue;
+      if (a > pos) out.push([pos, a]);
+      removed += b - a;
+      pos = b;
+    }
+    if (pos < end) out.push([pos, end]);
+  }
+  return { ranges: out, removed };
+}
+
+/** Whether chunk `index` is in one of `runs` (ascending {first, count}): binary search. */
+export function inChunkRuns(runs: ReadonlyArray<{ first: number; count: number }>, index: number): boolean {
+  let lo = 0;
+  let hi = runs.length - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    const run = runs[mid]!;
+    if (index < run.first) hi = mid - 1;
+    else if (index >= run.first + run.count) lo = mid + 1;
+    else return true;
+  }
+  return false;
+}
+
+/** Throws RangeError unless `runs` are ascending, non-empty and do not overlap. */
+export function checkChunkRuns(runs: ReadonlyArray<{ first: number; count: number }>, what: string): void {
+  let end = 0;
+  for (const r of runs) {
+    if (!Number.isSafeInteger(r.first) || !Number.isSafeInteger(r.count) || r.count <= 0 || r.first < end) {
+      throw new RangeError(`${what}: chunk runs must be ascending, non-empty and disjoint`);
+    }
+    end = r.first + r.count;
+  }
+}

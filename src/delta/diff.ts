@@ -5,7 +5,15 @@
  * base's chunk map without reading. Consecutive zeros and references merge into runs (runs.ts).
  */
 import { AnchorIndex } from './anchors.js';
-import { CHUNK_SIZE, chunkCount, chunkLength, extentsToChunkRanges } from './chunk.js';
+import {
+  CHUNK_SIZE,
+  checkChunkRuns,
+  chunkCount,
+  chunkLength,
+  extentsToChunkRanges,
+  inChunkRuns,
+  subtractChunkRuns,
+} from './chunk.js';
 import { TargetDigest, sha256Hex } from './hash.js';
 import { HashIndex } from './hash-index.js';
 import { ChunkLadder, blobRecord, type LadderOptions, type TargetScan } from './ladder.js';
@@ -108,6 +116,10 @@ export async function diff(
   return { targets: infos, stats };
 }
 
+function asRuns(ranges: ReadonlyArray<[number, number]>): Array<{ first: number; count: number }> {
+  return ranges.map(([a, b]) => ({ first: a, count: b - a }));
+}
+
 /** Chunks of all chunked targets: the most literals an overlay can hold. */
 function chunkTotal(targets: readonly NewTarget[]): number {
   return targets.reduce((n, t) => n + (t.kind === 'blob' ? 0 : chunkCount(t.source.size)), 0);
@@ -147,16 +159,23 @@ async function scanTarget(
   const n = chunkCount(size);
 
   const hinted = target.changedHint !== undefined && same !== undefined && same.size === size;
+  // Chunks whose content does not matter are not read at all: they sit in the gaps, as the base.
+  const dontCare = target.dontCare ?? [];
+  checkChunkRuns(dontCare, target.name);
   // Chunks between the ranges read below: with a hint they equal the base (digest from the
-  // base's map); otherwise they read as zero, so non-zero base chunks there become ZERO runs.
+  // base's map), unless the image says they hold no data; otherwise they read as zero, so
+  // non-zero base chunks there become ZERO runs — except where the content does not matter:
+  // the base's chunk stays.
   // The map is walked twice, in order: ahead, to tell proposals where the base has data, and
   // behind, as chunks are decided and gaps settled.
   let mapPos = 0;
+  let zeroInHint: Array<{ first: number; count: number }> = [];
   const gapUntil = async (end: number): Promise<void> => {
     if (!same || !baseMap) return;
     while (mapPos < baseMap.count && baseMap.indexes[mapPos]! < end) {
       const i = baseMap.indexes[mapPos]!;
-      if (i < n && hinted) {
+      const asBase = hinted && (zeroInHint.length === 0 || !inChunkRuns(zeroInHint, i));
+      if (i < n && (asBase || (dontCare.length > 0 && eligible(same, size, i) && inChunkRuns(dontCare, i)))) {
         ts.dataChunks++;
         digest.add(i, baseMap.hashAt(mapPos));
       } else if (i < n && eligible(same, size, i)) {
@@ -177,8 +196,19 @@ async function scanTarget(
     return out;
   };
 
-  const extents = hinted && target.changedHint ? target.changedHint : await target.source.dataExtents();
-  const ranges = extentsToChunkRanges(extents, size);
+  let ranges = extentsToChunkRanges(await target.source.dataExtents(), size);
+  if (hinted && target.changedHint) {
+    // Hinted chunks without a byte of data (zero clusters of the image's own layer: trimmed,
+    // discarded, written as zeroes) read as zero: they are settled as gaps too, not read.
+    const hint = extentsToChunkRanges(target.changedHint, size);
+    zeroInHint = asRuns(subtractChunkRuns(hint, asRuns(ranges)).ranges);
+    ranges = subtractChunkRuns(hint, zeroInHint).ranges;
+  }
+  if (target.dontCare) {
+    const cut = subtractChunkRuns(ranges, dontCare);
+    ranges = cut.ranges;
+    ts.dontCareChunks = cut.removed;
+  }
   const reader = new PairReader(target.source, same?.source, stats);
   // Progress counts skipped (zero or unchanged) ranges too, so it ends at the target's size.
   let reported = 0;

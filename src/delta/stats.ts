@@ -15,6 +15,11 @@ export interface TargetStats {
   dataChunks: number;
   /** Chunks that differ from the base at the same place (and need a record). */
   changedChunks: number;
+  /**
+   * Chunks that would have been read and compared, left out because their content does not
+   * matter (NewChunkedTarget.dontCare: free blocks); present only when the target had such ranges.
+   */
+  dontCareChunks?: number;
 }
 
 export interface DiffStats {

@@ -54,6 +54,20 @@ export interface NewChunkedTarget {
    * only when the base target has the same size.
    */
   changedHint?: Extent[];
+  /**
+   * Chunk ranges whose content does not matter (blocks the guest's file system marks free and
+   * can be trusted to: src/image/fs). They are rebuilt as whatever costs nothing: the base's
+   * chunk at the same place where there is one, else zero — no record either way. The target's
+   * digest is of that rebuilt content, so synthesis proves what it rebuilds. Ascending, not
+   * overlapping.
+   */
+  dontCare?: readonly ChunkRun[];
+}
+
+/** Chunks [first, first + count). */
+export interface ChunkRun {
+  first: number;
+  count: number;
 }
 
 export interface NewBlobTarget {

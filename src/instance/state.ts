@@ -25,6 +25,8 @@ export interface InstanceState {
   serial_socket: string;
   serial_log: string;
   stderr_log: string;
+  /** The guest agent channel's host socket (a spec with guestAgent). */
+  agent_socket?: string;
   forwards: PortForward[];
   /** Who runs its QEMU (absent: qemu, from before launchers). */
   launcher?: 'qemu' | 'libvirt';

@@ -88,6 +88,11 @@ const synthesizeAnswer: Schema = {
       description: "the guest's first HTTP answer, when wait_path was given",
       properties: { status: { type: 'integer' }, body: { type: 'string' } },
     },
+    guest_thaw: {
+      type: 'string',
+      enum: ['thawed', 'not-frozen', 'no-agent'],
+      description: 'bases with a guest agent channel: whether the resumed guest had to be thawed (snapshot --freeze)',
+    },
     timings_ms: { type: 'object', additionalProperties: { type: 'number' } },
   },
 };

@@ -21,6 +21,15 @@ export interface DriveSpec {
   /** QEMU's cache mode; default QEMU's own (writeback). */
   cache?: 'writeback' | 'none' | 'writethrough' | 'directsync' | 'unsafe';
   /**
+   * What QEMU does with the guest's discards (TRIM): `unmap` passes them to the image (a qcow2
+   * cluster over a backing file becomes a zero cluster), `ignore` (QEMU's default) drops them.
+   * Host-side only: virtio-blk offers discard to the guest either way (a device property on by
+   * default since machine type 4.0), so a snapshot resumes on a drive with or without it.
+   */
+  discard?: 'unmap' | 'ignore';
+  /** Guest writes of zeroes: `unmap` turns them into discards (needs discard unmap). Host-side only. */
+  detectZeroes?: 'off' | 'on' | 'unmap';
+  /**
    * A qcow2 drive opened over this backing node instead of the backing file its header names
    * (a synthesized VM starts over the base disk and is switched to its rebuilt layer before it
    * runs). Host-side only; the guest sees the drive's bytes.
@@ -80,6 +89,13 @@ export interface VmSpec {
   drives?: DriveSpec[];
   network?: NetworkSpec;
   memoryBackendFile?: MemoryBackendFile;
+  /**
+   * A QEMU guest agent channel: a virtio-serial controller with one port named
+   * org.qemu.guest_agent.0 (after the drives and the NIC), its host end a socket in the run
+   * directory. Guest-visible (a PCI device): it must be in the base VM from its boot, and every
+   * resume of it keeps it. The guest runs qemu-ga on it (or nothing: then nothing answers).
+   */
+  guestAgent?: boolean;
   /** Resume from this migration stream instead of booting. */
   incoming?: IncomingSpec;
   /** Exit instead of rebooting (a guest panic then ends QEMU, visibly). Default true. */
@@ -103,6 +119,11 @@ export function validateSpec(spec: VmSpec): void {
   }
   if (spec.smp !== undefined && (!Number.isInteger(spec.smp) || spec.smp < 1)) {
     throw new UsageError(`smp must be a positive integer, got ${spec.smp}`, { field: 'smp' });
+  }
+  for (const d of spec.drives ?? []) {
+    if (d.detectZeroes === 'unmap' && d.discard !== 'unmap') {
+      throw new UsageError('detect-zeroes=unmap needs discard=unmap on the same drive', { field: 'drives' });
+    }
   }
   if ((spec.initrd !== undefined || spec.append !== undefined) && spec.kernel === undefined) {
     throw new UsageError('initrd/append need a kernel', { field: 'kernel' });

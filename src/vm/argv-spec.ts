@@ -6,6 +6,7 @@
  */
 import type { DriveSpec, NetworkSpec, PortForward, VmSpec } from '../spec/vm-spec.js';
 import { UnsupportedError } from '../util/errors.js';
+import { AGENT_PORT_NAME } from './argv.js';
 
 /** Options that only concern the host side of this one process. */
 const HOST_ONLY = new Set([
@@ -92,7 +93,17 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
             `drive format ${format ?? '(probed)'} is not supported for snapshots: give format=raw or qcow2`,
           );
         const iface = (o.get('if') ?? 'ide') as DriveSpec['if'];
-        spec.drives.push({ file: o.get('file') ?? '', format, if: iface, ...(o.get('id') ? { id: o.get('id') } : {}) });
+        const drive: DriveSpec = {
+          file: o.get('file') ?? '',
+          format,
+          if: iface,
+          ...(o.get('id') ? { id: o.get('id') } : {}),
+        };
+        const discard = o.get('discard');
+        if (discard === 'unmap' || discard === 'on') drive.discard = 'unmap';
+        const dz = o.get('detect-zeroes');
+        if (dz === 'unmap' || dz === 'on' || dz === 'off') drive.detectZeroes = dz;
+        spec.drives.push(drive);
         break;
       }
       case '-netdev': {
@@ -112,6 +123,11 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
         const o = opts(v);
         const model = o.get('') ?? '';
         const netdev = o.get('netdev');
+        // Our own guest agent channel (argv.ts): the spec's guestAgent, not opaque devices.
+        if ((model === 'virtio-serial-pci' && o.get('id') === 'cl-vser0') || o.get('chardev') === 'cl-agent') {
+          if (model === 'virtserialport' && o.get('name') === AGENT_PORT_NAME) spec.guestAgent = true;
+          break;
+        }
         if (netdev !== undefined && !network) {
           network = { model, romfile: o.get('romfile') ?? undefined, forwards: netdevs.get(netdev) ?? [] };
           if (o.get('mac')) network.mac = o.get('mac');
@@ -143,6 +159,7 @@ export function specFromArgv(argv: readonly string[]): VmSpec {
   if (spec.drives.length) out.drives = spec.drives;
   if (network) out.network = network;
   if (spec.noReboot) out.noReboot = true;
+  if (spec.guestAgent) out.guestAgent = true;
   if (spec.extraArgs.length) out.extraArgs = spec.extraArgs;
   return out;
 }

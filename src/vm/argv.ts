@@ -14,6 +14,8 @@ export interface RunPaths {
   serialSocket: string;
   serialLog: string;
   stderrLog: string;
+  /** The guest agent channel's host end (used when the spec has guestAgent). */
+  agentSocket: string;
 }
 
 export interface ArgsContext {
@@ -31,6 +33,7 @@ export function runPaths(runDir: string, socketDir: string = runDir): RunPaths {
     serialSocket: join(socketDir, 'serial.sock'),
     serialLog: join(runDir, 'serial.log'),
     stderrLog: join(runDir, 'qemu.stderr'),
+    agentSocket: join(socketDir, 'agent.sock'),
   };
 }
 
@@ -79,7 +82,7 @@ export function buildQemuArgs(spec: VmSpec, ctx: ArgsContext): string[] {
     'chardev:serial0',
   );
 
-  args.push(...deviceArgs(spec));
+  args.push(...deviceArgs(spec, p));
 
   // -S: after loading, the VM stays paused until it is told to run (cont) — for a synthesized
   // VM only once everything is proven.
@@ -98,17 +101,23 @@ export function mainRamObject(spec: VmSpec): string | undefined {
   );
 }
 
+/** The name of the guest agent's virtio-serial port (what qemu-ga opens in the guest). */
+export const AGENT_PORT_NAME = 'org.qemu.guest_agent.0';
+
 /**
- * The guest's drives and NIC, in the order that gives them their PCI slots: what a resume must
- * reproduce exactly (the libvirt launcher passes these through unchanged).
+ * The guest's drives, NIC and guest agent channel, in the order that gives them their PCI
+ * slots: what a resume must reproduce exactly (the libvirt launcher passes these through
+ * unchanged). `paths` gives the agent channel's socket.
  */
-export function deviceArgs(spec: VmSpec): string[] {
+export function deviceArgs(spec: VmSpec, paths: Pick<RunPaths, 'agentSocket'>): string[] {
   const args: string[] = [];
   (spec.drives ?? []).forEach((d, i) => {
     const opts = [`file=${qemuOptValue(d.file)}`, `format=${d.format}`, `if=${d.if}`];
     opts.push(`id=${d.id ?? `drive${i}`}`);
     if (d.readOnly) opts.push('readonly=on');
     if (d.cache) opts.push(`cache=${d.cache}`);
+    if (d.discard) opts.push(`discard=${d.discard}`);
+    if (d.detectZeroes) opts.push(`detect-zeroes=${d.detectZeroes}`);
     if (d.backing) {
       // Named nodes, so that a QMP blockdev-reopen can later put another backing under the drive.
       const n = driveNodes(i);
@@ -139,6 +148,16 @@ export function deviceArgs(spec: VmSpec): string[] {
     const dev = [n.model ?? 'virtio-net-pci', 'netdev=n0', `romfile=${qemuOptValue(n.romfile ?? '')}`];
     if (n.mac) dev.push(`mac=${n.mac}`);
     args.push('-device', dev.join(','));
+  }
+  if (spec.guestAgent) {
+    args.push(
+      '-chardev',
+      `socket,id=cl-agent,path=${qemuOptValue(paths.agentSocket)},server=on,wait=off`,
+      '-device',
+      'virtio-serial-pci,id=cl-vser0',
+      '-device',
+      `virtserialport,bus=cl-vser0.0,chardev=cl-agent,name=${AGENT_PORT_NAME}`,
+    );
   }
   return args;
 }

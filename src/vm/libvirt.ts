@@ -197,7 +197,7 @@ export function domainXml(spec: VmSpec, ctx: DomainContext): string {
     `socket,id=cl-qmp,path=${qemuOptValue(ctx.paths.qmpSocket)},server=on,wait=off`,
     '-mon',
     'chardev=cl-qmp,mode=control',
-    ...deviceArgs(spec),
+    ...deviceArgs(spec, ctx.paths),
     ...(spec.incoming !== undefined ? ['-incoming', 'defer'] : []),
     ...(ctx.hostArgs ?? []),
   ];
@@ -459,6 +459,7 @@ export async function startLibvirt(spec: VmSpec, options: StartOptions): Promise
   const base = runPaths(runDir, socketDir);
   const paths: RunPaths = { ...base, serialSocket: '', stderrLog: `/var/log/libvirt/qemu/${name}.log` };
   await rm(paths.qmpSocket, { force: true });
+  await rm(paths.agentSocket, { force: true });
   const emulator = await ensureWrapper(qemuBinary);
   const xmlText = domainXml(spec, {
     name,

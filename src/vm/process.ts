@@ -240,9 +240,9 @@ export async function startQemu(spec: VmSpec, options: StartOptions): Promise<Qe
     extraCleanup = () => rm(dir, { recursive: true, force: true });
   }
   const paths = runPaths(runDir, socketDir);
-  for (const f of [paths.qmpSocket, paths.serialSocket]) await rm(f, { force: true });
+  for (const f of [paths.qmpSocket, paths.serialSocket, paths.agentSocket]) await rm(f, { force: true });
   if (socketDir !== runDir) {
-    for (const name of ['qmp.sock', 'serial.sock']) {
+    for (const name of ['qmp.sock', 'serial.sock', ...(spec.guestAgent ? ['agent.sock'] : [])]) {
       await rm(join(runDir, name), { force: true });
       await symlink(join(socketDir, name), join(runDir, name)).catch(() => undefined);
     }

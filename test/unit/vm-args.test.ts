@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { resumeSpec, validateSpec, type VmSpec } from '../../src/spec/vm-spec.js';
 import { buildQemuArgs, incomingUri, qemuOptValue, runPaths, shellQuote } from '../../src/vm/argv.js';
 import { kvmProbeFirmware } from '../../src/vm/accel.js';
+import { specFromArgv } from '../../src/vm/argv-spec.js';
 import { QmpClient, type QmpEvent } from '../../src/vm/qmp.js';
 import { QemuError, TimeoutError, UsageError } from '../../src/util/errors.js';
 
@@ -132,6 +133,45 @@ describe('buildQemuArgs', () => {
     const args = buildQemuArgs(spec, { accel: 'tcg', paths });
     assert.equal(values(args, '-netdev').length, 0);
     assert.equal(values(args, '-device').length, 0);
+  });
+});
+
+describe('discard and the guest agent channel (issue 10)', () => {
+  it('discard and detect-zeroes are drive options; the guest agent is a virtio-serial port after the NIC', () => {
+    const spec = demoSpec();
+    spec.drives![0] = { ...spec.drives![0]!, discard: 'unmap', detectZeroes: 'unmap' };
+    spec.guestAgent = true;
+    const args = buildQemuArgs(spec, { accel: 'tcg', paths });
+    assert.deepEqual(values(args, '-drive'), [
+      'file=/d/disk.raw,format=raw,if=virtio,id=drive0,discard=unmap,detect-zeroes=unmap',
+    ]);
+    assert.ok(values(args, '-chardev').includes('socket,id=cl-agent,path=/run/vm1/agent.sock,server=on,wait=off'));
+    const devices = values(args, '-device');
+    assert.deepEqual(devices.slice(-2), [
+      'virtio-serial-pci,id=cl-vser0',
+      'virtserialport,bus=cl-vser0.0,chardev=cl-agent,name=org.qemu.guest_agent.0',
+    ]);
+    assert.ok(devices[0]!.startsWith('virtio-net-pci'), 'the NIC keeps its PCI slot');
+    // Without them, the argv is what it always was.
+    const plain = buildQemuArgs(demoSpec(), { accel: 'tcg', paths });
+    assert.ok(!plain.join(' ').includes('discard') && !plain.join(' ').includes('agent'));
+  });
+
+  it('detect-zeroes=unmap needs discard=unmap', () => {
+    const spec = demoSpec();
+    spec.drives![0] = { ...spec.drives![0]!, detectZeroes: 'unmap' };
+    assert.throws(() => validateSpec(spec), UsageError);
+  });
+
+  it('reads both back from a command line (snapshot --qmp of such a VM)', () => {
+    const spec = demoSpec();
+    spec.drives![0] = { ...spec.drives![0]!, discard: 'unmap', detectZeroes: 'unmap' };
+    spec.guestAgent = true;
+    const back = specFromArgv(['qemu-system-x86_64', ...buildQemuArgs(spec, { accel: 'tcg', paths })]);
+    assert.equal(back.guestAgent, true);
+    assert.equal(back.drives?.[0]?.discard, 'unmap');
+    assert.equal(back.drives?.[0]?.detectZeroes, 'unmap');
+    assert.equal(back.extraArgs, undefined, 'no opaque devices left over');
   });
 });
 

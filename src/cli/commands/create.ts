@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { Option } from 'commander';
-import { createOverlay, DEFAULT_LEVEL } from '../../api/create.js';
+import { createOverlay, DEFAULT_LEVEL, type FreeBlocksMode } from '../../api/create.js';
 import { baseOptions, baseRef, type BaseFlags } from '../base-flags.js';
 import { makeProgress } from '../progress.js';
 import { bytes, printResult, seconds, table, type GlobalOptions } from '../output.js';
@@ -17,6 +17,7 @@ interface CreateFlags extends BaseFlags {
   threads?: number;
   sign?: string;
   force?: boolean;
+  freeBlocks: FreeBlocksMode;
 }
 
 export function registerCreate(program: Command): void {
@@ -45,9 +46,25 @@ export function registerCreate(program: Command): void {
     )
     .option('--sign <key>', 'sign the overlay with this private key (NAME.key from `key generate`)')
     .option('--force', 'replace the output file if it exists')
+    .addOption(
+      new Option(
+        '--free-blocks <mode>',
+        'leave out disk chunks in blocks the guest file system marks free (rebuilt as the base, or zero): ' +
+          'auto = only where the on-disk bitmaps can be trusted (snapshot --freeze, an unmounted or read-only ' +
+          'file system; else exact), ext4 = the same but an error when none is trusted, off = exact disk',
+      )
+        .choices(['off', 'auto', 'ext4'])
+        .default('off'),
+    )
     .addHelpText(
       'after',
       `
+Free blocks: a live snapshot's ext4 is trusted only when frozen — take it with
+  cloudlet-overlay snapshot --instance ID --freeze -o ./custom
+then create ... --free-blocks auto. \`sync\` is not enough (the journal still holds the truth); an
+untrusted file system is reported (--json: free_blocks) and kept exact. Or trim instead
+(snapshot --trim): trimmed blocks become zero clusters and cost nothing without this flag.
+
 Examples:
   cloudlet-overlay create --base-disk base.qcow2 --base-memory base.mem \\
       --disk custom.qcow2 --memory custom.mem -o app.overlay
@@ -64,6 +81,7 @@ Examples:
         level: flags.level,
         tmpDir: flags.tmpDir,
         threads: flags.threads,
+        freeBlocks: flags.freeBlocks,
         progress: makeProgress(g),
         sign: await signingKey(flags.sign),
         force: flags.force,
@@ -77,10 +95,24 @@ Examples:
           .map(([k, v]) => `${k} ${v.chunks}`)
           .join(', ');
         const took = seconds(r.timings_ms.total ?? 0);
+        const fb = r.free_blocks;
+        const free = fb
+          ? `\nfree blocks (${fb.mode}): ` +
+            (fb.file_systems.length === 0
+              ? 'no ext2/3/4 file system found'
+              : fb.file_systems
+                  .map(
+                    (f) =>
+                      `${f.type} ${f.trusted ? `trusted, ${bytes(f.free_bytes)} free` : `not trusted (${f.reason})`}`,
+                  )
+                  .join('; ')) +
+            `; ${fb.chunks_left_out} chunks left out`
+          : '';
         return (
           `overlay ${r.path}: ${bytes(r.size)} for base ${r.base_id.slice(0, 12)} in ${took}\n` +
           table(rows) +
-          `\nchunks by encoding: ${enc || 'none (identical to the base)'}`
+          `\nchunks by encoding: ${enc || 'none (identical to the base)'}` +
+          free
         );
       });
     });

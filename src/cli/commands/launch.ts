@@ -30,10 +30,21 @@ export function registerLaunch(program: Command): void {
     )
     .addOption(new Option('--accel <accel>', 'accelerator').choices(['auto', 'kvm', 'tcg']).default('auto'))
     .addOption(new Option('--qemu-arg <arg>', QEMU_ARG_HELP).argParser(collect))
+    .option(
+      '--no-discard',
+      "drop the guest's discards instead of passing them to the disk layer (default: discard=unmap," +
+        'detect-zeroes=unmap, so that trimmed blocks cost the overlay nothing; the guest sees no difference)',
+    )
     .action(
       async (
         base: string,
-        flags: { customize?: boolean; forward: PortForward[]; accel: AccelChoice; qemuArg?: string[] },
+        flags: {
+          customize?: boolean;
+          forward: PortForward[];
+          accel: AccelChoice;
+          qemuArg?: string[];
+          discard: boolean;
+        },
         command: Command,
       ) => {
         const g = command.optsWithGlobals<GlobalOptions>();
@@ -43,6 +54,7 @@ export function registerLaunch(program: Command): void {
           forwards: flags.forward,
           accel: flags.accel,
           qemuArgs: flags.qemuArg,
+          discard: flags.discard,
         });
         printResult(g, r, () => {
           const lines = [
@@ -53,8 +65,8 @@ export function registerLaunch(program: Command): void {
             lines.push(`  ${f.hostAddr ?? '127.0.0.1'}:${f.hostPort} → guest port ${f.guestPort}`);
           if (flags.customize) {
             lines.push(
-              'customize the guest, then:',
-              `  cloudlet-overlay snapshot --instance ${r.instance} -o ./custom --then quit`,
+              'customize the guest, then (--trim: freed blocks cost nothing; --freeze + create --free-blocks auto):',
+              `  cloudlet-overlay snapshot --instance ${r.instance} -o ./custom --trim --then quit`,
               `  cloudlet-overlay create --base ${r.base_id.slice(0, 12)} --disk ./custom/disk.qcow2 ` +
                 '--memory ./custom/memory.stream -o app.overlay',
             );
