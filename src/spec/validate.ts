@@ -66,12 +66,15 @@ const SPEC_KEYS = new Set([
   'network',
   'noReboot',
   'name',
+  'guestAgent',
   // host-side, never stored:
   'memoryBackendFile',
   'incoming',
   'extraArgs',
 ]);
-const DRIVE_KEYS = new Set(['file', 'format', 'if', 'id', 'readOnly', 'cache']);
+const DRIVE_KEYS = new Set(['file', 'format', 'if', 'id', 'readOnly', 'cache', 'discard', 'detectZeroes']);
+const DISCARD_MODES: readonly NonNullable<DriveSpec['discard']>[] = ['unmap', 'ignore'];
+const DETECT_ZEROES: readonly NonNullable<DriveSpec['detectZeroes']>[] = ['off', 'on', 'unmap'];
 const NETWORK_KEYS = new Set(['model', 'romfile', 'mac', 'forwards']);
 const FORWARD_KEYS = new Set(['hostAddr', 'hostPort', 'guestPort']);
 
@@ -185,6 +188,15 @@ export function parseSpec(v: unknown, form: SpecForm): VmSpec {
       if (x.id !== undefined) drive.id = str(x.id, `${f}.id`, DRIVE_ID);
       if (x.readOnly !== undefined) drive.readOnly = bool(x.readOnly, `${f}.readOnly`);
       if (x.cache !== undefined) drive.cache = oneOf(x.cache, `${f}.cache`, CACHE_MODES);
+      // Host-side (what QEMU does with discards): read from a launched VM, never stored.
+      if (form !== 'stored') {
+        if (x.discard !== undefined) drive.discard = oneOf(x.discard, `${f}.discard`, DISCARD_MODES);
+        if (x.detectZeroes !== undefined) {
+          drive.detectZeroes = oneOf(x.detectZeroes, `${f}.detectZeroes`, DETECT_ZEROES);
+        }
+      } else if (x.discard !== undefined || x.detectZeroes !== undefined) {
+        fail(f, 'discard/detectZeroes are host-side and not stored');
+      }
       return drive;
     });
   }
@@ -205,6 +217,7 @@ export function parseSpec(v: unknown, form: SpecForm): VmSpec {
     spec.network = net;
   }
   if (o.noReboot !== undefined) spec.noReboot = bool(o.noReboot, 'noReboot');
+  if (o.guestAgent !== undefined) spec.guestAgent = bool(o.guestAgent, 'guestAgent');
   if (o.name !== undefined) spec.name = str(o.name, 'name', VM_NAME);
   if (form === 'runtime') {
     if (o.incoming !== undefined) {
@@ -245,6 +258,8 @@ export function checkRuntimeSpec(spec: VmSpec): void {
     oneOf(d.if, `drives[${i}].if`, DRIVE_IFS);
     if (d.id !== undefined) str(d.id, `drives[${i}].id`, DRIVE_ID);
     if (d.cache !== undefined) oneOf(d.cache, `drives[${i}].cache`, CACHE_MODES);
+    if (d.discard !== undefined) oneOf(d.discard, `drives[${i}].discard`, DISCARD_MODES);
+    if (d.detectZeroes !== undefined) oneOf(d.detectZeroes, `drives[${i}].detectZeroes`, DETECT_ZEROES);
     if (d.backing?.kind === 'image') oneOf(d.backing.format, `drives[${i}].backing.format`, DRIVE_FORMATS);
     if (d.backing?.kind === 'nbd') str(d.backing.export, `drives[${i}].backing.export`, DRIVE_ID);
   });
@@ -285,8 +300,10 @@ export function storedSpecOf(
       vm.network.romfile = 'romfile';
     }
   }
-  if (vm.drives?.[0] && disk) vm.drives = [{ ...vm.drives[0], file: disk.file, format: disk.format }];
-  else delete vm.drives;
+  if (vm.drives?.[0] && disk) {
+    const { discard: _d, detectZeroes: _z, ...drive } = vm.drives[0];
+    vm.drives = [{ ...drive, file: disk.file, format: disk.format }];
+  } else delete vm.drives;
   return { spec: parseSpec(vm, 'stored'), sources };
 }
 

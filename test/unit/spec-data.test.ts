@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { cli } from '../helpers/cli.js';
 import { installFakeQemu } from '../helpers/fake-qemu.js';
 import { importTiny, makeTinyVm, type TinyVm } from '../helpers/tiny-vm.js';
-import { parseSpec, checkRuntimeSpec } from '../../src/spec/validate.js';
+import { parseSpec, checkRuntimeSpec, storedSpecOf } from '../../src/spec/validate.js';
 import { buildQemuArgs, runPaths } from '../../src/vm/argv.js';
 import { CloudletError, CorruptInputError, UnsupportedError } from '../../src/util/errors.js';
 import type { VmSpec } from '../../src/spec/vm-spec.js';
@@ -144,8 +144,18 @@ test('the closed list: patterns, enums and bounds on every field; unknown fields
     network: { model: 'e1000', romfile: '', mac: '52:54:00:12:34:56', forwards: [] },
     noReboot: true,
     name: 'web-1',
+    guestAgent: true,
   });
-  parseSpec(good(), 'stored');
+  assert.equal(parseSpec(good(), 'stored').guestAgent, true, 'the agent channel is guest-visible: stored');
+  // What QEMU does with discards is host-side: read from a launched VM, never part of a base.
+  const launched = {
+    ...good(),
+    drives: [{ file: '/x/disk.qcow2', format: 'qcow2', if: 'virtio', discard: 'unmap', detectZeroes: 'unmap' }],
+  };
+  const input = parseSpec(launched, 'input');
+  assert.equal(input.drives?.[0]?.discard, 'unmap');
+  const stored = storedSpecOf(input, { file: 'disk.raw', format: 'raw' }).spec;
+  assert.deepEqual(stored.drives, [{ file: 'disk.raw', format: 'raw', if: 'virtio' }], 'stored without discard');
   const bad: Array<[string, (o: Record<string, unknown>) => void]> = [
     ['machine alias', (o) => (o.machine = 'q35')],
     ['machine with options', (o) => (o.machine = 'pc-q35-7.2,accel=kvm')],
@@ -162,6 +172,8 @@ test('the closed list: patterns, enums and bounds on every field; unknown fields
     ['drive interface', (o) => (o.drives = [{ file: 'disk.raw', format: 'raw', if: 'scsi' }])],
     ['drive id with options', (o) => (o.drives = [{ file: 'disk.raw', format: 'raw', if: 'virtio', id: 'a,file=/x' }])],
     ['drive format', (o) => (o.drives = [{ file: 'disk.raw', format: 'vmdk', if: 'virtio' }])],
+    ['discard in a base', (o) => (o.drives = [{ file: 'disk.raw', format: 'raw', if: 'virtio', discard: 'unmap' }])],
+    ['guest agent not a boolean', (o) => (o.guestAgent = 'yes')],
     ['unknown field', (o) => (o.qemuOptions = '-S')],
     ['unknown network field', (o) => ((o.network as Record<string, unknown>).netdev = 'tap')],
     ['incoming in a base', (o) => (o.incoming = '/x')],
@@ -173,6 +185,8 @@ test('the closed list: patterns, enums and bounds on every field; unknown fields
     edit(o);
     assert.throws(() => parseSpec(o, 'stored'), CorruptInputError, what);
   }
+  const badInput = { ...launched, drives: [{ ...launched.drives[0], discard: 'unmap,file=/etc/shadow' }] };
+  assert.throws(() => parseSpec(badInput, 'input'), CorruptInputError, 'discard mode with options');
   const extra = good();
   extra.extraArgs = ['-S'];
   assert.throws(() => parseSpec(extra, 'stored'), UnsupportedError);
