@@ -103,6 +103,11 @@ export interface PairOptions {
    * carries the data — the case early start is for.
    */
   dropCaches?: boolean;
+  /**
+   * Flags for the customized VM's `snapshot` (e.g. `--drop-caches --zero-free-memory --trim`,
+   * docs/semantic-gap.md): a guest prepared so that little of the change sits in memory.
+   */
+  snapshotFlags?: string[];
 }
 
 /** Builds (or finds in the cache) the realistic pair. `log` gets progress lines. */
@@ -117,6 +122,7 @@ export async function ensureBenchPair(
     .update(app)
     .update(installScript('URL'))
     .update(`v${PAIR_VERSION} ${options.dropCaches ? 'drop-caches' : ''}`)
+    .update(options.snapshotFlags?.length ? ` ${options.snapshotFlags.join(' ')}` : '')
     .digest('hex')
     .slice(0, 16);
   const cache =
@@ -193,7 +199,7 @@ export async function ensureBenchPair(
       );
     }
     await must(
-      ['snapshot', '--instance', iid, '-o', join(work, 'custom'), '--then', 'quit'],
+      ['snapshot', '--instance', iid, ...(options.snapshotFlags ?? []), '-o', join(work, 'custom'), '--then', 'quit'],
       'custom snapshot',
       600_000,
     );
