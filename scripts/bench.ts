@@ -11,7 +11,7 @@
  * Prints tables; docs/BENCHMARKS.md records a run.
  * Then the semantic gap (scripts/bench/semantic.ts: trim, free blocks, free memory on the Debian pair).
  * Usage: npm run bench [-- --keep] [--small | --realistic | --semantic] [--runs=N]
- *        [--quick (no xdelta3 on 2.5 GB, no init_on_free pair)]
+ *        [--quick (no xdelta3 on 2.5 GB, no lean pair, no init_on_free pair)]
  */
 import { execFile } from 'node:child_process';
 import { mkdtemp, rm, mkdir, writeFile } from 'node:fs/promises';
