@@ -142,7 +142,7 @@ export class CloudletClient {
         // A server or proxy that never sends the 100 gets the body after a second (RFC 9110 10.1.1).
         let started = false;
         const start = (): void => {
-          if (started || answered) return;
+          if (started || answered || req.destroyed) return;
           started = true;
           data.pipe(req);
         };
