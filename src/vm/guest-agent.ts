@@ -26,9 +26,14 @@ export interface AgentExecStatus {
   'err-data'?: string;
 }
 
+/** Unread bytes a guest may queue up: more is hostile (the guest runs untrusted code). */
+const MAX_UNREAD = 4 << 20;
+
 export class GuestAgent {
   private buf: Buffer = Buffer.alloc(0);
   private closed = false;
+  /** A command timed out: its late reply may still come, so the next command syncs first. */
+  private desynced = false;
   private waiter: (() => void) | null = null;
   private queue: Promise<unknown> = Promise.resolve();
 
@@ -38,6 +43,10 @@ export class GuestAgent {
   ) {
     socket.on('data', (b: Buffer) => {
       this.buf = this.buf.length ? Buffer.concat([this.buf, b]) : b;
+      if (this.buf.length > MAX_UNREAD) {
+        this.buf = Buffer.alloc(0);
+        socket.destroy(); // 'close' ends the session: whoever waits gets "closed"
+      }
       this.waiter?.();
     });
     socket.on('error', () => undefined);
@@ -114,6 +123,10 @@ export class GuestAgent {
     timeoutMs: number,
   ): Promise<T> {
     if (this.closed) throw new QemuError('the guest agent channel is closed');
+    if (this.desynced) {
+      await this.sync(5000);
+      this.desynced = false;
+    }
     this.socket.write(JSON.stringify(args ? { execute: command, arguments: args } : { execute: command }) + '\n');
     const deadline = Date.now() + timeoutMs;
     for (;;) {
@@ -133,7 +146,12 @@ export class GuestAgent {
         }
         return reply.return as T;
       }
-      await this.wait(deadline, `the guest agent did not answer ${command} within ${timeoutMs} ms`);
+      await this.wait(deadline, `the guest agent did not answer ${command} within ${timeoutMs} ms`).catch(
+        (err: unknown) => {
+          this.desynced = true;
+          throw err;
+        },
+      );
     }
   }
 

@@ -60,8 +60,10 @@ export interface PreparedGuest {
   close(): Promise<void>;
 }
 
-/** Mount points worth trimming or freezing: real block file systems of /proc/mounts. */
+/** Mount points worth trimming: real block file systems of /proc/mounts. */
 const MOUNTS = `$(awk '$3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/mounts)`;
+/** Mount points that can be frozen (vfat cannot: an EFI partition must not fail the freeze). */
+const FREEZABLE = `$(awk '$3 ~ /^(ext[234]|xfs|btrfs|f2fs)$/ {print $2}' /proc/mounts)`;
 
 /** The console command lines (one line each; kept under the console's line limit). */
 export const consoleScripts = {
@@ -77,8 +79,8 @@ export const consoleScripts = {
   // util-linux trims every mount with -a; busybox's fstrim takes one mount point at a time.
   trim: `sync; fstrim -av 2>/dev/null || { R=0; for m in ${MOUNTS}; do fstrim -v "$m" || R=1; done; [ $R = 0 ]; }`,
   freeze: (windowS: number): string =>
-    `sync; M=${MOUNTS}; (sleep ${windowS}; for m in $M; do fsfreeze --unfreeze "$m"; done) </dev/null >/dev/null 2>&1 & ` +
-    'R=0; for m in $M; do fsfreeze --freeze "$m" || R=1; done; echo "frozen:$M"; [ $R = 0 ]',
+    `sync; M=${FREEZABLE}; (sleep ${windowS}; for m in $M; do fsfreeze --unfreeze "$m"; done) </dev/null >/dev/null 2>&1 & ` +
+    'R=0; for m in $M; do fsfreeze --freeze "$m" || R=1; done; echo frozen:$M; [ $R = 0 ]',
 };
 
 /** Sums `… N bytes trimmed` / `…: 12 MiB (N bytes) trimmed` lines of fstrim -v. */
@@ -110,7 +112,10 @@ export async function prepareGuest(ch: GuestChannels, opts: GuestPrepOptions): P
       throw new UsageError('no guest agent answers and the serial console is unknown: cannot reach the guest');
     }
     con = await SerialConsole.connect(ch.serialSocket);
-    await con.ready({ timeoutMs: 20_000 });
+    await con.ready({ timeoutMs: 20_000 }).catch(async (err: unknown) => {
+      await con!.close();
+      throw err;
+    });
   }
   const report: GuestPrepReport = { channel: agent ? 'agent' : 'console', timings_ms: {} };
   const timed = async <T>(step: string, fn: () => Promise<T>): Promise<T> => {
@@ -161,8 +166,9 @@ export async function prepareGuest(ch: GuestChannels, opts: GuestPrepOptions): P
     if (opts.freeze) {
       await timed('freeze', async () => {
         if (agent) {
-          report.frozen = await agent.freeze();
+          // A freeze that failed or timed out may still have frozen some: the catch thaws.
           frozenByAgent = true;
+          report.frozen = await agent.freeze();
         } else {
           const w = opts.freezeWindowS ?? 3;
           if (!Number.isInteger(w) || w < 1 || w > 3600) throw new UsageError('the freeze window must be 1..3600 s');

@@ -34,20 +34,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { validateSpec, DEFAULT_CPU } from '../spec/vm-spec.js';
 import { onCleanup } from '../util/cleanup.js';
-import { BusyError, CloudletError, QemuError, TimeoutError, UsageError } from '../util/errors.js';
+import { BusyError, CloudletError, QemuError, UsageError } from '../util/errors.js';
 import { findProgram, findTool, locateProgram } from '../util/programs.js';
 import { resolveAccel, type Accel } from './accel.js';
 import { deviceArgs, mainRamObject, qemuOptValue, runPaths, type RunPaths } from './argv.js';
-import type {
-  Launcher,
-  LauncherChoice,
-  LauncherKind,
-  QemuExit,
-  RunningVm,
-  StartOptions,
-  StartTimings,
-} from './launcher.js';
-import { checkInputs, finishIncoming, tailOfFile } from './process.js';
+import type { Launcher, LauncherChoice, LauncherKind, QemuExit, StartOptions } from './launcher.js';
+import { checkInputs } from './process.js';
+import { tailOfFile, VmHandle } from './vm-handle.js';
 import { QmpClient } from './qmp.js';
 
 /** The libvirt connection (`$CLOUDLET_LIBVIRT_URI`, default the system daemon). */
@@ -241,14 +234,9 @@ const live = new Set<LibvirtVm>();
 let exitHookInstalled = false;
 
 /** A QEMU that libvirt runs for us: our QMP monitor, its pid, libvirt's domain name. */
-export class LibvirtVm implements RunningVm {
+export class LibvirtVm extends VmHandle {
   readonly launcher = 'libvirt' as const;
   readonly exited: Promise<QemuExit>;
-  readonly exitSignal: AbortSignal;
-  timings: StartTimings = { qmpReadyMs: 0, incomingMs: 0, totalMs: 0 };
-  private readonly abort = new AbortController();
-  private exitInfo: QemuExit | null = null;
-  private qmpClient: QmpClient | null = null;
   private readonly poll: NodeJS.Timeout;
   private readonly unregisterCleanup: () => void;
 
@@ -256,15 +244,15 @@ export class LibvirtVm implements RunningVm {
     readonly domain: string,
     readonly pid: number,
     private readonly pidStart: string | undefined,
-    readonly spec: VmSpec,
-    readonly argv: string[],
-    readonly accel: Accel,
-    readonly paths: RunPaths,
-    readonly startedAt: number,
+    spec: VmSpec,
+    argv: string[],
+    accel: Accel,
+    paths: RunPaths,
+    startedAt: number,
     private readonly extraCleanup: () => Promise<void>,
     detached: boolean,
   ) {
-    this.exitSignal = this.abort.signal;
+    super(spec, argv, accel, paths, startedAt);
     let resolveExit: (e: QemuExit) => void = () => undefined;
     this.exited = new Promise<QemuExit>((r) => (resolveExit = r));
     this.poll = setInterval(() => {
@@ -289,80 +277,24 @@ export class LibvirtVm implements RunningVm {
     }
   }
 
-  get running(): boolean {
-    return this.exitInfo === null;
-  }
-
-  get exitStatus(): QemuExit | null {
-    return this.exitInfo;
-  }
-
-  get qmp(): QmpClient {
-    if (!this.qmpClient) throw new QemuError('QMP is not connected');
-    return this.qmpClient;
-  }
-
-  /** @internal */
-  attachQmp(client: QmpClient): void {
-    this.qmpClient = client;
-  }
-
   /** Whoever waits for the exit keeps Node alive (a detached VM's poll does not, else). */
-  async waitExit(timeoutMs?: number): Promise<QemuExit> {
+  override waitExit(timeoutMs?: number): Promise<QemuExit> {
+    this.holdOpen();
+    return super.waitExit(timeoutMs);
+  }
+
+  protected holdOpen(): void {
     this.poll.ref();
-    if (timeoutMs === undefined) return this.exited;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new TimeoutError(`QEMU (pid ${this.pid}) still running after ${timeoutMs} ms`)),
-        timeoutMs,
-      );
-    });
-    try {
-      return await Promise.race([this.exited, timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
   }
 
-  finishIncoming(options: { timeoutMs?: number; cont: boolean }): Promise<void> {
-    return finishIncoming(this, options);
-  }
-
-  /** `cont` on our monitor: libvirt sees QEMU's RESUME event and shows the domain running. */
-  async cont(): Promise<void> {
-    await this.qmp.execute('cont');
-  }
-
-  async stop(options: { graceMs?: number } = {}): Promise<QemuExit> {
-    if (!this.running) return this.exited;
-    const graceMs = options.graceMs ?? 5000;
-    if (this.qmpClient && !this.qmpClient.closed) {
-      await this.qmpClient.execute('quit', undefined, { timeoutMs: graceMs }).catch(() => undefined);
-    } else {
-      await virsh(['destroy', this.domain], { timeoutMs: graceMs }).catch(() => undefined);
-    }
-    try {
-      return await this.waitExit(graceMs);
-    } catch {
-      this.kill();
-      return this.exited;
-    }
+  protected async quitWithoutQmp(graceMs: number): Promise<void> {
+    await virsh(['destroy', this.domain], { timeoutMs: graceMs }).catch(() => undefined);
   }
 
   /** SIGKILL now; libvirt sees its monitor close and drops the transient domain. */
   kill(): void {
     this.poll.ref();
     if (this.running) killPid(this.pid, this.pidStart);
-  }
-
-  async stderrTail(lines = 20): Promise<string> {
-    return tailOfFile(this.paths.stderrLog, lines);
-  }
-
-  async status(): Promise<string> {
-    const s = await this.qmp.execute<{ status: string }>('query-status');
-    return s.status;
   }
 }
 

@@ -5,18 +5,18 @@
  * use, QEMU's own last words).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, open, readFile, rm, stat, symlink } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, rm, stat, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { onCleanup } from '../util/cleanup.js';
-import { BusyError, CloudletError, MissingToolError, NotFoundError, QemuError, TimeoutError } from '../util/errors.js';
+import { BusyError, CloudletError, MissingToolError, NotFoundError, QemuError } from '../util/errors.js';
 import { findProgram } from '../util/programs.js';
 import type { IncomingSpec, VmSpec } from '../spec/vm-spec.js';
 import { resolveAccel, type Accel } from './accel.js';
 import { buildQemuArgs, incomingUri, runPaths, type RunPaths } from './argv.js';
 import { QmpClient } from './qmp.js';
-import type { Launcher, QemuExit, RunningVm, StartOptions, StartTimings } from './launcher.js';
+import type { Launcher, QemuExit, StartOptions } from './launcher.js';
+import { VmHandle } from './vm-handle.js';
 
 export type { QemuExit, StartOptions, StartTimings } from './launcher.js';
 
@@ -33,29 +33,22 @@ function installExitHook(): void {
 }
 
 /** A running QEMU started by startQemu(). */
-export class QemuVm implements RunningVm {
+export class QemuVm extends VmHandle {
   readonly launcher = 'qemu' as const;
   readonly exited: Promise<QemuExit>;
-  /** Aborted (reason: QemuError) when the process exits; pass it to waits that need the VM. */
-  readonly exitSignal: AbortSignal;
-  timings: StartTimings = { qmpReadyMs: 0, incomingMs: 0, totalMs: 0 };
-  private exitInfo: QemuExit | null = null;
-  private qmpClient: QmpClient | null = null;
-  private readonly abort = new AbortController();
   private readonly unregisterCleanup: () => void;
 
   constructor(
     private readonly child: ChildProcess,
-    readonly spec: VmSpec,
-    readonly argv: string[],
-    readonly accel: Accel,
-    readonly paths: RunPaths,
-    /** performance.now() at spawn. */
-    readonly startedAt: number,
+    spec: VmSpec,
+    argv: string[],
+    accel: Accel,
+    paths: RunPaths,
+    startedAt: number,
     private readonly extraCleanup: () => Promise<void>,
     detached = false,
   ) {
-    this.exitSignal = this.abort.signal;
+    super(spec, argv, accel, paths, startedAt);
     if (detached) {
       this.unregisterCleanup = () => undefined;
     } else {
@@ -98,57 +91,12 @@ export class QemuVm implements RunningVm {
     return this.child.pid ?? -1;
   }
 
-  get running(): boolean {
-    return this.exitInfo === null;
-  }
-
-  get exitStatus(): QemuExit | null {
-    return this.exitInfo;
-  }
-
-  get qmp(): QmpClient {
-    if (!this.qmpClient) throw new QemuError('QMP is not connected');
-    return this.qmpClient;
-  }
-
-  /** @internal set by startQemu once negotiated */
-  attachQmp(client: QmpClient): void {
-    this.qmpClient = client;
-  }
-
-  /** Waits for the process to exit; TimeoutError after timeoutMs if given. */
-  async waitExit(timeoutMs?: number): Promise<QemuExit> {
-    if (timeoutMs === undefined) return this.exited;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new TimeoutError(`QEMU (pid ${this.pid}) still running after ${timeoutMs} ms`)),
-        timeoutMs,
-      );
-    });
-    try {
-      return await Promise.race([this.exited, timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  /** QMP `quit`, then SIGKILL if it is still there after graceMs. Safe to call twice. */
-  async stop(options: { graceMs?: number } = {}): Promise<QemuExit> {
-    if (!this.running) return this.exited;
+  protected holdOpen(): void {
     this.child.ref(); // a detached QEMU too: its exit is what we wait for
-    const graceMs = options.graceMs ?? 5000;
-    if (this.qmpClient && !this.qmpClient.closed) {
-      await this.qmpClient.execute('quit', undefined, { timeoutMs: graceMs }).catch(() => undefined);
-    } else {
-      this.child.kill('SIGTERM');
-    }
-    try {
-      return await this.waitExit(graceMs);
-    } catch {
-      this.kill();
-      return this.exited;
-    }
+  }
+
+  protected async quitWithoutQmp(): Promise<void> {
+    this.child.kill('SIGTERM');
   }
 
   /** SIGKILL now. */
@@ -157,60 +105,6 @@ export class QemuVm implements RunningVm {
     this.child.ref();
     if (this.running) this.child.kill('SIGKILL');
   }
-
-  /** The last `lines` lines of QEMU's stderr. */
-  async stderrTail(lines = 20): Promise<string> {
-    return tailOfFile(this.paths.stderrLog, lines);
-  }
-
-  /**
-   * Waits until the incoming snapshot is loaded (QEMU leaves `inmigrate`), checks that the load
-   * succeeded, and continues the VM when asked. QemuError when QEMU refused the stream.
-   */
-  async finishIncoming(options: { timeoutMs?: number; cont: boolean }): Promise<void> {
-    await finishIncoming(this, options);
-  }
-
-  async cont(): Promise<void> {
-    await this.qmp.execute('cont');
-  }
-
-  /** query-status → e.g. 'running', 'paused', 'inmigrate', 'postmigrate'. */
-  async status(): Promise<string> {
-    const s = await this.qmp.execute<{ status: string }>('query-status');
-    return s.status;
-  }
-}
-
-/**
- * Waits until the incoming snapshot is loaded (QEMU leaves `inmigrate`), checks that the load
- * succeeded, and continues the VM when asked. QemuError when QEMU refused the stream. Shared
- * by both launchers: it needs nothing but our QMP session.
- */
-export async function finishIncoming(
-  vm: Pick<RunningVm, 'spec' | 'exitSignal' | 'qmp' | 'status'>,
-  options: { timeoutMs?: number; cont: boolean },
-): Promise<void> {
-  const what = vm.spec.incoming?.path ?? 'memory snapshot';
-  const timeoutMs = options.timeoutMs ?? 120_000;
-  const deadline = Date.now() + timeoutMs;
-  let status = 'inmigrate';
-  while (status === 'inmigrate') {
-    vm.exitSignal.throwIfAborted();
-    if (Date.now() > deadline) {
-      throw new TimeoutError(`loading the memory snapshot ${what} took over ${timeoutMs} ms`, { path: what });
-    }
-    await sleep(5);
-    status = await vm.status();
-  }
-  const mig = await vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
-  if (mig.status === 'failed' || mig.status === 'cancelled') {
-    throw new QemuError(`QEMU could not load the memory snapshot ${what}: ${mig['error-desc'] ?? mig.status}`, {
-      path: what,
-      migrationStatus: mig.status,
-    });
-  }
-  if (options.cont && status !== 'running') await vm.qmp.execute('cont');
 }
 
 /** The direct launcher: QEMU as our own child process. */
@@ -350,15 +244,6 @@ async function failStart(vm: QemuVm, err: unknown): Promise<Error> {
 
 function describeExit(e: QemuExit): string {
   return e.signal ? `signal ${e.signal}` : `status ${e.code ?? '?'}`;
-}
-
-export async function tailOfFile(path: string, lines: number): Promise<string> {
-  try {
-    const text = await readFile(path, 'utf8');
-    return text.trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '';
-  }
 }
 
 export async function checkInputs(spec: VmSpec): Promise<void> {

@@ -24,12 +24,16 @@ interface Fake {
 }
 
 /** A qemu-ga look-alike: newline-delimited JSON, 0xFF resets, sync-delimited answered after 0xFF. */
-async function fakeAgent(dir: string, opts: { silent?: boolean } = {}): Promise<Fake> {
+async function fakeAgent(
+  dir: string,
+  opts: { silent?: boolean; slowFreezeMs?: number; flood?: boolean } = {},
+): Promise<Fake> {
   const path = join(dir, `ga-${Math.random().toString(36).slice(2)}.sock`);
   const calls: string[] = [];
   const state = { frozen: true };
   const server = createServer((sock: Socket) => {
     if (opts.silent) return;
+    sock.on('error', () => undefined); // the client may hang up on a flood
     sock.write('{"return": 12345}\n'); // a reply nobody read in an earlier session
     let buf = '';
     sock.on('data', (d: Buffer) => {
@@ -46,11 +50,14 @@ async function fakeAgent(dir: string, opts: { silent?: boolean } = {}): Promise<
             reply(cmd.arguments?.['id']);
             break;
           case 'guest-fsfreeze-status':
-            reply(state.frozen ? 'frozen' : 'thawed');
+            // A hostile guest: megabytes without a newline.
+            if (opts.flood) for (let i = 0; i < 6; i++) sock.write(Buffer.alloc(1 << 20, 0x41));
+            else reply(state.frozen ? 'frozen' : 'thawed');
             break;
           case 'guest-fsfreeze-freeze':
             state.frozen = true;
-            reply(2);
+            if (opts.slowFreezeMs) setTimeout(() => reply(3), opts.slowFreezeMs);
+            else reply(2);
             break;
           case 'guest-fsfreeze-thaw':
             state.frozen = false;
@@ -99,6 +106,26 @@ test('guest agent: sync skips stale replies, commands, error replies, exec outpu
     ga.close();
   } finally {
     fake.server.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('guest agent: a late reply after a timeout is not taken for the next answer; a flood ends the session', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'clo-ga-'));
+  const slow = await fakeAgent(dir, { slowFreezeMs: 300 });
+  const flood = await fakeAgent(dir, { flood: true });
+  try {
+    const ga = await GuestAgent.connect(slow.path, { timeoutMs: 2000 });
+    await assert.rejects(ga.freeze(100), /did not answer guest-fsfreeze-freeze/);
+    await new Promise((r) => setTimeout(r, 400)); // the freeze's late `3` has arrived by now
+    assert.equal(await ga.thaw(), 2, "the thaw's own answer, not the freeze's late one");
+    ga.close();
+    const hostile = await GuestAgent.connect(flood.path, { timeoutMs: 2000 });
+    await assert.rejects(hostile.fsfreezeStatus(), /closed/);
+    hostile.close();
+  } finally {
+    slow.server.close();
+    flood.server.close();
     await rm(dir, { recursive: true, force: true });
   }
 });
