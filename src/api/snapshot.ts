@@ -67,6 +67,8 @@ export interface SnapshotResult {
   guest?: GuestPrepReport & {
     /** Agent freezes: thawed again after the capture (the VM went on running). */
     thawed?: number;
+    /** Why that thaw failed (the guest may still be frozen); the snapshot is kept. */
+    thaw_error?: string;
   };
   /** With --freeze: the file systems of the disk copy, and whether create can trust them. */
   file_systems?: FileSystemSummary[];
@@ -139,10 +141,28 @@ export async function snapshotVm(opts: SnapshotOptions): Promise<SnapshotResult>
     if (prepared) {
       guest = { ...prepared.report };
       // An agent-frozen guest that goes on running is thawed now (a console freeze thaws itself).
-      if (opts.afterCapture === 'resume') guest.thawed = await prepared.thaw();
+      // The capture is good whatever the thaw does: a failure is reported, not a lost snapshot.
+      if (opts.afterCapture === 'resume') {
+        const report = guest;
+        progress.step('thawing the guest');
+        report.thawed = await prepared.thaw().then(
+          (n) => {
+            progress.done(n > 0 ? `thawed ${n} file systems` : 'nothing to thaw');
+            return n;
+          },
+          (err: unknown) => {
+            report.thaw_error = err instanceof Error ? err.message : String(err);
+            progress.fail(`the guest could not be thawed (it may still be frozen): ${report.thaw_error}`);
+            return 0;
+          },
+        );
+      }
     }
     let fileSystems: FileSystemSummary[] | undefined;
-    if (g.freeze && diskFile) fileSystems = await fileSystemsOf(join(work, diskFile), diskFormat);
+    if (g.freeze && diskFile) {
+      // Only advice for create --free-blocks (which judges the disk again itself).
+      fileSystems = await fileSystemsOf(join(work, diskFile), diskFormat).catch(() => undefined);
+    }
     const file: SnapshotVmFile = {
       vm: vmSpec,
       disk: diskFile ? { file: diskFile, format: diskFormat } : undefined,

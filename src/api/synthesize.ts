@@ -14,6 +14,7 @@
  */
 import { once } from 'node:events';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
 import { tmpdir } from 'node:os';
@@ -161,14 +162,27 @@ export async function synthesize(opts: SynthesizeOptions): Promise<Synthesized> 
       ? thawAfterResume(running.paths.agentSocket).catch(() => 'no-agent' as const)
       : undefined;
     let answer: SynthesizeResult['answer'];
-    const wait = { timeoutMs: opts.readyTimeoutMs ?? 60_000, signal: running.exitSignal };
+    // Early start: the rest of the overlay failing (a damaged segment the guest needed) ends the
+    // wait for the first answer with that error, not with a timeout.
+    const restFailed = new AbortController();
+    started.complete.catch((err: unknown) => restFailed.abort(err));
+    const wait = {
+      timeoutMs: opts.readyTimeoutMs ?? 60_000,
+      signal: AbortSignal.any([running.exitSignal, restFailed.signal]),
+    };
     const { waitHttp: url, waitTcp: port } = opts;
-    if (url) {
-      progress.step(`waiting for ${url}`);
-      const a = await timings.time('first_response', () => waitHttp(url, wait));
-      answer = { status: a.status, body: a.body };
-    } else if (port) {
-      await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
+    try {
+      if (url) {
+        progress.step(`waiting for ${url}`);
+        const a = await timings.time('first_response', () => waitHttp(url, wait));
+        answer = { status: a.status, body: a.body };
+      } else if (port) {
+        await timings.time('first_response', () => waitTcp('127.0.0.1', port, wait));
+      }
+    } catch (err) {
+      // The VM stopped because the rest failed: that failure is the one to report.
+      if (!restFailed.signal.aborted) await Promise.race([started.complete.catch(() => undefined), sleep(1000)]);
+      throw restFailed.signal.aborted ? restFailed.signal.reason : err;
     }
     timings.phases['answered'] = timings.total();
     const thawed = thawing ? await thawing : undefined;
@@ -397,6 +411,7 @@ async function streamed(c: RunContext): Promise<Started> {
   const watchdog = random ? starting.then((s) => watchOver(s.vm.pid, dir)) : undefined;
   watchdog?.catch(() => undefined);
 
+  let rebuilding: Promise<unknown> | undefined;
   const complete = (async (): Promise<void> => {
     try {
       if (diskTarget && baseDisk?.kind === 'disk' && base.diskPath && base.diskFormat) {
@@ -410,7 +425,7 @@ async function streamed(c: RunContext): Promise<Started> {
       }
       const dw = disk;
       progress.step('synthesizing', opened.size);
-      const rebuilding = timings.time('rebuild', () =>
+      const rebuildRun = timings.time('rebuild', () =>
         rebuild({
           reader: opened.reader,
           header,
@@ -445,8 +460,9 @@ async function streamed(c: RunContext): Promise<Started> {
           },
         }),
       );
-      rebuilding.catch(() => undefined);
-      const rebuiltRun = await Promise.race([rebuilding, earlyFailure.promise]);
+      rebuilding = rebuildRun;
+      rebuildRun.catch(() => undefined);
+      const rebuiltRun = await Promise.race([rebuildRun, earlyFailure.promise]);
       for (const [k, v] of Object.entries(rebuiltRun.stats) as Array<[string, number]>) {
         if (k.endsWith('_ms')) timings.phases[`pipeline_${k}`] = v;
       }
@@ -470,6 +486,9 @@ async function streamed(c: RunContext): Promise<Started> {
     } catch (err) {
       await writer.abort();
       await disk?.abort();
+      // An early-start failure can win while the rebuild still runs: with its outputs aborted it
+      // fails at its next write; let it end (bounded) before its scratch store goes away.
+      if (rebuilding) await Promise.race([rebuilding.catch(() => undefined), sleep(2000)]);
       // The caller stops the VM now; the watchdog must not kill a pid that may be reused later.
       (await watchdog?.catch(() => undefined))?.release();
       // When QEMU did not start, that is the error to report (the stream only failed because of it).

@@ -88,7 +88,11 @@ export async function buildServer(cfg: ServerConfig): Promise<CloudletServer> {
   // Expect: 100-continue goes through the routes like any request; an upload handler sends the
   // 100 only once it accepts the upload (token, size, concurrency checked), so a refused client
   // never starts sending.
-  app.server.on('checkContinue', (req, res) => app.server.emit('request', req, res));
+  app.server.on('checkContinue', (req, res) => {
+    // JSON bodies are small and checked once read: they get their 100 at once, as without us.
+    if ((req.headers['content-type'] ?? '').split(';')[0]!.trim() !== 'application/octet-stream') res.writeContinue();
+    app.server.emit('request', req, res);
+  });
 
   // Uploads: the request's own stream is the body (nothing is read or buffered here).
   app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));

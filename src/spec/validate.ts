@@ -311,6 +311,7 @@ export function storedSpecOf(
 export function withoutHostSide(vm: VmSpec): VmSpec {
   const { incoming: _i, memoryBackendFile: _m, ...rest } = vm;
   if (rest.network) rest.network = { ...rest.network, forwards: [] };
+  if (rest.drives) rest.drives = rest.drives.map(({ discard: _d, detectZeroes: _z, ...d }) => d);
   return rest;
 }
 
