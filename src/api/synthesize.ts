@@ -326,6 +326,12 @@ async function streamed(c: RunContext): Promise<Started> {
 
   // Early start: the disk over NBD, answered from the assembler once there is one.
   const asmReady = deferred<Assembler>();
+  // One EarlyDisk (one segment cache, one set of counters) for reads that arrive together.
+  const earlyDiskReady = asmReady.promise.then((a) => {
+    if (!random) throw new Error('early start without random access to the overlay');
+    return new EarlyDisk(a, diskIndex, random, { targets: header.targets, base: base.targets }, base.targets);
+  });
+  earlyDiskReady.catch(() => undefined);
   let earlyDisk: EarlyDisk | undefined;
   let nbd: NbdServer | undefined;
   // A disk read that failed (a segment fetched out of turn was damaged, or its server went
@@ -341,13 +347,7 @@ async function streamed(c: RunContext): Promise<Started> {
         size: diskTarget.size,
         readOnly: true,
         read: async (offset, length, buf) => {
-          earlyDisk ??= new EarlyDisk(
-            await asmReady.promise,
-            diskIndex,
-            random,
-            { targets: header.targets, base: base.targets },
-            base.targets,
-          );
+          earlyDisk = await earlyDiskReady;
           await earlyDisk.read(offset, length, buf);
         },
       },
@@ -484,6 +484,7 @@ async function streamed(c: RunContext): Promise<Started> {
       }
       (await watchdog)?.release();
     } catch (err) {
+      asmReady.reject(err); // a disk read still waiting for the assembler fails now, not never
       await writer.abort();
       await disk?.abort();
       // An early-start failure can win while the rebuild still runs: with its outputs aborted it

@@ -89,7 +89,7 @@ export class HttpStream {
   async *body(): AsyncGenerator<Buffer> {
     const progress = this.opts.progress ?? silent;
     const idleMs = this.opts.idleMs ?? 30_000;
-    const retries = this.opts.retries ?? 5;
+    const retries = this.opts.retries ?? RETRIES;
     let validator: string | undefined;
     let failures = 0;
     let stepped = false;
@@ -196,6 +196,9 @@ function rangeStartsAt(contentRange: string | null, start: number): boolean {
   return m !== null && Number(m[1]) === start;
 }
 
+/** Attempts after a failure, for a streamed body and for a ranged read alike. */
+const RETRIES = 5;
+
 function backoff(failures: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** failures)));
 }
@@ -284,7 +287,7 @@ export async function httpRange(
         } catch (err) {
           const status = err instanceof NetworkError ? err.details['status'] : undefined;
           const retryable = err instanceof NetworkError && (typeof status !== 'number' || status >= 500);
-          if (!retryable || failures >= (opts.retries ?? 4)) throw err;
+          if (!retryable || failures >= (opts.retries ?? RETRIES)) throw err;
           await backoff(failures + 1);
         }
       }
