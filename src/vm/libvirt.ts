@@ -24,7 +24,7 @@
  */
 import { execFile } from 'node:child_process';
 import { createReadStream } from 'node:fs';
-import { chmod, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join, resolve } from 'node:path';
@@ -40,7 +40,7 @@ import { resolveAccel, type Accel } from './accel.js';
 import { deviceArgs, mainRamObject, qemuOptValue, runPaths, type RunPaths } from './argv.js';
 import type { Launcher, LauncherChoice, LauncherKind, QemuExit, StartOptions } from './launcher.js';
 import { checkInputs } from './process.js';
-import { tailOfFile, VmHandle } from './vm-handle.js';
+import { socketDirFor, tailOfFile, VmHandle } from './vm-handle.js';
 import { QmpClient } from './qmp.js';
 
 /** The libvirt connection (`$CLOUDLET_LIBVIRT_URI`, default the system daemon). */
@@ -381,13 +381,7 @@ export async function startLibvirt(spec: VmSpec, options: StartOptions): Promise
   if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) throw new UsageError(`invalid libvirt domain name ${name}`);
 
   // Sockets in a short private directory when the run directory is too deep for sun_path.
-  let socketDir = runDir;
-  let extraCleanup = async (): Promise<void> => undefined;
-  if (Buffer.byteLength(join(runDir, 'memory.sock')) > 100) {
-    socketDir = await mkdtemp(join(tmpdir(), 'cl-'));
-    const dir = socketDir;
-    extraCleanup = () => rm(dir, { recursive: true, force: true });
-  }
+  const { socketDir, cleanup: extraCleanup } = await socketDirFor(runDir, 'memory.sock', 'cl-');
   const base = runPaths(runDir, socketDir);
   const paths: RunPaths = { ...base, serialSocket: '', stderrLog: `/var/log/libvirt/qemu/${name}.log` };
   await rm(paths.qmpSocket, { force: true });

@@ -5,8 +5,7 @@
  * use, QEMU's own last words).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, open, rm, stat, symlink } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, open, rm, stat, symlink } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { onCleanup } from '../util/cleanup.js';
 import { BusyError, CloudletError, MissingToolError, NotFoundError, QemuError } from '../util/errors.js';
@@ -16,7 +15,7 @@ import { resolveAccel, type Accel } from './accel.js';
 import { buildQemuArgs, incomingUri, runPaths, type RunPaths } from './argv.js';
 import { QmpClient } from './qmp.js';
 import type { Launcher, QemuExit, StartOptions } from './launcher.js';
-import { VmHandle } from './vm-handle.js';
+import { socketDirFor, VmHandle } from './vm-handle.js';
 
 export type { QemuExit, StartOptions, StartTimings } from './launcher.js';
 
@@ -126,13 +125,7 @@ export async function startQemu(spec: VmSpec, options: StartOptions): Promise<Qe
 
   // sun_path holds 107 bytes: put sockets in a short private dir when runDir is too deep, and
   // leave symlinks in runDir so operators still find them there.
-  let socketDir = runDir;
-  let extraCleanup = async (): Promise<void> => undefined;
-  if (Buffer.byteLength(join(runDir, 'serial.sock')) > 100) {
-    socketDir = await mkdtemp(join(tmpdir(), 'cq-'));
-    const dir = socketDir;
-    extraCleanup = () => rm(dir, { recursive: true, force: true });
-  }
+  const { socketDir, cleanup: extraCleanup } = await socketDirFor(runDir, 'serial.sock', 'cq-');
   const paths = runPaths(runDir, socketDir);
   for (const f of [paths.qmpSocket, paths.serialSocket, paths.agentSocket]) await rm(f, { force: true });
   if (socketDir !== runDir) {

@@ -4,7 +4,9 @@
  * does, the incoming load. A subclass says how it sees QEMU exit, how it kills it, and how it
  * asks it to quit without QMP.
  */
-import { readFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { VmSpec } from '../spec/vm-spec.js';
 import { QemuError, TimeoutError } from '../util/errors.js';
@@ -159,4 +161,18 @@ export async function tailOfFile(path: string, lines: number): Promise<string> {
   } catch {
     return '';
   }
+}
+
+/**
+ * Where a VM's unix sockets go: the run directory, or — when `probe` (the longest socket name)
+ * would not fit sun_path's 107 bytes there — a short private directory, removed by `cleanup`.
+ */
+export async function socketDirFor(
+  runDir: string,
+  probe: string,
+  prefix: string,
+): Promise<{ socketDir: string; cleanup: () => Promise<void> }> {
+  if (Buffer.byteLength(join(runDir, probe)) <= 100) return { socketDir: runDir, cleanup: async () => undefined };
+  const socketDir = await mkdtemp(join(tmpdir(), prefix));
+  return { socketDir, cleanup: () => rm(socketDir, { recursive: true, force: true }) };
 }

@@ -15,7 +15,7 @@ import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, statfs, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { BIN, cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, ok } from '../helpers/cli.js';
 import { captureBaseAndCustomized, type CaptureResult } from '../helpers/demo-vm.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 import { rng } from '../helpers/rng.js';
@@ -40,11 +40,6 @@ async function sha256(path: string): Promise<string> {
   const h = createHash('sha256');
   for await (const c of createReadStream(path)) h.update(c as Buffer);
   return h.digest('hex');
-}
-
-function ok(r: CliResult, what: string): Record<string, unknown> {
-  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
-  return r.json;
 }
 
 async function qemuPids(): Promise<number[]> {

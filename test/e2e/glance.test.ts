@@ -15,7 +15,7 @@ import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, repoRoot, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { BIN, cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, ok } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 import { xorByte } from '../helpers/bytes.js';
 
@@ -48,11 +48,6 @@ function glanceSh(args: string[]): Promise<string> {
       else resolve(stdout.trim());
     });
   });
-}
-
-function ok(r: CliResult, what: string): Record<string, unknown> {
-  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
-  return r.json;
 }
 
 async function image(id: string): Promise<Record<string, unknown>> {

@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus } from '../helpers/demo-vm.js';
-import { cli, type CliResult } from '../helpers/cli.js';
+import { cli, ok } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 
 const exec = promisify(execFile);
@@ -27,11 +27,6 @@ if (!hasQemu) console.error('\n*** QEMU not found: skipping the semantic-gap end
 
 let work: string;
 let env: NodeJS.ProcessEnv;
-
-function ok(r: CliResult, what: string): Record<string, unknown> {
-  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
-  return r.json;
-}
 
 before(async () => {
   if (!hasQemu) return;

@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus } from '../helpers/demo-vm.js';
-import { BIN, cli, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, ok } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 
 const hasQemu = findQemu() !== null;
@@ -42,11 +42,6 @@ const started: string[] = [];
 const servers: ChildProcess[] = [];
 const urls: { dir: string; a: string; b: string } = { dir: '', a: '', b: '' };
 let skip: string | false = hasQemu ? false : 'QEMU not found';
-
-function ok(r: CliResult, what: string): Record<string, unknown> {
-  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
-  return r.json;
-}
 
 /** Starts `serve` and resolves with its URL (the first line on stdout). */
 async function serve(lib: string, args: string[]): Promise<string> {

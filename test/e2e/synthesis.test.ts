@@ -16,7 +16,7 @@ import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { BIN, cli, cliChild, type CliResult } from '../helpers/cli.js';
+import { BIN, cli, cliChild, ok } from '../helpers/cli.js';
 import { startGateServer, type GateOptions, type GateServer } from '../helpers/gate-server.js';
 import { OverlayReader } from '../../src/overlay/reader.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
@@ -36,11 +36,6 @@ async function sha256(path: string): Promise<string> {
   const h = createHash('sha256');
   for await (const chunk of createReadStream(path)) h.update(chunk as Buffer);
   return h.digest('hex');
-}
-
-function ok(r: CliResult, what: string): Record<string, unknown> {
-  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
-  return r.json;
 }
 
 async function qemuPids(): Promise<number[]> {

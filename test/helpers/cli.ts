@@ -1,4 +1,5 @@
 /** Runs the built CLI as a user would, with --json, and parses its answer. */
+import assert from 'node:assert/strict';
 import { execFile, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
@@ -13,6 +14,12 @@ export interface CliResult {
 
 export function cli(args: string[], env: NodeJS.ProcessEnv = process.env, timeoutMs = 180_000): Promise<CliResult> {
   return cliChild(args, env, timeoutMs).result;
+}
+
+/** The JSON answer of a run that must succeed; else the test fails with its stderr. */
+export function ok(r: CliResult, what: string): Record<string, unknown> {
+  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
+  return r.json;
 }
 
 /** The same, with the process (to signal it while it runs). */
