@@ -105,11 +105,8 @@ async function ensureSemanticPair(variant: SemanticPair['variant'], log: (s: str
   await rm(work, { recursive: true, force: true });
   await mkdir(work, { recursive: true });
   const env = { ...process.env, CLOUDLET_LIBRARY: join(work, 'lib') };
-  const run = async (args: string[], what: string, timeoutMs = 600_000): Promise<Record<string, unknown>> => {
-    const r = await cli(args, env, timeoutMs);
-    if (r.code !== 0) throw new Error(`${what} failed (${r.code}): ${r.stderr.slice(-2000)}`);
-    return r.json;
-  };
+  const run = async (args: string[], what: string, timeoutMs = 600_000): Promise<Record<string, unknown>> =>
+    must(await cli(args, env, timeoutMs), what);
   let server: Server | undefined;
   try {
     const bootDisk = join(work, 'boot-disk.raw');

@@ -33,13 +33,8 @@ export async function dirBytes(dir: string): Promise<number> {
   return n;
 }
 
-export function must(
-  r: { code: number; stderr: string; json: Record<string, unknown> },
-  what: string,
-): Record<string, unknown> {
-  if (r.code !== 0) throw new Error(`${what} failed: ${r.stderr}`);
-  return r.json;
-}
+/** A CLI run's JSON, or it throws with the end of its stderr (test/helpers/cli.ts). */
+export { ok as must } from '../../test/helpers/cli.js';
 
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);

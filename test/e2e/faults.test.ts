@@ -15,7 +15,7 @@ import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, statfs, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { BIN, cli, ok } from '../helpers/cli.js';
+import { BIN, cli, ok, stopAllInstances } from '../helpers/cli.js';
 import { captureBaseAndCustomized, type CaptureResult } from '../helpers/demo-vm.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 import { rng } from '../helpers/rng.js';
@@ -74,11 +74,6 @@ function runKilled(args: string[], e: NodeJS.ProcessEnv, killAfterMs: number): P
   });
 }
 
-async function stopAll(e: NodeJS.ProcessEnv): Promise<void> {
-  const ps = await cli(['ps'], e);
-  for (const i of (ps.json.instances as Array<{ id: string }> | undefined) ?? []) await cli(['stop', i.id], e);
-}
-
 /** After a sweep: nothing of a dead run is left in the library. */
 async function noLeftovers(lib: string, what: string): Promise<void> {
   const gc = await cli(['base', 'gc', '--dry-run'], { ...env, CLOUDLET_LIBRARY: lib });
@@ -120,7 +115,7 @@ before(async () => {
 
 after(async () => {
   if (!hasQemu) return;
-  await stopAll(env);
+  await stopAllInstances(env);
   await rm(work, { recursive: true, force: true });
 });
 
@@ -200,7 +195,7 @@ test(
       // The length of a clean run sets the range the kill moments are drawn from.
       const clean = await runKilled(op.args(999), op.e, 600_000);
       assert.equal(clean.code, 0, `${op.name}: a clean run`);
-      if (op.name === 'synthesize') await stopAll(env);
+      if (op.name === 'synthesize') await stopAllInstances(env);
       let killedRuns = 0;
       for (let i = 0; i < KILLS; i++) {
         const at = Math.floor(rand() * clean.ms);
@@ -216,7 +211,7 @@ test(
       ok(await cli(['base', 'gc'], op.e), 'gc');
       await noLeftovers(lib, op.name);
       if (op.name === 'synthesize') {
-        await stopAll(env);
+        await stopAllInstances(env);
         assert.deepEqual(await qemuPids(), [], 'no QEMU left: orphans of killed runs were swept');
         assert.deepEqual(await readdir(join(lib, 'instances')).catch(() => []), [], 'no instance directory left');
       }
@@ -310,7 +305,7 @@ test(
         const r0 = await cli(c.args(99), e);
         ok(r0, `${c.name} with room`);
         const need = before - (await free());
-        if (c.name === 'synthesize') await stopAll(e);
+        if (c.name === 'synthesize') await stopAllInstances(e);
         // (The first import's base stays in `lib`: the other operations use it.)
         const levels = 5;
         let full = 0;
@@ -321,7 +316,7 @@ test(
           await leave(room);
           const r = await cli(c.args(k), ce);
           if (r.code === 0) {
-            if (c.name === 'synthesize') await stopAll(e);
+            if (c.name === 'synthesize') await stopAllInstances(e);
             continue;
           }
           full++;
@@ -347,7 +342,7 @@ test(
       ok(await cli(['base', 'verify', 'demo'], e), 'base verify after the full disks');
       assert.deepEqual(await qemuPids(), [], 'no QEMU left');
     } finally {
-      await stopAll({ ...env, CLOUDLET_LIBRARY: join(mnt, 'lib') });
+      await stopAllInstances({ ...env, CLOUDLET_LIBRARY: join(mnt, 'lib') });
       execFileSync('umount', ['-l', mnt]);
     }
     for (const [f, s] of sums) assert.equal(await sha256(f), s, `${f} unchanged`);

@@ -14,8 +14,8 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { bootDemoVm, ensureDemoVm, freePort, parseStatus, repoRoot, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { BIN, cli, ok } from '../helpers/cli.js';
+import { ensureDemoVm, freePort, parseStatus, repoRoot, captureDemoBase } from '../helpers/demo-vm.js';
+import { BIN, cli, ok, stopAllInstances } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 import { xorByte } from '../helpers/bytes.js';
 
@@ -85,9 +85,7 @@ before(async () => {
 after(async () => {
   if (skip || !work) return;
   for (const env of [envA, envB]) {
-    if (!env) continue;
-    const ps = await cli(['ps'], env);
-    for (const i of (ps.json.instances as Array<{ id: string }> | undefined) ?? []) await cli(['stop', i.id], env);
+    if (env) await stopAllInstances(env);
   }
   await glanceSh(['stop', '--dir', glanceDir]).catch(() => undefined);
   await rm(work, { recursive: true, force: true });
@@ -99,20 +97,9 @@ test(
   async (t) => {
     const t0 = performance.now();
     // 1. The base and an overlay, made in library A (as in synthesis.test.ts).
-    let booted: RunningDemoVm | undefined = await bootDemoVm({ workDir: join(work, 'boot') });
-    try {
-      baseToken = parseStatus(await (await fetch(booted.statusUrl)).text()).token;
-      await booted.vm.qmp.close();
-      const cap = ok(
-        await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', 'demo', '--then', 'quit'], envA),
-        'capture',
-      );
-      baseId = String(cap.id);
-      await booted.vm.waitExit(10_000);
-    } finally {
-      await booted?.vm.stop();
-      booted = undefined;
-    }
+    const captured = await captureDemoBase(envA, join(work, 'boot'));
+    baseToken = captured.status.token;
+    baseId = captured.id;
     const port0 = await freePort();
     const iid = String(
       ok(await cli(['launch', 'demo', '--customize', '--forward', `${port0}:8080`], envA), 'launch').instance,

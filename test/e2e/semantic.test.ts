@@ -16,8 +16,8 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { bootDemoVm, ensureDemoVm, freePort, parseStatus } from '../helpers/demo-vm.js';
-import { cli, ok } from '../helpers/cli.js';
+import { ensureDemoVm, freePort, parseStatus, captureDemoBase } from '../helpers/demo-vm.js';
+import { cli, ok, stopAllInstances } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 
 const exec = promisify(execFile);
@@ -37,8 +37,7 @@ before(async () => {
 
 after(async () => {
   if (!hasQemu) return;
-  const ps = await cli(['ps'], env);
-  for (const i of (ps.json.instances as Array<{ id: string }> | undefined) ?? []) await cli(['stop', i.id], env);
+  await stopAllInstances(env);
   await rm(work, { recursive: true, force: true });
 });
 
@@ -53,19 +52,8 @@ test(
   { skip: !hasQemu, timeout: 240_000 },
   async () => {
     // A base captured from a boot, on a drive without discard.
-    const booted = await bootDemoVm({ workDir: join(work, 'boot') });
-    let token: string;
-    try {
-      token = parseStatus(await (await fetch(booted.statusUrl)).text()).token;
-      await booted.vm.qmp.close();
-      ok(
-        await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', 'demo', '--then', 'quit'], env),
-        'base capture',
-      );
-      await booted.vm.waitExit(10_000);
-    } finally {
-      await booted.vm.stop();
-    }
+    const captured = await captureDemoBase(env, join(work, 'boot'));
+    const token = captured.status.token;
 
     // Launched: the same snapshot resumed on a drive with discard=unmap,detect-zeroes=unmap.
     const p0 = await freePort();

@@ -15,8 +15,8 @@ import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { bootDemoVm, ensureDemoVm, freePort, parseStatus } from '../helpers/demo-vm.js';
-import { BIN, cli, ok } from '../helpers/cli.js';
+import { ensureDemoVm, freePort, parseStatus, captureDemoBase } from '../helpers/demo-vm.js';
+import { BIN, cli, ok, stopAllInstances } from '../helpers/cli.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
 
 const hasQemu = findQemu() !== null;
@@ -148,19 +148,9 @@ before(async () => {
   // A base and an overlay (the synthesis test's flow, shortened).
   const libA = join(work, 'libA');
   const env = { ...process.env, CLOUDLET_LIBRARY: libA, CLOUDLET_LAUNCHER: 'qemu' };
-  const booted = await bootDemoVm({ workDir: join(work, 'boot') });
-  try {
-    baseToken = parseStatus(await (await fetch(booted.statusUrl)).text()).token;
-    await booted.vm.qmp.close();
-    const cap = ok(
-      await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', 'demo', '--then', 'quit'], env),
-      'capture',
-    );
-    baseId = String(cap.id);
-    await booted.vm.waitExit(10_000);
-  } finally {
-    await booted.vm.stop();
-  }
+  const captured = await captureDemoBase(env, join(work, 'boot'));
+  baseToken = captured.status.token;
+  baseId = captured.id;
   const p0 = await freePort();
   const iid = String(
     ok(await cli(['launch', 'demo', '--customize', '--forward', `${p0}:8080`], env), 'launch').instance,
@@ -212,10 +202,7 @@ before(async () => {
 after(async () => {
   if (!work) return;
   for (const lib of ['libA', 'libB']) {
-    const ps = await cli(['ps'], { ...process.env, CLOUDLET_LIBRARY: join(work, lib) });
-    for (const i of (ps.json.instances as Array<{ id: string }> | undefined) ?? []) {
-      await cli(['stop', i.id], { ...process.env, CLOUDLET_LIBRARY: join(work, lib) });
-    }
+    await stopAllInstances({ ...process.env, CLOUDLET_LIBRARY: join(work, lib) });
   }
   for (const s of servers) s.kill('SIGTERM');
   await Promise.all(servers.map((s) => (s.exitCode === null ? once(s, 'exit') : Promise.resolve())));

@@ -15,8 +15,8 @@ import { createServer, type Server } from 'node:net';
 import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { bootDemoVm, ensureDemoVm, freePort, parseStatus, type RunningDemoVm } from '../helpers/demo-vm.js';
-import { BIN, cli, cliChild, ok } from '../helpers/cli.js';
+import { ensureDemoVm, freePort, parseStatus, captureDemoBase } from '../helpers/demo-vm.js';
+import { BIN, cli, cliChild, ok, stopAllInstances } from '../helpers/cli.js';
 import { startGateServer, type GateOptions, type GateServer } from '../helpers/gate-server.js';
 import { OverlayReader } from '../../src/overlay/reader.js';
 import { findQemu } from '../helpers/tiny-qemu.js';
@@ -57,8 +57,7 @@ before(async () => {
 
 after(async () => {
   if (!hasQemu) return;
-  const ps = await cli(['ps'], env);
-  for (const i of (ps.json.instances as Array<{ id: string }> | undefined) ?? []) await cli(['stop', i.id], env);
+  await stopAllInstances(env);
   await rm(work, { recursive: true, force: true });
 });
 
@@ -67,20 +66,9 @@ test(
   { skip: !hasQemu, timeout: 240_000 },
   async (t) => {
     // 1. A freshly booted base VM, captured into the library through its QMP socket.
-    let booted: RunningDemoVm | undefined = await bootDemoVm({ workDir: join(work, 'boot') });
-    try {
-      baseStatus = parseStatus(await (await fetch(booted.statusUrl)).text());
-      await booted.vm.qmp.close(); // QEMU serves one QMP client per socket: leave it to the CLI
-      const cap = ok(
-        await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', 'demo', '--then', 'quit'], env),
-        'base capture',
-      );
-      baseId = String(cap.id);
-      await booted.vm.waitExit(10_000);
-    } finally {
-      await booted?.vm.stop();
-      booted = undefined;
-    }
+    const captured = await captureDemoBase(env, join(work, 'boot'));
+    baseStatus = captured.status;
+    baseId = captured.id;
     const baseDir = join(work, 'lib', 'bases', baseId);
     const ramFile = join(baseDir, 'ram', 'pc.ram.raw');
     const baseDisk = join(baseDir, 'disk.raw');

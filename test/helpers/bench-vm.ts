@@ -16,7 +16,7 @@ import { copySparse } from '../../src/vm/snapshot.js';
 import { startQemu } from '../../src/vm/process.js';
 import type { VmSpec } from '../../src/spec/vm-spec.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
-import { cli } from './cli.js';
+import { cli, ok } from './cli.js';
 import { freePort, parseStatus, repoRoot } from './demo-vm.js';
 
 const exec = promisify(execFile);
@@ -139,11 +139,8 @@ export async function ensureBenchPair(
   await mkdir(work, { recursive: true });
   const root = join(work, 'lib');
   const env = { ...process.env, CLOUDLET_LIBRARY: root };
-  const must = async (args: string[], what: string, timeoutMs?: number): Promise<Record<string, unknown>> => {
-    const r = await cli(args, env, timeoutMs);
-    if (r.code !== 0) throw new Error(`${what} failed (${r.code}): ${r.stderr.slice(-2000)}`);
-    return r.json;
-  };
+  const must = async (args: string[], what: string, timeoutMs?: number): Promise<Record<string, unknown>> =>
+    ok(await cli(args, env, timeoutMs), what);
   let server: Server | undefined;
   try {
     // Base: boot from a private copy of the disk, wait for the status page, snapshot, quit.

@@ -16,10 +16,16 @@ export function cli(args: string[], env: NodeJS.ProcessEnv = process.env, timeou
   return cliChild(args, env, timeoutMs).result;
 }
 
-/** The JSON answer of a run that must succeed; else the test fails with its stderr. */
+/** The JSON answer of a run that must succeed; else an AssertionError with the end of its stderr. */
 export function ok(r: CliResult, what: string): Record<string, unknown> {
-  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr}`);
+  assert.equal(r.code, 0, `${what} failed (${r.code}): ${r.stderr.slice(-4000)}`);
   return r.json;
+}
+
+/** Stops every instance of the library `env` names (a test's clean-up). */
+export async function stopAllInstances(env: NodeJS.ProcessEnv): Promise<void> {
+  const ps = await cli(['ps'], env);
+  for (const i of (ps.json.instances as Array<{ id: string }> | undefined) ?? []) await cli(['stop', i.id], env);
 }
 
 /** The same, with the process (to signal it while it runs). */

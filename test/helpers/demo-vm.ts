@@ -16,6 +16,7 @@ import { resumeSpec, type VmSpec } from '../../src/spec/vm-spec.js';
 import { startQemu, type QemuVm } from '../../src/vm/process.js';
 import { httpGet, waitHttp } from '../../src/vm/ready.js';
 import { captureSnapshot, copySparse, type CapturedSnapshot, type CaptureInfo } from '../../src/vm/snapshot.js';
+import { cli, ok } from './cli.js';
 
 /** demo-vm.json as written by build.sh. */
 export interface DemoVm {
@@ -388,5 +389,29 @@ export async function captureBaseAndCustomized(workDir: string): Promise<Capture
     };
   } finally {
     await resumed.vm.stop();
+  }
+}
+
+/**
+ * Boots the demo VM and captures it into the library `env` names as base `name` through the CLI
+ * (`base capture --qmp`); the boot's status page (its token) and the base id.
+ */
+export async function captureDemoBase(
+  env: NodeJS.ProcessEnv,
+  workDir: string,
+  name = 'demo',
+): Promise<{ id: string; status: DemoStatus }> {
+  const booted = await bootDemoVm({ workDir });
+  try {
+    const status = parseStatus(await (await fetch(booted.statusUrl)).text());
+    await booted.vm.qmp.close(); // QEMU serves one QMP client per socket: leave it to the CLI
+    const cap = ok(
+      await cli(['base', 'capture', '--qmp', booted.vm.paths.qmpSocket, '--name', name, '--then', 'quit'], env),
+      'base capture',
+    );
+    await booted.vm.waitExit(10_000);
+    return { id: String(cap.id), status };
+  } finally {
+    await booted.vm.stop();
   }
 }
